@@ -1,0 +1,294 @@
+"""The one config tree of an OPD run, loaded from YAML and validated once.
+
+    cfg = load_config("configs/toy.yaml", overrides=["train.lr=1e-3", "rollout.num_rollout=4"])
+
+Every component owns one small section below; cross-section rules (slime's OPD argument
+errors) live in `OPDRunConfig._check_opd`. Field names follow slime's command-line flags
+where one exists (`rollout_batch_size`, `n_samples_per_prompt`, `opd_kl_coef`, ...), so a
+slime user can map their script onto a YAML file line by line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo like `opd_kl_coeff` must not silently do nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- toy task
+
+
+class ToyModelSpec(Section):
+    """Shape and training budget of one built-in toy Qwen3 model."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    head_dim: int = Field(16, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    train_steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+
+
+class ToyConfig(Section):
+    """The synthetic arithmetic task and the two toy models built from `seed`."""
+
+    seed: int = 0
+    digits: int = Field(2, ge=1, le=6)
+    operations: list[Literal["+", "-"]] = ["+"]
+    num_train: int = Field(2000, gt=0)
+    num_eval: int = Field(200, gt=0)
+    vocab_size: int = Field(384, ge=260)
+    teacher: ToyModelSpec = ToyModelSpec(hidden_size=96, num_hidden_layers=3, intermediate_size=256, train_steps=600)
+    student: ToyModelSpec = ToyModelSpec(hidden_size=48, num_hidden_layers=2, train_steps=60)
+    # Where built toy models are cached (keyed by a hash of this section). Relative to cwd.
+    cache_dir: str = ".cache/opd-toy"
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+class ModelsConfig(Section):
+    """Where the student and teacher come from: `toy`, `hf:<repo id>`, or a local HF dir."""
+
+    student: str = "toy"
+    teacher: str = "toy"
+    revision: str | None = None
+
+
+class DataConfig(Section):
+    """Train/eval prompts in dapo-math shape: `toy`, `hf:<dataset id>`, or a local file."""
+
+    train: str = "toy"
+    eval: str = "toy"
+    train_split: str = "train"
+    eval_split: str = "train"
+    input_key: str = "prompt"
+    label_key: str = "label"
+    max_train_prompts: int | None = Field(None, gt=0)
+    max_eval_prompts: int | None = Field(None, gt=0)
+
+
+class ConvertConfig(Section):
+    parity_tolerance: float = Field(1e-4, gt=0)
+    parity_batch_size: int = Field(2, gt=0)
+    parity_seq_len: int = Field(16, gt=0)
+
+
+class TeacherConfig(Section):
+    """How the teacher server is obtained (ignored when `algorithm.opd_type == megatron`)."""
+
+    backend: Literal["builtin", "sglang", "external"] = "builtin"
+    url: str | None = None  # backend=external: the running server(s); comma-separated for failover
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0 = pick a free port
+    api_key: str | None = None
+    tp: int = Field(1, ge=1)
+    mem_fraction_static: float | None = Field(None, gt=0, le=1)
+    extra_args: list[str] = []
+    startup_timeout: float = Field(600.0, gt=0)
+
+
+class ClientConfig(Section):
+    """The HTTP client that talks to teacher and rollout servers."""
+
+    timeout: float = Field(120.0, gt=0)
+    max_concurrency: int = Field(16, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_retries: int = Field(5, ge=0)
+    cache_dir: str | None = ".cache/opd-teacher-logprobs"
+
+
+class RolloutConfig(Section):
+    num_rollout: int = Field(8, ge=0)  # training rounds
+    rollout_batch_size: int = Field(32, gt=0)  # prompts per round
+    n_samples_per_prompt: int = Field(8, gt=0)
+    rollout_max_response_len: int = Field(16, gt=0)
+    rollout_temperature: float = Field(1.0, ge=0)
+    rollout_top_p: float = Field(1.0, gt=0, le=1)
+    rollout_top_k: int = -1
+
+
+class RewardConfig(Section):
+    """`math` = the verifier, `none` = pure distillation, else `module:function`."""
+
+    type: str = "none"
+    custom_rm_path: str | None = None
+    custom_reward_post_process_path: str | None = None
+
+
+class AlgorithmConfig(Section):
+    advantage_estimator: Literal["grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"] = "grpo"
+    use_opd: bool = True
+    opd_type: Literal["sglang", "megatron"] | None = "sglang"
+    opd_kl_coef: float = 1.0
+    opd_teacher_load: str | None = None
+    opd_teacher_ckpt_step: int | None = None
+    eps_clip: float = Field(0.2, ge=0)
+    eps_clip_high: float | None = Field(None, ge=0)
+    use_kl_loss: bool = False
+    kl_loss_coef: float = Field(0.0, ge=0)
+    kl_loss_type: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    entropy_coef: float = Field(0.0, ge=0)
+    normalize_advantages: bool = False
+    use_rollout_logprobs: bool = False
+    gamma: float = Field(1.0, ge=0, le=1)
+    lambd: float = Field(1.0, ge=0, le=1)
+
+
+class ParallelConfig(Section):
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+
+
+class RayConfig(Section):
+    address: str | None = None  # None = start a local cluster
+    actor_num_nodes: int = Field(1, ge=1)
+    actor_num_gpus_per_node: int = Field(0, ge=0)  # 0 = CPU actors
+
+
+class TrainConfig(Section):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    clip_grad: float = Field(1.0, gt=0)
+    global_batch_size: int = Field(256, gt=0)  # samples per optimizer step
+    micro_batch_size: int = Field(64, gt=0)
+    num_steps_per_rollout: int = Field(1, ge=1)
+    save_interval: int | None = Field(None, ge=1)  # rounds between checkpoints; end is always saved
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    parallel: ParallelConfig = ParallelConfig()
+    ray: RayConfig = RayConfig()
+
+
+class EvalConfig(Section):
+    num_prompts: int | None = Field(None, gt=0)  # None = the whole eval split
+    k: int = Field(4, ge=1)  # samples per prompt for pass@k
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, gt=0)
+
+
+class RunConfig(Section):
+    artifacts_dir: str = "artifacts"
+    run_id: str | None = None  # None = <name>-<timestamp>
+
+
+# ----------------------------------------------------------------------------- the tree
+
+
+class OPDRunConfig(Section):
+    name: str = "toy"
+    seed: int = 0
+    run: RunConfig = RunConfig()
+    toy: ToyConfig = ToyConfig()
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    convert: ConvertConfig = ConvertConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    client: ClientConfig = ClientConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_opd(self) -> "OPDRunConfig":
+        # slime's argument rules for on-policy distillation, with its flag names.
+        a = self.algorithm
+        if a.use_opd and a.opd_type is None:
+            raise ValueError("algorithm.use_opd is true but algorithm.opd_type is not set (sglang or megatron)")
+        if a.opd_teacher_load and not a.use_opd:
+            raise ValueError("algorithm.opd_teacher_load is set but algorithm.use_opd is false")
+        if a.use_opd and a.opd_type == "megatron" and not a.opd_teacher_load:
+            raise ValueError("algorithm.opd_type=megatron needs algorithm.opd_teacher_load (a torch_dist checkpoint)")
+        if a.use_opd and a.opd_type == "sglang" and a.opd_teacher_load:
+            raise ValueError(
+                "algorithm.opd_type=sglang takes the teacher from the teacher server; "
+                "algorithm.opd_teacher_load is only for opd_type=megatron"
+            )
+        if a.opd_teacher_ckpt_step is not None and not a.opd_teacher_load:
+            raise ValueError("algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not")
+        if self.teacher.backend == "external" and not self.teacher.url:
+            raise ValueError("teacher.backend=external needs teacher.url")
+        if self.train.micro_batch_size > self.train.global_batch_size:
+            raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
+        return self
+
+    def section_hash(self, *names: str) -> str:
+        """Stable hash of some sections: the config part of a stage's cache key."""
+        payload = {n: _dump(getattr(self, n)) for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.field=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> OPDRunConfig:
+    """Load, override and validate. Errors name the file and the dotted field."""
+    source = str(path) if path else "<defaults>"
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+    for override in overrides or []:
+        apply_override(tree, override)
+    return validate_config(tree, source)
+
+
+def validate_config(tree: dict, source: str = "<dict>") -> OPDRunConfig:
+    try:
+        return OPDRunConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {field}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and field != "(top level)" else ""))
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

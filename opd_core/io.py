@@ -1,0 +1,135 @@
+"""Atomic file writes and Arrow IPC files, the glue between stages.
+
+Every write goes to a temporary name in the same directory and is renamed into place, so a
+crash never leaves a half-written file that a later stage would read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+
+class ArtifactError(ValueError):
+    """A stored artifact is missing or does not have the expected shape."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
+
+    Works for files and directories alike (a directory target is replaced whole).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            # Two renames keep the old directory readable until the new one is complete.
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from err
+
+
+def write_arrow(path: str | Path, table: pa.Table, schema: pa.Schema | None = None) -> Path:
+    """Write an Arrow IPC file atomically, cast to `schema` when given."""
+    if schema is not None:
+        table = conform(table, schema, where=str(path))
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    return Path(path)
+
+
+def read_arrow(path: str | Path, schema: pa.Schema | None = None) -> pa.Table:
+    """Read an Arrow IPC file; with `schema`, check the required columns are there."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing Arrow file: {path}")
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = ipc.open_file(source).read_all()
+    except pa.ArrowInvalid as err:
+        raise ArtifactError(f"{path}: not a readable Arrow IPC file ({err})") from err
+    return conform(table, schema, where=str(path)) if schema is not None else table
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Select and cast `table` to `schema`, naming the file and column on any mismatch."""
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ArtifactError(f"{where}: missing column(s) {missing}; have {table.column_names}")
+    columns = []
+    for field in schema:
+        column = table.column(field.name)
+        if not column.type.equals(field.type):
+            try:
+                column = column.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise ArtifactError(
+                    f"{where}: column {field.name!r} has type {column.type}, expected {field.type}"
+                ) from err
+        if not field.nullable and column.null_count:
+            row = next(i for i, v in enumerate(column.to_pylist()) if v is None)
+            raise ArtifactError(f"{where}: row {row}, column {field.name!r} is null")
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(root: str | Path) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by relative path (sorted, hidden files skipped)."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    return {str(p.relative_to(root)): sha256_file(p) for p in files}
+
+
+def copy_tree(src: str | Path, dst: str | Path) -> Path:
+    """Copy a directory atomically (the destination appears complete or not at all)."""
+    with atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp)
+    return Path(dst)
