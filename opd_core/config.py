@@ -149,6 +149,12 @@ class AlgorithmConfig(Section):
     use_rollout_logprobs: bool = False
     gamma: float = Field(1.0, ge=0, le=1)
     lambd: float = Field(1.0, ge=0, le=1)
+    eps_clip_c: float | None = Field(None, gt=1)  # dual-clip PPO lower bound for negative advantages
+    grpo_std_normalization: bool = True  # grpo/gspo: divide the group-centred reward by the group std
+    value_clip: float | None = Field(0.2, gt=0)  # ppo critic: clip values to old_values +- value_clip
+    # Per-round metrics go to train/metrics.arrow always; these add live loggers if installed.
+    loggers: list[Literal["tensorboard", "wandb"]] = []
+    wandb_project: str | None = None
 
 
 class ParallelConfig(Section):
