@@ -1,0 +1,120 @@
+"""Megatron-LM checkpoint layout on disk, and loading/saving a GPTModel in it.
+
+    <root>/latest_checkpointed_iteration.txt     "7" (or "release")
+    <root>/iter_0000007/                         dist_checkpointing (torch_dist) files
+    <root>/release/                              a converted model with no training step
+
+    save_model(model, root, step)            # every rank calls it; written atomically
+    load_model(model, root, step=None)       # any TP size: dist_checkpointing reshards
+    read_global_tensors(root, step=None)     # no process group, no model: plain tensors
+
+`read_global_tensors` uses torch.distributed.checkpoint directly (metadata + a load into
+empty tensors), so exporting to HF works on a machine without Megatron parallel state.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from opd_core.io import ArtifactError, write_text
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir_name(step: int | None) -> str:
+    return "release" if step is None else f"iter_{step:07d}"
+
+
+def resolve_iteration_dir(root: str | Path, step: int | None = None) -> Path:
+    """The directory of `step`, or of the step named by the tracker file when step is None."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(f"checkpoint directory not found: {root}")
+    if step is None:
+        tracker = root / TRACKER
+        if not tracker.is_file():
+            # Megatron-LM also accepts a bare dist_checkpointing dir (metadata.json inside).
+            if (root / "metadata.json").is_file():
+                return root
+            raise ArtifactError(f"{tracker} is missing: not a Megatron-LM checkpoint directory")
+        text = tracker.read_text().strip()
+        step = None if text == "release" else int(text)
+    path = root / iteration_dir_name(step)
+    if not (path / "metadata.json").is_file():
+        available = sorted(p.name for p in root.iterdir() if p.name.startswith(("iter_", "release")))
+        raise ArtifactError(f"no torch_dist checkpoint at {path} (available: {available or 'none'})")
+    return path
+
+
+def list_steps(root: str | Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
+
+
+def save_model(model, root: str | Path, step: int | None) -> Path:
+    """Collective: every rank writes its shards. The iteration dir appears only when complete."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iteration_dir_name(step)
+    # Same temp name on every rank (dist_checkpointing writes one shared directory).
+    tmp = root / f".{final.name}.tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    _barrier()
+    if rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        write_text(root / TRACKER, "release" if step is None else str(step))
+    _barrier()
+    return final
+
+
+def load_model(model, root: str | Path, step: int | None = None) -> Path:
+    """Load a torch_dist checkpoint into `model` (any tensor-parallel size)."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_iteration_dir(root, step)
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+    except Exception as err:  # noqa: BLE001 - re-raised with the path and a hint
+        raise ArtifactError(
+            f"cannot load {path} into this model (different architecture or sizes?): {type(err).__name__}: {err}"
+        ) from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ArtifactError(f"{path}: missing parameters {missing[:5]}, unexpected {unexpected[:5]}")
+    return path
+
+
+def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a torch_dist checkpoint at their global shapes. No process group needed."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = resolve_iteration_dir(root, step)
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    state = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,245 @@
+"""Megatron GPTModel built from an HF Qwen3 / Qwen2 config, and per-token log-probs.
+
+    model = build_gpt_model(hf_config)              # after parallel.init_distributed(...)
+    check_config_matches(hf_config, model.config, model)   # raises naming a mismatching field
+    logprobs = token_logprobs(model, prompt_ids, response_ids)   # list of [len(response)] tensors
+
+Supported: Qwen3ForCausalLM (dense) and Qwen2ForCausalLM (q/k/v bias, no qk-norm). The
+fields set below are the ones whose omission silently changes the model (a wrong rope base
+or qkv layout still trains, just badly), hence `check_config_matches`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from opd_core.megatron.cpu_shims import apply_cpu_shims
+
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
+
+
+class UnsupportedModelError(ValueError):
+    """The HF model is not an architecture this converter/trainer maps exactly."""
+
+
+class ConfigMismatchError(ValueError):
+    """The built Megatron model does not match the HF config it was built from."""
+
+
+def model_family(hf_config: Any) -> str:
+    """'qwen3' or 'qwen2'; a clear error for anything else."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None)
+    supported = ", ".join(f"{a} (dense)" if a.startswith("Qwen3") else f"{a}" for a in SUPPORTED_ARCHITECTURES)
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            family = SUPPORTED_ARCHITECTURES[arch]
+            break
+    else:
+        if not archs and model_type in ("qwen3", "qwen2"):
+            family = model_type
+        else:
+            name = archs[0] if archs else f"model_type={model_type!r}"
+            raise UnsupportedModelError(f"unsupported architecture {name}; supported: {supported}")
+    if getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0):
+        raise UnsupportedModelError(f"mixture-of-experts models are not supported; supported: {supported}")
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default rope)")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+    if family == "qwen3" and getattr(hf_config, "attention_bias", False):
+        raise UnsupportedModelError("Qwen3 with attention_bias=true is not supported")
+    return family
+
+
+def hf_head_dim(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def hf_rope_theta(hf_config: Any) -> float:
+    # transformers 5 moved rope_theta into rope_parameters.
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def build_transformer_config(hf_config: Any, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None):
+    from megatron.core.transformer import TransformerConfig
+
+    family = model_family(hf_config)
+    cuda = torch.cuda.is_available()
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=hf_head_dim(hf_config),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family == "qwen2",
+        qk_layernorm=family == "qwen3",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Fused kernels and CUDA-only extensions are off on CPU.
+        use_cpu_initialization=not cuda,
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        # Weights are always loaded from a checkpoint; random init is wasted time.
+        perform_initialization=False,
+    )
+
+
+def _layer_spec(config) -> Any:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if torch.cuda.is_available():
+        try:  # TE kernels when present; the state-dict names are identical (TE naming).
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            import transformer_engine  # noqa: F401
+
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        except ImportError:
+            pass
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: bool = True):
+    """A GPTModel for this rank, matching `hf_config` exactly. Needs parallel state initialised."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    apply_cpu_shims()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp != 1:
+        raise NotImplementedError("pipeline parallel > 1 is not supported by the OPD trainer yet")
+    config = build_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(config),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=hf_rope_theta(hf_config),
+    )
+    if torch.cuda.is_available():
+        model.cuda()
+    if check:
+        check_config_matches(hf_config, model)
+    return model
+
+
+def check_config_matches(hf_config: Any, model) -> None:
+    """Raise ConfigMismatchError naming every field where `model` differs from `hf_config`."""
+    config = model.config
+    rotary = getattr(model, "rotary_pos_emb", None)
+    # The base is baked into the inverse frequencies: recover it from the second one.
+    built_theta = None
+    if rotary is not None and rotary.inv_freq.numel() > 1:
+        built_theta = float(1.0 / rotary.inv_freq[1].double() ** (config.kv_channels / 2.0))
+    expected = {
+        "vocab_size": (hf_config.vocab_size, model.vocab_size),
+        "hidden_size": (hf_config.hidden_size, config.hidden_size),
+        "num_hidden_layers": (hf_config.num_hidden_layers, config.num_layers),
+        "intermediate_size": (hf_config.intermediate_size, config.ffn_hidden_size),
+        "num_attention_heads": (hf_config.num_attention_heads, config.num_attention_heads),
+        "num_key_value_heads": (hf_config.num_key_value_heads, config.num_query_groups),
+        "head_dim": (hf_head_dim(hf_config), config.kv_channels),
+        "rms_norm_eps": (hf_config.rms_norm_eps, config.layernorm_epsilon),
+        "tie_word_embeddings": (bool(hf_config.tie_word_embeddings), model.share_embeddings_and_output_weights),
+        "qk_norm (Qwen3)": (model_family(hf_config) == "qwen3", config.qk_layernorm),
+        "qkv bias (Qwen2)": (model_family(hf_config) == "qwen2", config.add_qkv_bias),
+    }
+    if built_theta is not None:
+        theta = hf_rope_theta(hf_config)
+        expected["rope_theta"] = (theta, theta if abs(built_theta - theta) <= 1e-3 * theta else built_theta)
+    wrong = [f"{name}: HF config has {hf}, Megatron model has {built}" for name, (hf, built) in expected.items() if hf != built]
+    if wrong:
+        raise ConfigMismatchError("Megatron model does not match the HF config:\n  " + "\n  ".join(wrong))
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+def pad_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], device=None):
+    """Right-pad prompt+response; return ids [b,s], the bool mask [b,1,s,s] (True = masked)."""
+    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    lengths = torch.tensor([len(s) for s in sequences])
+    seq_len = max(int(lengths.max()), 1)
+    ids = torch.zeros(len(sequences), seq_len, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    positions = torch.arange(seq_len)
+    causal = positions[None, :] > positions[:, None]  # key after query
+    padded_key = positions[None, :] >= lengths[:, None]  # [b, s]
+    mask = causal[None, None] | padded_key[:, None, None, :]
+    device = device or (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+    return ids.to(device), mask.to(device), lengths
+
+
+def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, vocab / tp] (vocab-parallel under tensor parallelism)."""
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    return model(input_ids=ids, position_ids=positions, attention_mask=mask)
+
+
+def token_logprobs(
+    model, prompt_ids: list[list[int]], response_ids: list[list[int]], with_entropy: bool = False
+):
+    """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
+
+    With `with_entropy`, also returns the per-token entropy of the full distribution.
+    Gradients flow (call under torch.no_grad() for inference). Works under tensor parallel:
+    the vocab-parallel cross entropy does the softmax across ranks.
+    """
+    from megatron.core import tensor_parallel
+
+    ids, mask, _ = pad_batch(prompt_ids, response_ids)
+    logits = forward_logits(model, ids, mask).float()  # [b, s, v/tp]
+    # Target of position t is token t+1; the last position predicts nothing.
+    targets = torch.roll(ids, shifts=-1, dims=1)
+    # vocab_parallel_cross_entropy wants [s, b, v] and [s, b].
+    nll = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous())
+    logprobs_all = -nll.t()  # [b, s]
+    entropy_all = _vocab_parallel_entropy(logits) if with_entropy else None
+    logprobs, entropies = [], []
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        start, end = len(prompt) - 1, len(prompt) + len(response) - 1
+        if len(prompt) == 0:
+            raise ValueError(f"sample {row}: empty prompt (the first response token needs a prefix)")
+        logprobs.append(logprobs_all[row, start:end])
+        if with_entropy:
+            entropies.append(entropy_all[row, start:end])
+    return (logprobs, entropies) if with_entropy else logprobs
+
+
+def _vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy over the full vocabulary when each TP rank holds a slice of it."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # All-gather along the vocab dim (differentiable); fine for the entropy bonus.
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
