@@ -56,6 +56,11 @@ class ToyConfig(Section):
     vocab_size: int = Field(384, ge=260)
     teacher: ToyModelSpec = ToyModelSpec(hidden_size=96, num_hidden_layers=3, intermediate_size=256, train_steps=600)
     student: ToyModelSpec = ToyModelSpec(hidden_size=48, num_hidden_layers=2, train_steps=60)
+    # The teacher trains until greedy pass@1 on eval >= this (an error if its budget runs out);
+    # the student's short SFT stops early once its pass@1 on held-out train lands in the window.
+    teacher_min_pass_at_1: float = Field(0.95, ge=0, le=1)
+    student_pass_at_1_window: tuple[float, float] = (0.10, 0.40)
+    check_every: int = Field(25, gt=0)  # training steps between those pass@1 checks
     # Where built toy models are cached (keyed by a hash of this section). Relative to cwd.
     cache_dir: str = ".cache/opd-toy"
 
@@ -179,7 +184,7 @@ class TrainConfig(Section):
     global_batch_size: int = Field(256, gt=0)  # samples per optimizer step
     micro_batch_size: int = Field(64, gt=0)
     num_steps_per_rollout: int = Field(1, ge=1)
-    save_interval: int | None = Field(None, ge=1)  # rounds between checkpoints; end is always saved
+    save_interval: int = Field(1, ge=1)  # rounds between checkpoints (resume points); the last round is always saved
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     parallel: ParallelConfig = ParallelConfig()
     ray: RayConfig = RayConfig()

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from opd_core.io import read_json, sha256_file, sha256_tree, write_json
@@ -148,3 +149,19 @@ def mark_done(stage_dir: Path, key: str, **info: Any) -> None:
 
 def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / STAGE_MARKER).unlink(missing_ok=True)
+
+
+def run_cached(stage_dir: Path, key: str, build: Callable[[], dict], force: bool = False) -> tuple[dict, bool]:
+    """Run `build` unless the stage already finished with this key; returns (result, cached).
+
+    The result dict is stored in the stage marker, so a cache hit returns what the original
+    run returned (paths, metrics) without recomputing it.
+    """
+    marker = Path(stage_dir) / STAGE_MARKER
+    if not force and is_done(stage_dir, key):
+        return read_json(marker).get("result", {}), True
+    clear_done(stage_dir)
+    started = time.time()
+    result = build()
+    mark_done(stage_dir, key, result=result, seconds=round(time.time() - started, 3))
+    return result, False

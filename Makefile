@@ -1,0 +1,34 @@
+# Two commands: `make demo` (set up + run the toy pipeline) and `make test` (set up + tests).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export RAY_AUTH_MODE := disabled
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch first and alone: `torch==2.13.0` takes the local CPU wheel; anything looser pulls CUDA.
+$(STAMP): requirements.lock.txt pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/opd run --config configs/toy.yaml
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks.teacher_scoring
+	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.opd_vs_baselines
+
+clean:
+	rm -rf $(VENV) .cache artifacts/*-* artifacts/latest

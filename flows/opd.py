@@ -1,0 +1,117 @@
+"""Flow `opd`: the whole pipeline, and flow `opd-stage`: one stage rerun from a run directory.
+
+    opd run --config configs/toy.yaml                     # the CLI calls opd_flow(...)
+    opd stage train --run-dir artifacts/latest           # the CLI calls stage_flow(...)
+    prefect deployment run opd/full                       # once `make up` has registered it
+
+    download -> convert -> teacher -> baseline_eval -> train -> final_eval
+
+Only orchestration lives here: order, the teacher's lifetime, names. Each stage is a task in
+`tasks/` that is a cache hit when its inputs and config section are unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
+from opd_core.io import read_json, write_text
+from opd_core.rundir import STAGES, RunDir
+from tasks.convert import convert
+from tasks.download import download
+from tasks.evaluate import baseline_eval, final_eval
+from tasks.teacher import needs_teacher_server, start_teacher
+from tasks.train import train
+
+
+def resolve_config(config: OPDRunConfig | None, config_path: str | None, overrides: list[str] | None) -> OPDRunConfig:
+    """A config object (UI form), or a YAML path (CLI), plus overrides; validated once here."""
+    if config is not None and config_path is not None:
+        raise ValueError("give either `config` or `config_path`, not both")
+    if config is None:
+        return load_config(config_path, overrides)
+    tree = config.model_dump(mode="json")
+    for override in overrides or []:
+        apply_override(tree, override)
+    return validate_config(tree, "flow parameter `config`")
+
+
+def open_run(cfg: OPDRunConfig) -> RunDir:
+    run_id = cfg.run.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = RunDir.create(cfg.run.artifacts_dir, run_id)
+    write_text(run_dir.root / "config.yaml", cfg.to_yaml())
+    return run_dir
+
+
+@contextmanager
+def teacher_server(cfg: OPDRunConfig, run_dir: RunDir):
+    """Yields the teacher urls (None if no server is needed); stops what it started."""
+    if not needs_teacher_server(cfg):
+        yield None
+        return
+    urls, server = start_teacher(cfg, run_dir)
+    try:
+        yield urls
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run_name() -> str:
+    """Flow-run name shown in the UI: the config's name and the start time."""
+    params = flow_run.parameters
+    config = params.get("config")
+    if isinstance(config, dict):
+        name = config.get("name")
+    elif config is not None:
+        name = config.name
+    else:
+        name = Path(params.get("config_path") or "opd").stem
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="opd", flow_run_name=_run_name, log_prints=True)
+def opd_flow(
+    config: OPDRunConfig | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    cfg = resolve_config(config, config_path, overrides)
+    run_dir = open_run(cfg)
+    logger = get_run_logger()
+    logger.info("run directory: %s", run_dir.root)
+    download(cfg, run_dir)
+    convert(cfg, run_dir)
+    baseline = baseline_eval(cfg, run_dir)
+    with teacher_server(cfg, run_dir) as teacher_urls:
+        training = train(cfg, run_dir, teacher_urls)
+    final = final_eval(cfg, run_dir, baseline)
+    return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
+
+
+@flow(name="opd-stage", flow_run_name="{stage}-{run_dir}", log_prints=True)
+def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> dict:
+    """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    rd = RunDir.open(run_dir)
+    cfg = load_config(rd.root / "config.yaml", overrides)
+    if overrides:
+        write_text(rd.root / "config.yaml", cfg.to_yaml())
+    if stage == "download":
+        return download(cfg, rd)
+    if stage == "convert":
+        return convert(cfg, rd)
+    if stage == "baseline_eval":
+        return baseline_eval(cfg, rd)
+    if stage == "final_eval":
+        return final_eval(cfg, rd, read_json(rd.stage("baseline_eval") / "summary.json"))
+    with teacher_server(cfg, rd) as teacher_urls:
+        if stage == "teacher":
+            return {"urls": teacher_urls}
+        return train(cfg, rd, teacher_urls)

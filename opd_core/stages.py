@@ -1,0 +1,90 @@
+"""The logic of each pipeline stage as a plain function of (config, run directory).
+
+Prefect tasks in `tasks/` wrap these with caching, retries and UI artifacts; the functions
+themselves know nothing about Prefect, so they run the same from a test or a notebook.
+Each returns a small JSON-able dict that the stage marker stores (see rundir.run_cached).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from opd_core.config import OPDRunConfig
+from opd_core.io import read_arrow, read_json, write_json
+from opd_core.rundir import RunDir
+from opd_core.schemas import PROMPTS
+
+# ----------------------------------------------------------------------------- convert
+
+
+def teacher_checkpoint(cfg: OPDRunConfig, run_dir: RunDir) -> Path | None:
+    """Where the Megatron teacher is (opd_type=megatron). A relative `opd_teacher_load` is
+    resolved against the run directory, so `convert/teacher_torch_dist` names the convert
+    stage's own output."""
+    if not (cfg.algorithm.use_opd and cfg.algorithm.opd_type == "megatron"):
+        return None
+    path = Path(cfg.algorithm.opd_teacher_load)
+    return path if path.is_absolute() else run_dir.root / path
+
+
+def run_convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
+    """HF -> torch_dist for the student (and the teacher in megatron mode), with a parity check."""
+    from opd_core.megatron.convert import check_parity, hf_to_torch_dist
+
+    started = time.time()
+    hf_to_torch_dist(run_dir.student_hf, run_dir.student_torch_dist)
+    parity = check_parity(
+        run_dir.student_hf,
+        run_dir.student_torch_dist,
+        batch_size=cfg.convert.parity_batch_size,
+        seq_len=cfg.convert.parity_seq_len,
+        seed=cfg.seed,
+    )
+    parity["tolerance"] = cfg.convert.parity_tolerance
+    write_json(run_dir.stage("convert") / "parity.json", parity)
+    if parity["max_abs_logits_diff"] > cfg.convert.parity_tolerance:
+        raise RuntimeError(
+            f"HF vs Megatron logits differ by {parity['max_abs_logits_diff']:.3e} "
+            f"(> convert.parity_tolerance={cfg.convert.parity_tolerance}): the conversion is wrong, "
+            f"see {run_dir.stage('convert') / 'parity.json'}"
+        )
+    result = {"student_torch_dist": str(run_dir.student_torch_dist), "parity": parity}
+    teacher_ckpt = teacher_checkpoint(cfg, run_dir)
+    if teacher_ckpt is not None and not teacher_ckpt.exists():
+        hf_to_torch_dist(run_dir.teacher_hf, teacher_ckpt)
+        result["teacher_torch_dist"] = str(teacher_ckpt)
+    result["seconds"] = round(time.time() - started, 3)
+    return result
+
+
+# -------------------------------------------------------------------------------- eval
+
+
+def run_eval(cfg: OPDRunConfig, run_dir: RunDir, stage: str, model_dir: Path) -> dict:
+    """pass@1 / pass@k of the HF model in `model_dir` on the eval split -> `<stage>/`."""
+    from opd_core.engine.generation import Generator
+    from opd_core.evaluation import evaluate, write_eval
+
+    prompts = read_arrow(run_dir.eval_data, PROMPTS)
+    if cfg.eval.num_prompts is not None:
+        prompts = prompts.slice(0, cfg.eval.num_prompts)
+    generator = Generator(model_dir)
+
+    def generate(input_ids: list[list[int]], sampling_params: dict) -> list[dict]:
+        return generator.generate([{"input_ids": ids, "sampling_params": sampling_params} for ids in input_ids])
+
+    samples, summary = evaluate(generate, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed)
+    summary["model_dir"] = str(model_dir)
+    write_eval(run_dir.stage(stage), samples, summary)
+    return summary
+
+
+def run_final_eval(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
+    """The final eval plus the before/after report (report.md, curves.png)."""
+    from opd_core.report import write_report
+
+    summary = run_eval(cfg, run_dir, "final_eval", run_dir.final_student_hf)
+    baseline = read_json(run_dir.stage("baseline_eval") / "summary.json")
+    write_report(cfg, run_dir, baseline, summary)
+    return summary

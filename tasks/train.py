@@ -1,0 +1,35 @@
+"""Stage `train`: the OPD rounds (rollout -> teacher scoring -> Megatron update in Ray actors).
+
+Cached on the converted student, the train data, the teacher and the training config
+sections. A killed run resumes from `train/state.json` (the last checkpointed round).
+"""
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from opd_core.config import OPDRunConfig
+from opd_core.rundir import RunDir
+from opd_core.stages import teacher_checkpoint
+from opd_core.trainer.loop import run_training
+from tasks.common import StageProgress, cached_stage
+
+TRAIN_SECTIONS = ("seed", "rollout", "reward", "algorithm", "train")
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) -> dict:
+    logger = get_run_logger()
+    teacher = teacher_checkpoint(cfg, run_dir) or run_dir.teacher_hf
+    inputs = [run_dir.student_torch_dist, run_dir.train_data, teacher]
+    progress = StageProgress("train", cfg.rollout.num_rollout)
+
+    def on_round(round_index: int, metrics: dict) -> None:
+        progress.update(round_index + 1, f"round {round_index + 1}/{cfg.rollout.num_rollout}")
+        logger.info(
+            "round %d: reverse_kl=%.4f rollout_pass_rate=%.3f reward=%.3f loss=%.4f (%.1fs)",
+            round_index, metrics["opd_reverse_kl"], metrics["rollout_pass_rate"], metrics["reward_mean"],
+            metrics.get("loss", float("nan")), metrics["seconds"],
+        )
+
+    build = lambda: run_training(cfg, run_dir, teacher_urls, on_round=on_round)  # noqa: E731
+    return cached_stage("train", run_dir, cfg.section_hash(*TRAIN_SECTIONS), inputs, build)

@@ -1,0 +1,77 @@
+"""The config tree: YAML loading, overrides, and errors that name the file and the field."""
+
+from pathlib import Path
+
+import pytest
+
+from opd_core.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["toy.yaml", "qwen3-8b-opd.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.algorithm.use_opd and cfg.algorithm.opd_type == "sglang"
+
+
+def test_qwen3_config_mirrors_slime_example():
+    cfg = load_config(CONFIGS / "qwen3-8b-opd.yaml")
+    assert cfg.models.student == "hf:Qwen/Qwen3-8B" and cfg.models.teacher == "hf:Qwen/Qwen3-32B"
+    assert (cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt, cfg.train.global_batch_size) == (16, 4, 64)
+    assert cfg.train.lr == 1e-6 and cfg.train.parallel.tensor_model_parallel_size == 2
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "algorithm.use_opd=false"])
+    assert cfg.train.lr == 3e-4 and cfg.rollout.num_rollout == 2 and cfg.algorithm.use_opd is False
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("algorithm: {use_opd: true, opd_type: null}", "use_opd is true but algorithm.opd_type is not set"),
+        ("algorithm: {use_opd: true, opd_type: megatron}", "opd_type=megatron needs algorithm.opd_teacher_load"),
+        ("algorithm: {use_opd: true, opd_type: sglang, opd_teacher_load: /ckpt}", "only for opd_type=megatron"),
+        ("algorithm: {use_opd: false, opd_type: null, opd_teacher_load: /ckpt}", "opd_teacher_load is set but algorithm.use_opd is false"),
+    ],
+)
+def test_slime_opd_argument_errors(tmp_path, yaml_text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, yaml_text))
+
+
+def test_unknown_field_is_named_with_its_file(tmp_path):
+    path = _write(tmp_path, "algorithm: {opd_kl_coeff: 2.0}")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "algorithm.opd_kl_coeff" in str(err.value)
+
+
+def test_wrong_type_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout\.n_samples_per_prompt"):
+        load_config(_write(tmp_path, "rollout: {n_samples_per_prompt: many}"))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [1,"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2"))
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["train.lr"])
+
+
+def test_section_hash_tracks_only_its_sections():
+    base = load_config(CONFIGS / "toy.yaml")
+    changed = load_config(CONFIGS / "toy.yaml", ["train.lr=0.5"])
+    assert base.section_hash("eval") == changed.section_hash("eval")
+    assert base.section_hash("train") != changed.section_hash("train")
