@@ -15,6 +15,7 @@ empty tensors), so exporting to HF works on a machine without Megatron parallel 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ import torch
 from opd_core.io import ArtifactError, write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# A copy of the HF config (and tokenizer) in every checkpoint root, so a torch_dist
+# checkpoint says which architecture it holds (the megatron-mode teacher needs this).
+HF_CONFIG_DIR = "hf_config"
 
 
 def iteration_dir_name(step: int | None) -> str:
@@ -53,8 +57,13 @@ def list_steps(root: str | Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
 
 
-def save_model(model, root: str | Path, step: int | None) -> Path:
-    """Collective: every rank writes its shards. The iteration dir appears only when complete."""
+def save_model(model, root: str | Path, step: int | None, extra: Callable[[Path], None] | None = None,
+               sharded_extra: dict | None = None) -> Path:
+    """Collective: every rank writes its shards. The iteration dir appears only when complete.
+
+    `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
+    state); `sharded_extra` is merged into the sharded state dict (Megatron optimizer state).
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -67,7 +76,12 @@ def save_model(model, root: str | Path, step: int | None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    state = model.sharded_state_dict()
+    if sharded_extra:
+        state.update(sharded_extra)
+    dist_checkpointing.save(state, str(tmp))
+    if extra is not None:
+        extra(tmp)
     _barrier()
     if rank0:
         if final.exists():
@@ -118,3 +132,22 @@ def _barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def store_hf_config(root: str | Path, hf_dir: str | Path) -> None:
+    """Copy config.json and tokenizer files of `hf_dir` to `<root>/hf_config/`."""
+    from opd_core.megatron.convert import HF_SIDE_FILES
+
+    target = Path(root) / HF_CONFIG_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name in HF_SIDE_FILES:
+        if (Path(hf_dir) / name).is_file():
+            shutil.copy2(Path(hf_dir) / name, target / name)
+
+
+def stored_hf_config_dir(root: str | Path) -> Path:
+    path = Path(root) / HF_CONFIG_DIR
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path / 'config.json'} is missing: convert the checkpoint with hf_to_torch_dist "
+                            "(it stores the HF config next to the weights)")
+    return path

@@ -85,6 +85,7 @@ def hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, step: int | None =
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         checkpoint.save_model(model, tmp, step)
+        checkpoint.store_hf_config(tmp, hf_dir)
     return Path(out_dir)
 
 
@@ -93,13 +94,18 @@ def torch_dist_to_hf(
     max_shard_size: str | int = "5GB",
 ) -> Path:
     """Write HF safetensors (sharded + index) from a torch_dist checkpoint; copy config/tokenizer."""
+    return write_hf_dir(checkpoint.read_global_tensors(ckpt_dir, step), hf_config_dir, out_dir, max_shard_size)
+
+
+def write_hf_dir(megatron_tensors: dict[str, torch.Tensor], hf_config_dir: str | Path, out_dir: str | Path,
+                 max_shard_size: str | int = "5GB") -> Path:
+    """Megatron global tensors -> an HF model dir (safetensors shards + index, config, tokenizer)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
     hf_config = load_hf_config(hf_config_dir)
-    global_tensors = checkpoint.read_global_tensors(ckpt_dir, step)
-    hf_state = mapping.megatron_to_hf(global_tensors, hf_config)
-    _check_shapes(hf_state, hf_config, ckpt_dir)
+    hf_state = mapping.megatron_to_hf(megatron_tensors, hf_config)
+    _check_shapes(hf_state, hf_config, out_dir)
     split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)

@@ -153,3 +153,21 @@ def megatron_to_model_state_dict(mg: dict[str, torch.Tensor], model) -> dict[str
     if unknown:
         raise KeyError(f"Megatron model has no parameters named {unknown[:3]}")
     return out
+
+
+def model_state_dict_to_megatron(model, num_layers: int) -> dict[str, torch.Tensor]:
+    """A TP=1 model's state dict -> Megatron global names (layers stacked). Inverse of the above."""
+    reverse_alias = {local: te for te, local in LOCAL_SPEC_ALIASES.items()}
+    per_layer: dict[str, list] = {}
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith("_extra_state") or tensor is None:
+            continue
+        if not key.startswith(LAYERS):
+            out[key] = tensor.detach()
+            continue
+        index, sub = key[len(LAYERS):].split(".", 1)
+        sub = reverse_alias.get(sub, sub)
+        per_layer.setdefault(sub, [None] * num_layers)[int(index)] = tensor.detach()
+    out.update({LAYERS + sub: torch.stack(tensors) for sub, tensors in per_layer.items()})
+    return out

@@ -1,0 +1,130 @@
+"""Optimizer for the Megatron actor: Megatron's DDP + DistributedOptimizer on CUDA, torch
+AdamW with explicit gradient all-reduce and clipping on CPU.
+
+    trainer = build_optimizer(model, train_cfg)   # -> ModelOptimizer
+    trainer.zero_grad(); loss.backward() ...; stats = trainer.step()   # {"grad_norm", "lr"}
+
+Megatron's optimizer and DDP wrappers need CUDA; on CPU the same semantics are written out:
+gradients are summed over the data-parallel group (the loss is already normalised by the
+global token count), the norm counts tensor-parallel shards once and replicated parameters
+once, and the update is AdamW with the configured lr, betas, weight decay and clipping.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class ModelOptimizer:
+    """What the actor needs from an optimizer, on either device."""
+
+    def __init__(self, model, optimizer, lr: float, clip_grad: float, megatron: bool):
+        self.model, self.optimizer, self.lr, self.clip_grad, self.megatron = model, optimizer, lr, clip_grad, megatron
+
+    @property
+    def module(self):
+        """The bare GPTModel (under the DDP wrapper on CUDA)."""
+        return self.model.module if self.megatron else self.model
+
+    def loss_scale(self) -> float:
+        # Megatron's DDP averages gradients over data-parallel ranks; ours sums (see module doc).
+        from megatron.core import parallel_state
+
+        return float(parallel_state.get_data_parallel_world_size()) if self.megatron else 1.0
+
+    def zero_grad(self) -> None:
+        if self.megatron:
+            self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> dict[str, float]:
+        if self.megatron:
+            self.model.finish_grad_sync()
+            _, grad_norm, _ = self.optimizer.step()
+            return {"grad_norm": float(grad_norm or 0.0), "lr": self.lr}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        _all_reduce_data_parallel_grads(params)
+        grad_norm = _global_grad_norm(params)
+        if self.clip_grad and grad_norm > self.clip_grad:
+            scale = self.clip_grad / (grad_norm + 1e-6)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        return {"grad_norm": grad_norm, "lr": self.lr}
+
+    def save(self, directory, rank: int) -> None:
+        """Write this rank's optimizer state into `directory` (a checkpoint being written)."""
+        from pathlib import Path
+
+        torch.save(self.optimizer.state_dict(), Path(directory) / f"optimizer_rank{rank:05d}.pt")
+        if self.megatron and hasattr(self.optimizer, "save_parameter_state"):  # pragma: no cover - CUDA
+            self.optimizer.save_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
+
+    def load(self, directory, rank: int) -> None:
+        from pathlib import Path
+
+        state = torch.load(Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state)
+        if self.megatron and hasattr(self.optimizer, "load_parameter_state"):  # pragma: no cover - CUDA
+            self.optimizer.load_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
+
+
+def build_optimizer(model, train_cfg) -> ModelOptimizer:
+    if torch.cuda.is_available():
+        return _megatron_optimizer(model, train_cfg)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        weight_decay=train_cfg.weight_decay,
+        eps=1e-8,
+    )
+    return ModelOptimizer(model, optimizer, train_cfg.lr, train_cfg.clip_grad, megatron=False)
+
+
+def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover - needs CUDA
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    bf16 = model.config.bf16
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+    )
+    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr, weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1, adam_beta2=train_cfg.adam_beta2, adam_eps=1e-8,
+        clip_grad=train_cfg.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [wrapped])
+    return ModelOptimizer(wrapped, optimizer, train_cfg.lr, train_cfg.clip_grad, megatron=True)
+
+
+def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_data_parallel_group()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)  # SUM: each rank's loss is already divided by the global token count
+    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        p.grad = synced.clone() if p.grad is None else p.grad.copy_(synced)
+
+
+def _global_grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """L2 norm of the full model's gradient: TP shards summed, TP-replicated params counted once."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+    squared = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            squared += p.grad.detach().double().pow(2).sum().cpu()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(squared, group=parallel_state.get_tensor_model_parallel_group())
+    return float(squared.sqrt())

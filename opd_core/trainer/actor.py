@@ -1,0 +1,284 @@
+"""One training rank: a Megatron GPTModel (student, optionally a frozen teacher) in a Ray actor.
+
+    actor = ray.remote(TrainActor).remote()          # TrainerGroup does this for every rank
+    actor.setup.remote(rank, world_size, addr, port, parallel_cfg, hf_dir, ckpt_dir, step,
+                       train_cfg, algorithm_cfg, teacher_ckpt_dir=None, teacher_step=None)
+    actor.compute_logprobs.remote(batch)   # -> list[np.ndarray], one per sample
+    actor.teacher_logprobs.remote(batch)   # opd_type=megatron: the teacher in this actor
+    actor.train_step.remote(batch)         # one optimizer step on this rank's shard -> metrics
+    actor.save_checkpoint.remote(root, step); actor.load_checkpoint.remote(root, step)
+    actor.export_hf.remote(out_dir, hf_config_dir)
+
+`batch` is this rank's data-parallel shard (every TP rank of a DP group gets the same one).
+The loss of a micro-batch is weighted by its share of the global token count, so gradient
+accumulation over micro-batches and the sum over data-parallel ranks give exactly the
+token-mean loss of the whole global batch, whatever TP/DP/micro-batch sizes are chosen.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
+
+TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
+
+
+def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(np.asarray(row), dtype=dtype) if not isinstance(row, torch.Tensor) else row.to(dtype)
+        out[i, : len(row)] = row
+    return out
+
+
+class TrainActor:
+    """Not a Ray actor by itself: TrainerGroup wraps it with `ray.remote` (tests may call it directly)."""
+
+    def __init__(self) -> None:
+        self.model = None
+        self.teacher = None
+        self.iteration = 0
+
+    # ------------------------------------------------------------------------ setup
+
+    def node_address(self) -> tuple[str, int]:
+        """(ip, free port) on this actor's node: the rendezvous of the process group."""
+        import ray
+
+        from opd_core.megatron.parallel import free_port
+
+        ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return ip, free_port("" if ip != "127.0.0.1" else "127.0.0.1")
+
+    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, parallel, hf_config_dir,
+              ckpt_dir, step: int | None, train, algorithm, teacher_ckpt_dir=None, teacher_step: int | None = None,
+              seed: int = 0, num_threads: int | None = None) -> dict:
+        from megatron.core import parallel_state as ps
+
+        from opd_core.megatron.convert import load_hf_config
+        from opd_core.megatron.model import build_gpt_model
+        from opd_core.megatron.optim import build_optimizer
+        from opd_core.megatron.parallel import init_distributed
+
+        if num_threads and not torch.cuda.is_available():
+            torch.set_num_threads(num_threads)
+        self.parallel = ParallelConfig.model_validate(parallel)
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.algorithm = AlgorithmConfig.model_validate(algorithm)
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        init_distributed(rank, world_size, master_addr, master_port, tp=tp, pp=pp, seed=seed)
+        self.rank = rank
+        self.hf_config_dir = Path(hf_config_dir)
+        self.hf_config = load_hf_config(hf_config_dir)
+        self.dtype = _dtype(self.train_cfg.dtype)
+        self.model = build_gpt_model(self.hf_config, dtype=self.dtype)
+        self.optim = build_optimizer(self.model, self.train_cfg)
+        if ckpt_dir is not None:
+            self.load_checkpoint(ckpt_dir, step)
+        if teacher_ckpt_dir is not None:
+            self._load_teacher(teacher_ckpt_dir, teacher_step)
+        return {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+                "tp_size": ps.get_tensor_model_parallel_world_size(), "dp_size": ps.get_data_parallel_world_size()}
+
+    @property
+    def module(self):
+        return self.optim.module
+
+    def _load_teacher(self, teacher_ckpt_dir, teacher_step: int | None) -> None:
+        from opd_core.megatron import checkpoint
+        from opd_core.megatron.convert import load_hf_config
+        from opd_core.megatron.model import build_gpt_model, model_family
+
+        teacher_config = load_hf_config(checkpoint.stored_hf_config_dir(teacher_ckpt_dir))
+        student = (model_family(self.hf_config), self.hf_config.vocab_size)
+        teacher = (model_family(teacher_config), teacher_config.vocab_size)
+        if student != teacher:
+            raise ValueError(
+                f"opd_type=megatron needs a teacher of the student's architecture and vocabulary: student is "
+                f"{student[0]} (vocab {student[1]}), teacher {teacher_ckpt_dir} is {teacher[0]} (vocab {teacher[1]})"
+            )
+        self.teacher = build_gpt_model(teacher_config, dtype=self.dtype)
+        checkpoint.load_model(self.teacher, teacher_ckpt_dir, teacher_step)
+        self.teacher.eval().requires_grad_(False)
+
+    # ---------------------------------------------------------------------- forward
+
+    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        size = self.train_cfg.micro_batch_size
+        return [batch.select(list(range(i, min(i + size, len(batch))))) for i in range(0, len(batch), size)]
+
+    @torch.no_grad()
+    def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
+        from opd_core.megatron.model import token_logprobs
+
+        model.eval()
+        out: list[np.ndarray] = []
+        for micro in self._micro_batches(batch):
+            out += [lp.float().cpu().numpy() for lp in token_logprobs(model, micro.prompt_ids, micro.response_ids)]
+        return out
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        """The student's log-prob of every response token (the 'old' log-probs of PPO)."""
+        return self._logprobs(self.module, batch)
+
+    def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        if self.teacher is None:
+            raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
+        return self._logprobs(self.teacher, batch)
+
+    # ---------------------------------------------------------------------- training
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """One optimizer step over this rank's shard of the global batch; global metrics."""
+        from megatron.core import parallel_state as ps
+
+        from opd_core.algorithm.losses import policy_loss
+        from opd_core.megatron.model import token_logprobs
+
+        model = self.optim.model
+        model.train()
+        masks = batch.loss_masks or [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
+        local_tokens = float(sum(np.asarray(m, dtype=np.float64).sum() for m in masks))
+        global_tokens = _dp_sum(torch.tensor([local_tokens], dtype=torch.float64))[0].item()
+        need_entropy = self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
+        sums: dict[str, float] = {}
+        self.optim.zero_grad()
+        start = 0
+        for micro in self._micro_batches(batch):
+            rows = range(start, start + len(micro))
+            start += len(micro)
+            if need_entropy:
+                logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids, with_entropy=True)
+            else:
+                logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids), None
+            width = max(len(r) for r in micro.response_ids)
+            logprobs_t = _stack_padded(logprobs, width)
+            device = logprobs_t.device
+            mask = _pad([masks[i] for i in rows], width).to(device)
+            # No stored old log-probs = on-policy: the ratio is 1 at this step.
+            old = _pad(micro.old_logprobs, width).to(device) if micro.old_logprobs else logprobs_t.detach()
+            ref = _pad(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
+            loss, metrics = policy_loss(
+                logprobs_t, old, _pad(micro.advantages, width).to(device), mask, self.algorithm,
+                ref_logprobs=ref, entropy=None if entropy is None else _stack_padded(entropy, width),
+            )
+            micro_tokens = float(mask.sum())
+            (loss * (micro_tokens / max(global_tokens, 1.0)) * self.optim.loss_scale()).backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * micro_tokens
+        stats = self.optim.step()
+        self.iteration += 1
+        keys = sorted(sums) or ["loss"]
+        totals = _dp_sum(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64))
+        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(keys, totals.tolist())}
+        out.update(stats)
+        out.update(num_tokens=global_tokens, iteration=self.iteration)
+        return out
+
+    # ------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, ckpt_root, step: int) -> str:
+        """torch_dist model (Megatron-LM layout) + this rank's optimizer, RNG and iteration."""
+        from opd_core.megatron import checkpoint
+
+        def side_files(tmp: Path) -> None:
+            state_dir = tmp / TRAIN_STATE
+            state_dir.mkdir(exist_ok=True)
+            self.optim.save(state_dir, self.rank)
+            torch.save({"iteration": self.iteration, "world_size": dist.get_world_size(), "parallel": self.parallel.model_dump(),
+                        "rng": _rng_state()}, state_dir / f"rank{self.rank:05d}.pt")
+
+        path = checkpoint.save_model(self.module, ckpt_root, step, extra=side_files)
+        if self.rank == 0:
+            checkpoint.store_hf_config(ckpt_root, self.hf_config_dir)
+        return str(path)
+
+    def load_checkpoint(self, ckpt_root, step: int | None = None) -> dict:
+        """Model weights (any TP size); optimizer/RNG/iteration too when saved with this layout."""
+        from opd_core.megatron import checkpoint
+
+        path = checkpoint.load_model(self.module, ckpt_root, step)
+        state_file = path / TRAIN_STATE / f"rank{self.rank:05d}.pt"
+        resumed = False
+        if state_file.is_file():
+            state = torch.load(state_file, map_location="cpu", weights_only=False)
+            same_layout = state["world_size"] == dist.get_world_size() and state["parallel"] == self.parallel.model_dump()
+            if same_layout:  # torch AdamW state is per shard: it only fits the same TP/DP layout
+                self.optim.load(path / TRAIN_STATE, self.rank)
+                _set_rng_state(state["rng"])
+                resumed = True
+            self.iteration = state["iteration"]
+        return {"path": str(path), "resumed_optimizer": resumed, "iteration": self.iteration}
+
+    def export_hf(self, out_dir, hf_config_dir=None) -> str | None:
+        """Write an HF model dir (rank 0) usable by transformers and /update_weights_from_disk."""
+        from megatron.core import parallel_state as ps
+
+        from opd_core.megatron import checkpoint, mapping
+        from opd_core.megatron.convert import write_hf_dir
+
+        hf_config_dir = Path(hf_config_dir or self.hf_config_dir)
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            if self.rank != 0:
+                return None
+            tensors = mapping.model_state_dict_to_megatron(self.module, self.hf_config.num_hidden_layers)
+            return str(write_hf_dir(tensors, hf_config_dir, out_dir))
+        # Under TP the full tensors exist only on disk: save, then convert from the files.
+        tmp_root = Path(out_dir).parent / f".{Path(out_dir).name}.torch_dist"
+        checkpoint.save_model(self.module, tmp_root, None)
+        result = None
+        if self.rank == 0:
+            result = str(write_hf_dir(checkpoint.read_global_tensors(tmp_root), hf_config_dir, out_dir))
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        return result
+
+    def shutdown(self) -> None:
+        from opd_core.megatron.parallel import destroy_distributed
+
+        destroy_distributed()
+
+
+def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[len(rows), width] from 1-D tensors of different lengths, keeping the autograd graph."""
+    return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows])
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _dp_sum(values: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() > 1:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        values = values.to(device)
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+    return values.cpu()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
