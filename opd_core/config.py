@@ -172,6 +172,8 @@ class RayConfig(Section):
     address: str | None = None  # None = start a local cluster
     actor_num_nodes: int = Field(1, ge=1)
     actor_num_gpus_per_node: int = Field(0, ge=0)  # 0 = CPU actors
+    actor_num_cpus_per_rank: int | None = Field(None, gt=0)  # None = cpu_count // world size (at least 1)
+    placement_timeout: float = Field(300.0, gt=0)  # seconds to wait for the placement group
 
 
 class TrainConfig(Section):
