@@ -233,3 +233,24 @@ def test_nan_outside_the_mask_is_allowed():
     result = compute_advantages(cfg(use_opd=True), np.zeros(1), np.zeros(1), [lp(-1.0, -1.0)],
                                 teacher_logprobs=[lp(-2.0, np.nan)], loss_masks=[np.array([1, 0])])
     assert result.advantages[0] == approx([-1.0, 0.0])
+
+
+def test_batched_gae_matches_a_per_sample_loop():
+    rng = np.random.default_rng(0)
+    lengths = [5, 0, 1, 9]
+    values = [rng.normal(size=n) for n in lengths]
+    masks = [(rng.random(n) > 0.3).astype(float) for n in lengths]
+    rewards = rng.normal(size=len(lengths))
+    result = compute_advantages(cfg("ppo", gamma=0.95, lambd=0.9), rewards, np.arange(4), [np.zeros(n) for n in lengths],
+                                values=values, loss_masks=masks)
+    for reward, value, mask, got, got_returns in zip(rewards, values, masks, result.advantages, result.returns):
+        token_rewards = np.zeros(len(value))
+        if mask.any():
+            token_rewards[np.flatnonzero(mask)[-1]] = reward
+        expected, running = np.zeros(len(value)), 0.0
+        for t in reversed(range(len(value))):
+            next_value = value[t + 1] if t + 1 < len(value) else 0.0
+            running = token_rewards[t] + 0.95 * next_value - value[t] + 0.95 * 0.9 * running
+            expected[t] = running
+        assert got == approx(expected * mask, rel=1e-4, abs=1e-5)
+        assert got_returns == approx(expected + value, rel=1e-4, abs=1e-5)

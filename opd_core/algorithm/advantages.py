@@ -40,6 +40,7 @@ __all__ = [
     "compute_advantages",
     "discounted_returns",
     "gae",
+    "gae_batch",
     "group_normalized_rewards",
     "masked_whiten",
 ]
@@ -91,23 +92,40 @@ def discounted_returns(reward: float, mask: np.ndarray, gamma: float) -> np.ndar
 
 
 def gae(reward: float, values: np.ndarray, mask: np.ndarray, gamma: float, lambd: float) -> tuple[np.ndarray, np.ndarray]:
-    """Generalised advantage estimation with the outcome reward on the last trained token.
+    """Generalised advantage estimation of one sample with the reward on the last trained token.
 
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last token = 0),
     A_t = delta_t + gamma * lambd * A_{t+1}; returns = A + V.
     """
-    values = np.asarray(values, dtype=np.float64)
-    token_rewards = np.zeros(len(values), dtype=np.float64)
-    last = _last_trained_token(mask)
-    if last is not None:
-        token_rewards[last] = reward
-    advantages = np.zeros_like(values)
-    running = 0.0
-    for t in range(len(values) - 1, -1, -1):
-        next_value = values[t + 1] if t + 1 < len(values) else 0.0
-        running = token_rewards[t] + gamma * next_value - values[t] + gamma * lambd * running
-        advantages[t] = running
-    return advantages, advantages + values
+    advantages, returns = gae_batch(np.array([reward]), [np.asarray(values)], [np.asarray(mask)], gamma, lambd)
+    return advantages[0], returns[0]
+
+
+def gae_batch(
+    rewards: np.ndarray, values: list[np.ndarray], masks: list[np.ndarray], gamma: float, lambd: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`gae` for a ragged batch: one backward pass over time, vectorised over samples.
+
+    Padding is all zeros, so past a sample's end delta = 0 and its running sum stays 0: the
+    recursion starts at each sample's own last token with V_{T} = 0.
+    """
+    lengths = [len(v) for v in values]
+    width = max(lengths, default=0)
+    padded_values = np.zeros((len(values), width + 1))
+    token_rewards = np.zeros((len(values), width))
+    for row, (reward, value, mask) in enumerate(zip(rewards, values, masks)):
+        padded_values[row, : len(value)] = value
+        last = _last_trained_token(mask)
+        if last is not None:
+            token_rewards[row, last] = reward
+    advantages = np.zeros((len(values), width))
+    running = np.zeros(len(values))
+    for t in range(width - 1, -1, -1):
+        delta = token_rewards[:, t] + gamma * padded_values[:, t + 1] - padded_values[:, t]
+        running = delta + gamma * lambd * running
+        advantages[:, t] = running
+    returns = advantages + padded_values[:, :width]
+    return [advantages[i, :n] for i, n in enumerate(lengths)], [returns[i, :n] for i, n in enumerate(lengths)]
 
 
 def masked_whiten(arrays: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -192,8 +210,8 @@ def compute_advantages(
     elif estimator == "ppo":
         if critic is None:
             raise ValueError("advantage_estimator=ppo needs critic values per response token")
-        pairs = [gae(r, v, m, cfg.gamma, cfg.lambd) for r, v, m in zip(rewards, critic, masks)]
-        advantages, returns = [a for a, _ in pairs], [ret.astype(np.float32) for _, ret in pairs]
+        advantages, returns = gae_batch(rewards, critic, masks, cfg.gamma, cfg.lambd)
+        returns = [ret.astype(np.float32) for ret in returns]
     else:  # pragma: no cover - the config's Literal rejects anything else
         raise ValueError(f"unknown advantage_estimator {estimator!r}")
 

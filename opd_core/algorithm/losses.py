@@ -136,7 +136,7 @@ def value_loss(
     old_values, returns = old_values.detach().to(values.dtype), returns.detach().to(values.dtype)
     unclipped = (values - returns) ** 2
     if value_clip is None:
-        token_losses, clip_frac = unclipped, torch.zeros((), dtype=values.dtype)
+        token_losses, clip_frac = unclipped, values.new_zeros(())
     else:
         clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
         clipped = (clipped_values - returns) ** 2
