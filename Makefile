@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_AUTH_MODE := disabled
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean up down
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ bench: install
 	$(BIN)/python -m benchmarks.teacher_scoring
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.opd_vs_baselines
+
+# Local Prefect stack: server (SQLite in .prefect/, 127.0.0.1:4200) + process worker + the
+# deployments of prefect.yaml. `make down` stops exactly what `make up` started.
+up: install
+	$(BIN)/python scripts/prefect_stack.py up
+
+down:
+	$(BIN)/python scripts/prefect_stack.py down
 
 clean:
 	rm -rf $(VENV) .cache artifacts/*-* artifacts/latest
