@@ -40,10 +40,14 @@ class ModelOptimizer:
 
     def step(self) -> dict[str, float]:
         if self.megatron:
-            self.model.finish_grad_sync()
+            from megatron.core.distributed import finalize_model_grads
+
+            # DP reduce-scatter + the TP all-reduce of qk-layernorm grads (as Megatron-LM's schedule does).
+            finalize_model_grads([self.model])
             _, grad_norm, _ = self.optimizer.step()
             return {"grad_norm": float(grad_norm or 0.0), "lr": self.lr}
         params = [p for p in self.model.parameters() if p.requires_grad]
+        _all_reduce_tensor_parallel_partial_grads(self.model)
         _all_reduce_data_parallel_grads(params)
         grad_norm = _global_grad_norm(params)
         if self.clip_grad and grad_norm > self.clip_grad:
@@ -101,6 +105,33 @@ def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover
     )
     optimizer = get_megatron_optimizer(opt_config, [wrapped])
     return ModelOptimizer(wrapped, optimizer, train_cfg.lr, train_cfg.clip_grad, megatron=True)
+
+
+def _all_reduce_tensor_parallel_partial_grads(model) -> None:
+    """Sum the grads of TP-replicated params that each TP rank sees only part of.
+
+    q_layernorm/k_layernorm weights are shared by all heads, and each TP rank holds half of
+    the heads, so each rank computes a partial gradient (Megatron's finalize_model_grads does
+    the same all-reduce). Without it the replicas drift apart step by step.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    params = [
+        p for name, p in model.named_parameters()
+        if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name
+                                   or getattr(p, "average_gradients_across_tp_domain", False))
+    ]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
+        if getattr(p, "average_gradients_across_tp_domain", False):
+            synced = synced / parallel_state.get_tensor_model_parallel_world_size()
+        p.grad.copy_(synced)
 
 
 def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:

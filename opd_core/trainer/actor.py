@@ -34,7 +34,8 @@ TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside
 def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
     out = torch.zeros(len(rows), width, dtype=dtype)
     for i, row in enumerate(rows):
-        row = torch.as_tensor(np.asarray(row), dtype=dtype) if not isinstance(row, torch.Tensor) else row.to(dtype)
+        # torch.tensor copies: arrays arriving through Ray are read-only.
+        row = row.to(dtype) if isinstance(row, torch.Tensor) else torch.tensor(np.asarray(row), dtype=dtype)
         out[i, : len(row)] = row
     return out
 

@@ -1,0 +1,167 @@
+"""Driver side of training: a placement group of TrainActor ranks and the calls that fan out.
+
+    with TrainerGroup(cfg, hf_config_dir, ckpt_dir, step=None, teacher_ckpt_dir=None) as group:
+        batch.old_logprobs = group.compute_logprobs(batch)
+        metrics = group.train_step(batch)          # optimizer steps of train.global_batch_size
+        group.save_checkpoint(root, step); group.export_hf(out_dir)
+
+World size = TP x PP x DP; one actor per rank, one placement-group bundle per actor ({"CPU": n}
+on CPU; one GPU each on a cluster). The batch is split into contiguous data-parallel shards;
+every TP rank of a DP group gets the same shard, and results are gathered in sample order
+from TP rank 0 of each DP group. `shutdown()` (also on `__exit__`) kills the actors, removes
+the placement group and stops Ray if this group started it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import OPDRunConfig
+
+
+class TrainerGroup:
+    def __init__(self, cfg: OPDRunConfig, hf_config_dir, ckpt_dir, step: int | None = None, teacher_ckpt_dir=None):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from opd_core.trainer.actor import TrainActor
+
+        self.cfg = cfg
+        self.hf_config_dir = Path(hf_config_dir)
+        parallel, ray_cfg = cfg.train.parallel, cfg.train.ray
+        self.tp, self.pp, self.dp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                                     parallel.data_parallel_size)
+        self.world_size = self.tp * self.pp * self.dp
+        gpus = ray_cfg.actor_num_gpus_per_node
+        if gpus and self.world_size != ray_cfg.actor_num_nodes * gpus:
+            raise ValueError(
+                f"train.parallel TP {self.tp} x PP {self.pp} x DP {self.dp} = {self.world_size} ranks, but train.ray "
+                f"gives {ray_cfg.actor_num_nodes} nodes x {gpus} GPUs = {ray_cfg.actor_num_nodes * gpus}"
+            )
+        cpus = ray_cfg.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
+        self._started_ray = False
+        self.actors, self.placement_group = [], None
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if ray_cfg.address:
+                ray.init(address=ray_cfg.address, runtime_env=_runtime_env())
+            else:  # a local cluster just big enough for the ranks
+                ray.init(num_cpus=max(cpus * self.world_size, os.cpu_count() or 1), include_dashboard=False,
+                         runtime_env=_runtime_env(), log_to_driver=True)
+            self._started_ray = True
+        try:
+            bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
+            self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+            ray.get(self.placement_group.ready(), timeout=ray_cfg.placement_timeout)
+            remote_cls = ray.remote(TrainActor)
+            self.actors = [
+                remote_cls.options(
+                    num_cpus=cpus, num_gpus=1 if gpus else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+                ).remote()
+                for rank in range(self.world_size)
+            ]
+            master_addr, master_port = ray.get(self.actors[0].node_address.remote())
+            algorithm = cfg.algorithm
+            teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
+            self.ranks = ray.get([
+                actor.setup.remote(
+                    rank, self.world_size, master_addr, master_port, parallel.model_dump(), str(hf_config_dir),
+                    None if ckpt_dir is None else str(ckpt_dir), step, cfg.train.model_dump(), algorithm.model_dump(),
+                    teacher_ckpt_dir=None if teacher_ckpt_dir is None else str(teacher_ckpt_dir),
+                    teacher_step=algorithm.opd_teacher_ckpt_step, seed=cfg.seed, num_threads=cpus,
+                )
+                for rank, actor in enumerate(self.actors)
+            ])
+        except BaseException:
+            self.shutdown()
+            raise
+        # Which actor answers for each data-parallel shard (TP rank 0 of that DP group).
+        self.dp_leaders = {info["dp_rank"]: rank for rank, info in enumerate(self.ranks) if info["tp_rank"] == 0}
+
+    # ------------------------------------------------------------------ fan-out calls
+
+    def _shards(self, batch: TrainBatch) -> list[TrainBatch]:
+        bounds = np.linspace(0, len(batch), self.dp + 1).round().astype(int)
+        return [batch.select(list(range(bounds[d], bounds[d + 1]))) for d in range(self.dp)]
+
+    def _run_sharded(self, method: str, batch: TrainBatch) -> list:
+        """Call `method` on every rank with its DP shard; return the per-DP-rank results in order."""
+        import ray
+
+        shards = self._shards(batch)
+        refs = [getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]]) for r, actor in enumerate(self.actors)]
+        results = ray.get(refs)
+        return [results[self.dp_leaders[d]] for d in range(self.dp)]
+
+    def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        return [row for shard in self._run_sharded("compute_logprobs", batch) for row in shard]
+
+    def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        return [row for shard in self._run_sharded("teacher_logprobs", batch) for row in shard]
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """One optimizer step per `train.global_batch_size` samples; metrics averaged over steps."""
+        size = self.cfg.train.global_batch_size
+        steps = [self._run_sharded("train_step", batch.select(list(range(i, min(i + size, len(batch))))))[0]
+                 for i in range(0, len(batch), size)]
+        out = {k: float(np.mean([s[k] for s in steps])) for k in steps[0] if k not in ("iteration", "num_tokens")}
+        out.update(iteration=steps[-1]["iteration"], num_tokens=sum(s["num_tokens"] for s in steps),
+                   optimizer_steps=len(steps))
+        return out
+
+    def save_checkpoint(self, ckpt_root, step: int) -> str:
+        import ray
+
+        return ray.get([a.save_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
+
+    def load_checkpoint(self, ckpt_root, step: int | None = None) -> dict:
+        import ray
+
+        return ray.get([a.load_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
+
+    def export_hf(self, out_dir, hf_config_dir=None) -> str:
+        import ray
+
+        hf_config_dir = str(hf_config_dir or self.hf_config_dir)
+        return ray.get([a.export_hf.remote(str(out_dir), hf_config_dir) for a in self.actors])[0]
+
+    # ---------------------------------------------------------------------- lifetime
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already dead
+                pass
+        self.actors = []
+        if self.placement_group is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:  # noqa: BLE001
+                pass
+            self.placement_group = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> "TrainerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _runtime_env() -> dict:
+    # Workers import opd_core from this checkout (no packaging of the working dir).
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}
