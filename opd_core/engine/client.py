@@ -1,0 +1,341 @@
+"""A robust client for SGLang-protocol servers (the real SGLang or the built-in one).
+
+    with EngineClient(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], cache_dir=".cache/t") as client:
+        client.wait_until_healthy(600)
+        outputs = client.generate(prompt_ids, {"max_new_tokens": 64, "temperature": 1.0})
+        teacher_logprobs = client.score(prompt_ids, response_ids, progress="teacher")
+
+One pooled `httpx.Client`; at most `max_concurrency` requests in flight; sequences sent
+`batch_size` at a time as one batch request. Each request tries every URL in turn (failover,
+starting from a rotating offset so that healthy servers share the load; a URL that just
+failed is tried last for a few seconds); if all fail with a connection error, a timeout, a
+5xx or a malformed answer, it waits (exponential backoff with jitter, tenacity) and tries
+again, up to `max_retries` times. A 4xx is the caller's mistake: no retry, an
+`EngineRequestError` with the server's message.
+
+`score` is teacher scoring as slime does it: prompt+response `input_ids`, `max_new_tokens`
+0, `return_logprob`, `logprob_start_len` 0; drop entry 0 (its logprob is None) and keep the
+last `len(response)` values. Results are cached under `cache_dir`, keyed by the teacher's
+fingerprint (model path + weights fingerprint/version from /get_model_info) and the ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow as pa
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tqdm.auto import tqdm
+
+from opd_core.engine.logprob_cache import LogprobCache
+from opd_core.schemas import TEACHER_LOGPROBS
+
+_COOLDOWN_S = 5.0  # how long a URL that failed is tried after the others
+
+
+class EngineError(RuntimeError):
+    """The engine could not be reached or kept answering wrongly, after all retries."""
+
+
+class EngineRequestError(EngineError):
+    """The engine rejected the request (HTTP 4xx); retrying would not help."""
+
+    def __init__(self, message: str, status_code: int):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class _Retryable(Exception):
+    pass
+
+
+class EngineClient:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        timeout: float = 120.0,
+        max_concurrency: int = 16,
+        batch_size: int = 32,
+        max_retries: int = 5,
+        api_key: str | None = None,
+        cache_dir: str | None = None,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 10.0,
+    ):
+        if isinstance(urls, str):
+            urls = urls.split(",")
+        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.urls:
+            raise ValueError("urls: give at least one engine URL")
+        self.batch_size, self.max_retries = batch_size, max_retries
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(
+            timeout=timeout,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+        self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
+        self.cache = LogprobCache(cache_dir) if cache_dir else None
+        self._offset = itertools.count()
+        self._failed_at: dict[str, float] = {}
+        self._fingerprint: str | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, urls: str | Sequence[str], cfg, api_key: str | None = None) -> "EngineClient":
+        """From an `opd_core.config.ClientConfig`."""
+        return cls(urls, timeout=cfg.timeout, max_concurrency=cfg.max_concurrency, batch_size=cfg.batch_size,
+                   max_retries=cfg.max_retries, api_key=api_key, cache_dir=cfg.cache_dir)
+
+    # ----------------------------------------------------------------------- transport
+
+    def _candidates(self) -> list[str]:
+        start = next(self._offset) % len(self.urls)
+        rotated = self.urls[start:] + self.urls[:start]
+        now = time.monotonic()
+        # Stable sort: URLs that failed recently go last, the rest keep the rotation.
+        return sorted(rotated, key=lambda u: now - self._failed_at.get(u, -1e9) < _COOLDOWN_S)
+
+    def _once(self, method: str, path: str, payload: Any) -> httpx.Response:
+        """One pass over all URLs; _Retryable if none gave a usable answer."""
+        errors = []
+        for url in self._candidates():
+            try:
+                response = self.http.request(method, url + path, json=payload)
+            except httpx.TransportError as err:  # refused, reset, timed out
+                self._failed_at[url] = time.monotonic()
+                errors.append(f"{url}: {type(err).__name__}: {err}")
+                continue
+            if response.status_code >= 500:
+                self._failed_at[url] = time.monotonic()
+                errors.append(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+                continue
+            if response.status_code >= 400:
+                raise EngineRequestError(f"{url}{path}: HTTP {response.status_code}: {response.text[:1000]}", response.status_code)
+            return response
+        raise _Retryable("; ".join(errors))
+
+    def request(self, method: str, path: str, payload: Any = None, check=None) -> Any:
+        """Send with failover and retries; returns the decoded JSON (or text) answer.
+
+        `check(answer)` may raise ValueError for an answer of the wrong shape: that counts as
+        a failed attempt, like a 5xx, so one garbled response does not crash a long run.
+        """
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max),
+            retry=retry_if_exception_type(_Retryable),
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    response = self._once(method, path, payload)
+                    try:
+                        answer = response.json() if "json" in response.headers.get("content-type", "") else response.text
+                        if check is not None:
+                            check(answer)
+                    except ValueError as err:
+                        raise _Retryable(f"{response.url}: malformed answer: {err}") from err
+                    return answer
+        except RetryError as err:
+            cause = err.last_attempt.exception()
+            raise EngineError(f"{method} {path} failed after {self.max_retries + 1} attempts on {self.urls}: {cause}") from None
+
+    # ------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        input_ids: list[list[int]],
+        sampling_params: dict | list[dict],
+        return_logprob: bool = False,
+        progress: str | None = None,
+        **request_fields: Any,
+    ) -> list[dict]:
+        """SGLang /generate for many sequences; responses in input order.
+
+        `sampling_params` is one dict for all or one per sequence; `request_fields` are other
+        /generate fields (logprob_start_len, top_logprobs_num, ...) applied to every sequence.
+        """
+        per_sequence = isinstance(sampling_params, list)
+        if per_sequence and len(sampling_params) != len(input_ids):
+            raise ValueError(f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences")
+
+        def payload(start: int, stop: int) -> dict:
+            return {
+                "input_ids": [list(map(int, ids)) for ids in input_ids[start:stop]],
+                "sampling_params": sampling_params[start:stop] if per_sequence else sampling_params,
+                "return_logprob": return_logprob,
+                **request_fields,
+            }
+
+        return self._batched(len(input_ids), payload, progress)
+
+    def _batched(self, total: int, make_payload, progress: str | None) -> list[dict]:
+        spans = [(s, min(s + self.batch_size, total)) for s in range(0, total, self.batch_size)]
+        bar = tqdm(total=total, desc=progress, unit="seq", disable=progress is None, leave=False)
+
+        def send(span: tuple[int, int]) -> list[dict]:
+            size = span[1] - span[0]
+
+            def check(answer: Any) -> None:
+                if not isinstance(answer, list) or len(answer) != size or not all(isinstance(a, dict) and "meta_info" in a for a in answer):
+                    raise ValueError(f"expected a list of {size} responses with meta_info")
+
+            answer = self.request("POST", "/generate", make_payload(*span), check=check)
+            bar.update(size)
+            return answer
+
+        try:
+            return [out for chunk in self.pool.map(send, spans) for out in chunk]
+        finally:
+            bar.close()
+
+    # ---------------------------------------------------------------------- scoring
+
+    def fingerprint(self) -> str:
+        """Identifies the teacher's weights: the cache key's first part."""
+        with self._lock:
+            if self._fingerprint is None:
+                info = self.model_info()
+                version = info.get("weights_fingerprint") or info.get("weight_version") or ""
+                self._fingerprint = f"{info.get('model_path', '?')}|{version}"
+            return self._fingerprint
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], progress: str | None = None) -> list[np.ndarray]:
+        """The teacher's log-prob of every response token (float32 arrays, len == len(response))."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
+        results: list[np.ndarray | None] = [None] * len(prompt_ids)
+        todo = []
+        for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt_ids[{i}] is empty: the teacher needs at least one prompt token")
+            if len(response) == 0:  # not `[-0:]`, which would be the whole sequence
+                results[i] = np.zeros(0, dtype=np.float32)
+            else:
+                todo.append(i)
+        keys = {}
+        if self.cache is not None and todo:
+            fingerprint = self.fingerprint()
+            keys = {i: LogprobCache.key(fingerprint, prompt_ids[i], response_ids[i]) for i in todo}
+            hits = self.cache.get_many(list(keys.values()))
+            for i in todo:
+                if keys[i] in hits:
+                    results[i] = hits[keys[i]]
+            todo = [i for i in todo if results[i] is None]
+
+        def payload(start: int, stop: int) -> dict:
+            return {
+                "input_ids": [list(map(int, prompt_ids[i])) + list(map(int, response_ids[i])) for i in todo[start:stop]],
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            }
+
+        outputs = self._batched(len(todo), payload, progress)
+        fresh = {}
+        for i, output in zip(todo, outputs):
+            results[i] = fresh[i] = _response_logprobs(output, response_ids[i], where=f"sequence {i}")
+        if self.cache is not None and fresh:
+            self.cache.put_many({keys[i]: v for i, v in fresh.items()})
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------- management
+
+    def health(self) -> dict[str, bool]:
+        """GET /health on every URL (no retries): which servers are up."""
+        status = {}
+        for url in self.urls:
+            try:
+                status[url] = self.http.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                status[url] = False
+        return status
+
+    def wait_until_healthy(self, timeout: float = 600.0, poll: float = 0.5) -> list[str]:
+        """Wait until at least one URL passes /health_generate; returns the healthy URLs."""
+        deadline, last = time.monotonic() + timeout, {}
+        while True:
+            healthy = []
+            for url in self.urls:
+                try:
+                    response = self.http.get(f"{url}/health_generate", timeout=max(min(30.0, deadline - time.monotonic()), 1.0))
+                    last[url] = f"HTTP {response.status_code} {response.text[:200]}"
+                    if response.status_code == 200:
+                        healthy.append(url)
+                except httpx.TransportError as err:
+                    last[url] = f"{type(err).__name__}: {err}"
+            if healthy:
+                return healthy
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no engine became healthy within {timeout:.0f}s: {last}")
+            time.sleep(poll)
+
+    def model_info(self) -> dict:
+        return self.request("GET", "/get_model_info")
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> list[dict]:
+        """Reload weights on EVERY server (each rollout engine must hold the same policy)."""
+        body = {"model_path": str(model_path), **({"weight_version": weight_version} if weight_version else {})}
+        answers = []
+        for url in self.urls:
+            try:
+                response = self.http.post(f"{url}/update_weights_from_disk", json=body, timeout=None)
+            except httpx.TransportError as err:
+                raise EngineError(f"{url}/update_weights_from_disk: {type(err).__name__}: {err}") from err
+            answer = response.json()
+            if response.status_code != 200 or not answer.get("success"):
+                raise EngineRequestError(f"{url}/update_weights_from_disk: {answer.get('message', response.text)}", response.status_code)
+            answers.append(answer)
+        with self._lock:
+            self._fingerprint = None  # new weights, new cache namespace
+        return answers
+
+    def flush_cache(self) -> None:
+        for url in self.urls:
+            self.http.post(f"{url}/flush_cache").raise_for_status()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.http.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "EngineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _response_logprobs(output: dict, response: list[int], where: str) -> np.ndarray:
+    """slime's trim: drop input entry 0 (None), keep the last len(response) log-probs."""
+    entries = output["meta_info"]["input_token_logprobs"][1:]
+    tail = entries[-len(response) :]
+    if len(tail) != len(response) or [int(e[1]) for e in tail] != [int(t) for t in response]:
+        raise EngineError(f"{where}: the engine's input_token_logprobs do not end with the response tokens")
+    return np.asarray([e[0] for e in tail], dtype=np.float32)
+
+
+def scores_to_table(prompt_index: Sequence[int], sample_index: Sequence[int], logprobs: Sequence[np.ndarray]) -> pa.Table:
+    """Rows of `opd_core.schemas.TEACHER_LOGPROBS`."""
+    if not len(prompt_index) == len(sample_index) == len(logprobs):
+        raise ValueError(
+            f"prompt_index ({len(prompt_index)}), sample_index ({len(sample_index)}) and logprobs ({len(logprobs)}) differ in length"
+        )
+    return pa.table(
+        {
+            "prompt_index": pa.array(prompt_index, pa.int64()),
+            "sample_index": pa.array(sample_index, pa.int32()),
+            "teacher_logprobs": pa.array([np.asarray(v, dtype=np.float32) for v in logprobs], pa.list_(pa.float32())),
+        },
+        schema=TEACHER_LOGPROBS,
+    )

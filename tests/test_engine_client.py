@@ -1,0 +1,191 @@
+"""EngineClient against real built-in servers over HTTP: scoring, batching, failover, retries, cache."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from transformers import AutoModelForCausalLM
+
+from opd_core.config import ClientConfig
+from opd_core.engine.background import BackgroundServer
+from opd_core.engine.client import EngineClient, EngineError, EngineRequestError, scores_to_table
+from opd_core.engine.server import create_app
+from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.schemas import TEACHER_LOGPROBS
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16]]
+RESPONSES = [[20, 21, 22], [23], [], [24, 25, 26, 27], [28, 2]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_qwen3(tmp_path_factory.mktemp("engine_client") / "model", max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    with BackgroundServer(create_app(str(model_dir))) as url:
+        EngineClient(url).wait_until_healthy(60)
+        yield url
+
+
+def counting(client: EngineClient) -> list[str]:
+    """Every HTTP request the client sends, seen by an httpx event hook."""
+    sent: list[str] = []
+    client.http.event_hooks["request"].append(lambda request: sent.append(f"{request.method} {request.url}"))
+    return sent
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_score_matches_direct_forward_and_zero_length(url, model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with EngineClient(url, batch_size=2) as client:
+        sent = counting(client)
+        scores = client.score(PROMPTS, RESPONSES)
+    assert len(sent) == 2  # 4 non-empty sequences, 2 per batch request; the empty one is not sent
+    for prompt, response, got in zip(PROMPTS, RESPONSES, scores):
+        assert got.dtype == np.float32 and got.shape == (len(response),)
+        if not response:
+            continue
+        ids = prompt + response
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+        expected = [logprobs[len(prompt) + j - 1, t].item() for j, t in enumerate(response)]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_generate_batches_and_keeps_order(url):
+    params = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+    with EngineClient(url, batch_size=2, max_concurrency=3) as client:
+        sent = counting(client)
+        outputs = client.generate(PROMPTS, params, return_logprob=True, progress="gen")
+        singles = [client.generate([p], params)[0] for p in PROMPTS]
+    assert len(sent) == 3 + len(PROMPTS)
+    assert [o["output_ids"] for o in outputs] == [o["output_ids"] for o in singles]
+    assert all(len(o["meta_info"]["output_token_logprobs"]) == 3 for o in outputs)
+    with EngineClient(url) as client:
+        per_sequence = client.generate(PROMPTS[:2], [{"max_new_tokens": 1}, {"max_new_tokens": 2}])
+    assert [len(o["output_ids"]) for o in per_sequence] == [1, 2]
+
+
+def test_cache_second_score_sends_no_request(url, model_dir, tmp_path):
+    with EngineClient(url, cache_dir=str(tmp_path)) as client:
+        sent = counting(client)
+        first = client.score(PROMPTS, RESPONSES)
+        assert any("/generate" in s for s in sent)
+        sent.clear()
+        second = client.score(PROMPTS, RESPONSES)
+        assert sent == []  # answered from the cache
+    with EngineClient(url, cache_dir=str(tmp_path)) as rerun:  # a rerun of the stage: a new client
+        sent = counting(rerun)
+        third = rerun.score(PROMPTS, RESPONSES)
+        assert [s for s in sent if "/generate" in s] == []
+    for a, b, c in zip(first, second, third):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # New teacher weights -> a new fingerprint -> the cache does not answer.
+    other = make_tiny_qwen3(tmp_path / "other", seed=5, max_position_embeddings=64)
+    with EngineClient(url, cache_dir=str(tmp_path)) as client:
+        client.update_weights_from_disk(str(other))
+        try:
+            sent = counting(client)
+            changed = client.score(PROMPTS, RESPONSES)
+            assert any("/generate" in s for s in sent)
+            assert not np.allclose(changed[0], first[0])
+        finally:
+            client.update_weights_from_disk(str(model_dir))
+
+
+def test_failover_to_the_live_url(url):
+    dead = dead_url()
+    with EngineClient([dead, url], batch_size=1, backoff_initial=0.01) as client:
+        sent = counting(client)
+        scores = client.score(PROMPTS, RESPONSES)
+        assert client.health() == {dead: False, url: True}
+        assert client.wait_until_healthy(5) == [url]
+    assert [len(s) for s in scores] == [len(r) for r in RESPONSES]
+    # The dead URL is tried once, then put last for a cool-down; every batch succeeds.
+    assert sum(dead in s for s in sent if "/generate" in s) <= 2
+    with EngineClient(f"{dead},{url}") as client:  # comma-separated, as in teacher.url
+        assert client.model_info()["is_generation"] is True
+
+
+class Flaky:
+    """A real HTTP proxy in front of the server that fails its first `failures` requests."""
+
+    def __init__(self, target: str, failures: int, mode: str = "503"):
+        self.target, self.failures, self.mode, self.seen = target, failures, mode, 0
+        self.app = FastAPI()
+
+        @self.app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def proxy(path: str, request: Request):
+            self.seen += 1
+            if self.seen <= self.failures:
+                if self.mode == "garbage":
+                    return JSONResponse({"not": "a list"})
+                return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
+            async with httpx.AsyncClient() as http:
+                response = await http.request(request.method, f"{self.target}/{path}", content=await request.body(),
+                                              headers={"content-type": "application/json"})
+            return JSONResponse(response.json(), status_code=response.status_code)
+
+
+@pytest.mark.parametrize("mode", ["503", "garbage"])
+def test_retries_on_5xx_and_malformed_answers(url, mode):
+    flaky = Flaky(url, failures=2, mode=mode)
+    with BackgroundServer(flaky.app) as proxy_url, EngineClient(proxy_url, backoff_initial=0.01, max_retries=3) as client:
+        scores = client.score(PROMPTS[:2], RESPONSES[:2])
+    assert flaky.seen == 3 and [len(s) for s in scores] == [3, 1]
+
+
+def test_gives_up_after_max_retries_and_never_retries_4xx(url):
+    flaky = Flaky(url, failures=100)
+    with BackgroundServer(flaky.app) as proxy_url, EngineClient(proxy_url, backoff_initial=0.01, max_retries=2) as client:
+        with pytest.raises(EngineError, match="failed after 3 attempts.*overloaded"):
+            client.generate([[1]], {"max_new_tokens": 1})
+    assert flaky.seen == 3
+    with EngineClient(url) as client:
+        sent = counting(client)
+        with pytest.raises(EngineRequestError, match="outside the vocabulary") as err:
+            client.generate([[1, 9999]], {"max_new_tokens": 1})
+        assert err.value.status_code == 400 and len(sent) == 1
+
+
+def test_api_key_and_from_config(model_dir, tmp_path):
+    with BackgroundServer(create_app(str(model_dir), api_key="k1")) as secured:
+        with EngineClient(secured) as anonymous:
+            anonymous.wait_until_healthy(60)
+            with pytest.raises(EngineRequestError) as err:
+                anonymous.score([[1]], [[2]])
+            assert err.value.status_code == 401
+        cfg = ClientConfig(timeout=30, max_concurrency=2, batch_size=4, max_retries=1, cache_dir=str(tmp_path))
+        with EngineClient.from_config(secured, cfg, api_key="k1") as client:
+            assert client.batch_size == 4 and client.cache is not None
+            assert client.score([[1]], [[2]])[0].shape == (1,)
+            client.flush_cache()
+
+
+def test_wait_until_healthy_times_out_on_dead_url():
+    with EngineClient(dead_url()) as client, pytest.raises(TimeoutError, match="no engine became healthy"):
+        client.wait_until_healthy(timeout=0.5, poll=0.1)
+
+
+def test_scores_to_table():
+    table = scores_to_table([0, 0, 1], [0, 1, 0], [np.array([-1.0, -2.0]), np.zeros(0), np.array([-0.5])])
+    assert table.schema == TEACHER_LOGPROBS
+    assert table.column("teacher_logprobs").to_pylist() == [[-1.0, -2.0], [], [-0.5]]
+    assert table.column("teacher_logprobs").type == pa.list_(pa.float32())
+    with pytest.raises(ValueError, match="differ in length"):
+        scores_to_table([0], [0, 1], [np.zeros(1)])
