@@ -1,0 +1,168 @@
+"""Start (and reliably stop) a teacher/rollout server process, or check an external one.
+
+    with launch_server("builtin", model_dir, cfg.teacher, run_dir / "teacher/server.log") as server:
+        client = EngineClient(server.url)                 # healthy by the time we get here
+    check_external("http://gpu-node:30000", api_key=None)  # backend: external
+
+`builtin` runs `python -m opd_core.engine.server` and `sglang` runs
+`python -m sglang.launch_server`, with the SAME flag names (--model-path --host --port
+--tp-size --mem-fraction-static --api-key + `extra_args`), so the CPU tests exercise the
+exact code path a GPU run takes. The server gets its own process group (start_new_session)
+and `stop()` signals the whole group (SIGTERM, then SIGKILL after a grace period): SGLang
+forks scheduler and detokenizer processes that must not outlive the run. Startup waits on
+/health_generate up to `startup_timeout`; if the process dies first, the error shows the
+tail of its log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import opd_core
+
+MODULES = {"builtin": "opd_core.engine.server", "sglang": "sglang.launch_server"}
+
+
+class EngineLaunchError(RuntimeError):
+    """The server did not come up (the message includes the tail of its log)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: str | Path, lines: int = 40) -> str:
+    path = Path(path)
+    if not path.is_file():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def server_command(backend: str, model_path: str | Path, host: str, port: int, cfg: Any) -> list[str]:
+    """The command line of a server: sglang.launch_server's flags for both backends."""
+    if backend not in MODULES:
+        raise ValueError(f"teacher.backend: {backend!r} cannot be launched (builtin or sglang; external is only checked)")
+    command = [sys.executable, "-m", MODULES[backend], "--model-path", str(model_path),
+               "--host", host, "--port", str(port), "--tp-size", str(cfg.tp)]
+    if cfg.mem_fraction_static is not None:
+        command += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.api_key:
+        command += ["--api-key", cfg.api_key]
+    return command + [str(a) for a in cfg.extra_args]
+
+
+class ServerProcess:
+    """A running server; a context manager that stops its whole process group on exit."""
+
+    def __init__(self, process: subprocess.Popen, url: str, backend: str, log_path: Path, command: list[str]):
+        self.process, self.url, self.backend, self.log_path, self.command = process, url, backend, log_path, command
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL whatever is left after `grace` seconds."""
+        group = self.process.pid  # start_new_session: the group id is the leader's pid
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(group, signal.SIGKILL)  # the leader's children too, if any survived it
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+
+    def endpoint(self) -> dict[str, Any]:
+        return {"url": self.url, "backend": self.backend, "pid": self.pid, "log_path": str(self.log_path), "command": self.command}
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def launch_server(backend: str, model_path: str | Path, cfg: Any, log_path: str | Path, env: dict | None = None) -> ServerProcess:
+    """Start a server from an `opd_core.config.TeacherConfig` and wait until it generates."""
+    if backend == "sglang" and importlib.util.find_spec("sglang") is None:
+        raise EngineLaunchError("teacher.backend=sglang but sglang is not installed: `pip install .[sglang]` on a GPU machine")
+    port = cfg.port or free_port(cfg.host)
+    command = server_command(backend, model_path, cfg.host, port, cfg)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    process_env = {**os.environ, **(env or {})}
+    # `python -m opd_core...` must import this checkout even when it is not pip-installed.
+    root = str(Path(opd_core.__file__).resolve().parent.parent)
+    process_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, process_env.get("PYTHONPATH")) if p)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env, start_new_session=True)
+    server = ServerProcess(process, f"http://{cfg.host}:{port}", backend, log_path, command)
+    try:
+        _wait_until_generating(server, cfg.startup_timeout, cfg.api_key)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str | None) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline, last = time.monotonic() + timeout, "no answer yet"
+    with httpx.Client(headers=headers, timeout=10) as http:
+        while True:
+            code = server.process.poll()
+            if code is not None:
+                raise EngineLaunchError(
+                    f"{server.backend} server exited with code {code} before becoming healthy.\n"
+                    f"command: {' '.join(server.command)}\nlast lines of {server.log_path}:\n{log_tail(server.log_path)}"
+                )
+            try:
+                response = http.get(f"{server.url}/health_generate")
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as err:
+                last = f"{type(err).__name__}"
+            if time.monotonic() > deadline:
+                raise EngineLaunchError(
+                    f"{server.backend} server at {server.url} not healthy after {timeout:.0f}s (last: {last}).\n"
+                    f"last lines of {server.log_path}:\n{log_tail(server.log_path)}"
+                )
+            time.sleep(0.25)
+
+
+def check_external(url: str, api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """backend=external: check that the given server(s) answer; nothing is started or stopped.
+
+    `url` may list several servers separated by commas (failover); at least one must be
+    healthy. Returns {"urls", "healthy", "model_info"}.
+    """
+    from opd_core.engine.client import EngineClient
+
+    with EngineClient(url, api_key=api_key, timeout=timeout, max_retries=0) as client:
+        try:
+            healthy = client.wait_until_healthy(timeout)
+        except TimeoutError as err:
+            raise EngineLaunchError(f"teacher.url: {err}") from None
+        return {"urls": client.urls, "healthy": healthy, "model_info": client.model_info()}
