@@ -63,16 +63,22 @@ def teacher_server(cfg: OPDRunConfig, run_dir: RunDir):
 
 
 def _run_name() -> str:
-    """Flow-run name shown in the UI: the config's name and the start time."""
+    """Flow-run name shown in the UI: the config's name and the run id (or the start time)."""
     params = flow_run.parameters
-    config = params.get("config")
-    if isinstance(config, dict):
-        name = config.get("name")
-    elif config is not None:
-        name = config.name
-    else:
-        name = Path(params.get("config_path") or "opd").stem
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        config = params.get("config")
+        if isinstance(config, dict):  # parameters as the API stores them
+            config = OPDRunConfig.model_validate(config)
+        cfg = resolve_config(config, params.get("config_path"), params.get("overrides"))
+    except Exception:  # noqa: BLE001 - the flow itself reports a bad config, with the field named
+        return f"{Path(params.get('config_path') or 'opd').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{cfg.name}:{cfg.run.run_id}" if cfg.run.run_id else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _stage_run_name() -> str:
+    """`<stage>:<run id>` (the run directory's name, `latest` resolved)."""
+    params = flow_run.parameters
+    return f"{params.get('stage')}:{Path(params.get('run_dir') or '?').resolve().name}"
 
 
 @flow(name="opd", flow_run_name=_run_name, log_prints=True)
@@ -94,7 +100,7 @@ def opd_flow(
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
 
-@flow(name="opd-stage", flow_run_name="{stage}-{run_dir}", log_prints=True)
+@flow(name="opd-stage", flow_run_name=_stage_run_name, log_prints=True)
 def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> dict:
     """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides)."""
     if stage not in STAGES:

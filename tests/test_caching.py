@@ -1,0 +1,81 @@
+"""Stage caching on a fixed run directory: what a rerun of `opd` redoes, and what it skips.
+
+Each stage's cache key is the content hash of its input files + its config sections + the
+code version (opd_core/rundir.py). On one run directory (`run.run_id` fixed):
+  - the same config again -> every cached stage is a hit (nothing recomputed);
+  - `train.lr` changed     -> only `train` and `final_eval` rerun;
+  - `eval.k` changed       -> only `baseline_eval` and `final_eval` rerun.
+A stage's `_stage.json` marker is rewritten exactly when the stage ran, so comparing markers
+before and after a run says which stages ran. Seconds are printed (see docs/prefect.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHED_STAGES = ("download", "convert", "baseline_eval", "train", "final_eval")
+
+SMALL_RUN = [
+    "rollout.num_rollout=1",
+    "rollout.rollout_batch_size=4",
+    "rollout.n_samples_per_prompt=2",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=8",
+    "eval.num_prompts=8",
+    "eval.k=2",
+]
+
+
+def _markers(run_dir: Path) -> dict[str, dict]:
+    return {stage: json.loads((run_dir / stage / "_stage.json").read_text()) for stage in CACHED_STAGES}
+
+
+def _rerun_stages(before: dict, after: dict) -> set[str]:
+    """Stages whose marker was rewritten (they ran) between two snapshots."""
+    return {stage for stage in CACHED_STAGES if before[stage]["finished_at"] != after[stage]["finished_at"]}
+
+
+@pytest.mark.slow
+def test_reruns_redo_only_what_changed(prefect_harness, tmp_path, monkeypatch):
+    from flows.opd import opd_flow
+
+    monkeypatch.chdir(REPO)  # configs/ and the toy-model cache (.cache/) are repo-relative
+    base = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=cached"]
+    run_dir = tmp_path / "cached"
+
+    def run(*extra: str) -> tuple[dict, float]:
+        started = time.perf_counter()
+        result = opd_flow(config_path="configs/toy.yaml", overrides=base + list(extra))
+        return result, time.perf_counter() - started
+
+    first, first_seconds = run()
+    assert Path(first["run_dir"]) == run_dir.resolve()
+    assert not first["train"]["cached"] and not first["final"]["cached"]
+    markers = _markers(run_dir)
+
+    # Same config, same run directory: all cache hits, and the same results come back.
+    again, cached_seconds = run()
+    assert again["train"]["cached"] and again["baseline"]["cached"] and again["final"]["cached"]
+    assert _rerun_stages(markers, _markers(run_dir)) == set()
+    assert again["final"]["pass_at_1"] == first["final"]["pass_at_1"]
+
+    # A training parameter: train and final_eval rerun, the rest is reused.
+    lr_changed, train_seconds = run("train.lr=2e-3")
+    after_lr = _markers(run_dir)
+    assert _rerun_stages(markers, after_lr) == {"train", "final_eval"}
+    assert not lr_changed["train"]["cached"] and lr_changed["baseline"]["cached"]
+
+    # An eval setting: both evals rerun, training is reused (lr stays at its new value).
+    k_changed, eval_seconds = run("train.lr=2e-3", "eval.k=3")
+    assert _rerun_stages(after_lr, _markers(run_dir)) == {"baseline_eval", "final_eval"}
+    assert k_changed["train"]["cached"] and k_changed["final"]["k"] == 3
+
+    print(
+        f"\nfirst run {first_seconds:.1f} s | full cached rerun {cached_seconds:.1f} s | "
+        f"train.lr changed (train + final_eval) {train_seconds:.1f} s | eval.k changed (evals) {eval_seconds:.1f} s"
+    )

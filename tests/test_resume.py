@@ -1,0 +1,123 @@
+"""A training run killed mid-way resumes from its last checkpointed round, with the same result.
+
+`opd run` (the CLI, a subprocess) is SIGKILLed while round 1 trains (as soon as round 0's
+checkpoint is recorded in `train/state.json`), then run again on the same run directory. The
+rerun must continue at round 1 (round 0's files untouched), and every round's metrics must
+equal those of an uninterrupted run with the same seed. Nothing the killed run started (model
+servers, the Ray cluster and its actors) may be left running after the rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ROUNDS = 3
+SMALL_RUN = [
+    f"rollout.num_rollout={ROUNDS}",
+    "rollout.rollout_batch_size=4",
+    "rollout.n_samples_per_prompt=2",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=8",
+    "train.save_interval=1",
+    "eval.num_prompts=4",
+    "eval.k=1",
+]
+# Wall-clock timings differ between any two runs; everything else must match exactly.
+TIMING_KEYS = {"seconds"}
+
+
+def _opd_run(api_url: str, artifacts: Path, run_id: str) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/toy.yaml",
+               *SMALL_RUN, f"run.artifacts_dir={artifacts}", f"run.run_id={run_id}"]
+    log = open(artifacts / f"{run_id}.log", "ab")
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    assert process.wait(timeout=timeout) == 0, f"opd run failed, log {log}:\n{log.read_text()[-4000:]}"
+
+
+def _round_metrics(run_dir: Path) -> list[dict]:
+    rounds = []
+    for index in range(ROUNDS):
+        metrics = json.loads((run_dir / "train" / f"round_{index:04d}" / "metrics.json").read_text())
+        rounds.append({k: v for k, v in metrics.items() if k not in TIMING_KEYS and not k.startswith("time_")})
+    return rounds
+
+
+def _checkpointed_round(run_dir: Path) -> int | None:
+    state = run_dir / "train" / "state.json"
+    try:
+        return json.loads(state.read_text()).get("checkpoint_round")
+    except (OSError, ValueError):
+        return None  # not there yet, or being replaced
+
+
+def _alive(processes: list[psutil.Process]) -> list[str]:
+    left = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.Error:
+            continue
+    return left
+
+
+def _processes_naming(path: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if str(path) in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_with_identical_metrics(prefect_harness, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()  # the session's test server: no ephemeral server per run
+    artifacts = tmp_path.resolve()
+    run_dir = artifacts / "killed"
+
+    # 1. Start a run and SIGKILL it while round 1 trains (round 0's checkpoint is on disk).
+    process = _opd_run(api_url, artifacts, "killed")
+    deadline = time.monotonic() + 600
+    while _checkpointed_round(run_dir) is None:
+        assert process.poll() is None, f"opd run ended before round 0 was checkpointed:\n{(artifacts / 'killed.log').read_text()[-4000:]}"
+        assert time.monotonic() < deadline, "round 0 never checkpointed"
+        time.sleep(0.2)
+    started_by_killed_run = psutil.Process(process.pid).children(recursive=True)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert _checkpointed_round(run_dir) == 0
+    assert not (run_dir / "final_eval" / "summary.json").exists()
+    round0 = run_dir / "train" / "round_0000" / "metrics.json"
+    round0_mtime = round0.stat().st_mtime_ns
+
+    # 2. Rerun on the same run directory: resumes at round 1 and finishes.
+    resumed = _opd_run(api_url, artifacts, "killed")
+    _finish(resumed, artifacts / "killed.log")
+    assert round0.stat().st_mtime_ns == round0_mtime, "round 0 was redone: the rerun did not resume"
+    assert _checkpointed_round(run_dir) == ROUNDS - 1
+    assert (run_dir / "final_eval" / "summary.json").exists()
+
+    # Nothing the killed run started is still running: servers, Ray workers and actors.
+    assert not _alive(started_by_killed_run), f"left over from the killed run: {_alive(started_by_killed_run)}"
+    assert not _alive(_processes_naming(run_dir)), f"still serving this run: {_alive(_processes_naming(run_dir))}"
+
+    # 3. An uninterrupted run with the same seed gives the same metrics, round by round.
+    reference = _opd_run(api_url, artifacts, "reference")
+    _finish(reference, artifacts / "reference.log")
+    assert _round_metrics(run_dir) == _round_metrics(artifacts / "reference")
