@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
 from opd_core.io import read_json, write_text
 from opd_core.rundir import STAGES, RunDir
+from flows.teardown import stop_run_servers, teardown_hook
 from tasks.convert import convert
 from tasks.download import download
 from tasks.evaluate import baseline_eval, final_eval
@@ -81,7 +82,9 @@ def _stage_run_name() -> str:
     return f"{params.get('stage')}:{Path(params.get('run_dir') or '?').resolve().name}"
 
 
-@flow(name="opd", flow_run_name=_run_name, log_prints=True)
+# on_cancellation / on_crashed: stop the run's servers even when the flow-run process was
+# killed before its `finally:` blocks ran (see flows/teardown.py).
+@flow(name="opd", flow_run_name=_run_name, log_prints=True, on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
 def opd_flow(
     config: OPDRunConfig | None = None,
     config_path: str | None = None,
@@ -90,6 +93,8 @@ def opd_flow(
     cfg = resolve_config(config, config_path, overrides)
     run_dir = open_run(cfg)
     logger = get_run_logger()
+    if stale := stop_run_servers(run_dir.root):
+        logger.warning("stopped %d server(s) left running by a killed earlier run: pids %s", len(stale), stale)
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
     convert(cfg, run_dir)
@@ -100,12 +105,13 @@ def opd_flow(
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
 
-@flow(name="opd-stage", flow_run_name=_stage_run_name, log_prints=True)
+@flow(name="opd-stage", flow_run_name=_stage_run_name, log_prints=True, on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
 def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> dict:
     """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     rd = RunDir.open(run_dir)
+    stop_run_servers(rd.root)  # leftovers of a killed earlier run on this directory
     cfg = load_config(rd.root / "config.yaml", overrides)
     if overrides:
         write_text(rd.root / "config.yaml", cfg.to_yaml())

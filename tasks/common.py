@@ -11,10 +11,15 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from opd_core.rundir import RunDir, run_cached, stage_key
 
 
-def cached_stage(name: str, run_dir: RunDir, config_hash: str, inputs: list[Path], build: Callable[[], dict]) -> dict:
-    """Run `build` unless the stage's inputs (by content) and config are unchanged."""
+def cached_stage(
+    name: str, run_dir: RunDir, config_hash: str, inputs: list[Path], build: Callable[[], dict], key: str | None = None
+) -> dict:
+    """Run `build` unless the stage's inputs (by content) and config are unchanged.
+
+    `key`: the stage key if the caller already computed it (saves hashing the inputs twice).
+    """
     logger = get_run_logger()
-    key = stage_key(config_hash, inputs)
+    key = key or stage_key(config_hash, inputs)
     result, cached = run_cached(run_dir.stage(name), key, build)
     logger.info("%s: %s (%s)", name, "cache hit, nothing to do" if cached else "done", run_dir.stage(name))
     create_markdown_artifact(

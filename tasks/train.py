@@ -8,9 +8,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from opd_core.config import OPDRunConfig
-from opd_core.rundir import RunDir
+from opd_core.rundir import RunDir, stage_key
 from opd_core.stages import teacher_checkpoint
 from opd_core.trainer.loop import run_training
+from opd_core.trainer.state import claim_train_dir
 from tasks.common import StageProgress, cached_stage
 
 TRAIN_SECTIONS = ("seed", "rollout", "reward", "algorithm", "train")
@@ -31,5 +32,13 @@ def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) ->
             metrics.get("loss", float("nan")), metrics["seconds"],
         )
 
-    build = lambda: run_training(cfg, run_dir, teacher_urls, on_round=on_round)  # noqa: E731
-    return cached_stage("train", run_dir, cfg.section_hash(*TRAIN_SECTIONS), inputs, build)
+    config_hash = cfg.section_hash(*TRAIN_SECTIONS)
+    key = stage_key(config_hash, inputs)
+
+    def build() -> dict:
+        # Resume only a run with the same key; a changed config or input starts over.
+        if claim_train_dir(run_dir.stage("train"), key):
+            logger.info("train: resuming from %s if a round was checkpointed", run_dir.stage("train") / "state.json")
+        return run_training(cfg, run_dir, teacher_urls, on_round=on_round)
+
+    return cached_stage("train", run_dir, config_hash, inputs, build, key=key)
