@@ -121,3 +121,35 @@ def test_killed_training_resumes_with_identical_metrics(prefect_harness, tmp_pat
     reference = _opd_run(api_url, artifacts, "reference")
     _finish(reference, artifacts / "reference.log")
     assert _round_metrics(run_dir) == _round_metrics(artifacts / "reference")
+
+
+def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
+    """The on_cancellation/on_crashed hook stops the servers of its run directory, no others."""
+    from types import SimpleNamespace
+
+    from prefect.states import Cancelled
+
+    from flows.teardown import run_servers, teardown_hook
+    from opd_core.config import TeacherConfig
+    from opd_core.engine.launcher import launch_server
+    from opd_core.hf_utils import make_tiny_qwen3
+
+    cancelled_run, other_run = tmp_path / "cancelled", tmp_path / "other"
+    servers = []
+    try:
+        for run in (cancelled_run, other_run):
+            model = make_tiny_qwen3(run / "download" / "models" / "teacher", hidden_size=32, num_hidden_layers=1)
+            servers.append(launch_server("builtin", model, TeacherConfig(), run / "teacher" / "server.log"))
+        cancelled_server, other_server = servers
+        assert [p.pid for p in run_servers(cancelled_run)] == [cancelled_server.pid]
+
+        # What Prefect calls after a cancellation killed the flow-run process.
+        flow_run = SimpleNamespace(name="train:cancelled", parameters={"stage": "train", "run_dir": str(cancelled_run)})
+        teardown_hook(None, flow_run, Cancelled())
+
+        assert cancelled_server.process.wait(timeout=15) is not None
+        assert not run_servers(cancelled_run)
+        assert other_server.alive(), "the hook stopped a server of another run"
+    finally:
+        for server in servers:
+            server.stop()
