@@ -153,3 +153,50 @@ def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+FAILING_REWARD = '''
+calls = []
+
+
+def reward(samples):
+    """Zero reward in round 0, an exception in round 1 (a run failing mid-training)."""
+    calls.append(len(samples))
+    if len(calls) == 2:
+        raise RuntimeError("reward function failed in round 1")
+    return [0.0] * len(samples)
+'''
+
+
+def _new_children(before: set[int]) -> list[str]:
+    """Live descendants of this test process that were not there at `before`."""
+    deadline = time.monotonic() + 15  # Ray's processes take a moment to exit after shutdown
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        alive = _alive(left)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, tmp_path, monkeypatch):
+    import ray
+
+    from flows.opd import opd_flow
+
+    monkeypatch.chdir(REPO)
+    reward_file = tmp_path / "failing_reward.py"
+    reward_file.write_text(FAILING_REWARD)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", "rollout.num_rollout=2",
+                             f"reward.type={reward_file}:reward"]
+
+    with pytest.raises(Exception, match="reward function failed in round 1"):
+        opd_flow(config_path="configs/toy.yaml", overrides=overrides)
+
+    run_dir = tmp_path / "failing"
+    assert (run_dir / "train" / "round_0000" / "metrics.json").exists(), "the run did not fail mid-training"
+    assert not _alive(_processes_naming(run_dir)), "a model server of the failed run is still running"
+    assert not ray.is_initialized(), "the failed run left its Ray cluster up"
+    assert not _new_children(before), f"processes left by the failed run: {_new_children(before)}"
