@@ -211,3 +211,14 @@ def test_unloadable_model_reports_503_not_crash(tmp_path):
         assert response.status_code == 503 and "failed to load" in response.json()["error"]["message"]
         assert httpx.get(f"{url}/health").status_code == 200
         assert post(url, {"input_ids": [1]}).status_code == 503
+
+
+def test_client_that_disconnects_does_not_hurt_others(server):
+    url, _ = server
+    body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/generate", json={**body, "sampling_params": {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}}, timeout=0.05)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: post(url, body), range(4)))
+    assert [r.status_code for r in results] == [200] * 4
+    assert post(url, {"input_ids": [1], "sampling_params": {"top_k": 0}}).status_code == 400

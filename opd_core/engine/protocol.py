@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -23,7 +23,7 @@ class SamplingParams(BaseModel):
     max_new_tokens: int = Field(128, ge=0)  # SGLang's default; 0 = score the prompt only
     temperature: float = Field(1.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1)  # -1 (or 0) = no top-k
+    top_k: int = Field(-1, ge=-1)  # -1 = no top-k
     min_p: float = Field(0.0, ge=0, le=1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -33,6 +33,13 @@ class SamplingParams(BaseModel):
     no_stop_trim: bool = False
     sampling_seed: int | None = None  # SGLang's name
     seed: int | None = None  # alias of sampling_seed
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        if value == 0:  # as in SGLang: 0 is neither "disabled" nor a valid k
+            raise ValueError("top_k must be -1 (disabled) or at least 1")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:

@@ -78,10 +78,16 @@ class _Engine:
             batch = [await self.queue.get()]
             size, deadline = len(batch[0].seqs), self.loop.time() + self.window
             while size < self.max_batch_size:
-                try:
-                    work = await asyncio.wait_for(self.queue.get(), max(deadline - self.loop.time(), 0))
-                except TimeoutError:
-                    break
+                if not self.queue.empty():  # whatever queued up during the last forward
+                    work = self.queue.get_nowait()
+                else:
+                    remaining = deadline - self.loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        work = await asyncio.wait_for(self.queue.get(), remaining)
+                    except TimeoutError:
+                        break
                 batch.append(work)
                 size += len(work.seqs)
             await self._run_batch(batch)
@@ -96,7 +102,8 @@ class _Engine:
                 for (work, i), output in zip(chunk, outputs):
                     work.results[i] = output
             for work in batch:
-                work.future.set_result([work.results[i] for i in range(len(work.seqs))])
+                if not work.future.done():  # cancelled when its client went away
+                    work.future.set_result([work.results[i] for i in range(len(work.seqs))])
         except Exception as err:  # an engine bug fails these requests, not the server
             logger.exception("batch failed")
             for work in batch:
