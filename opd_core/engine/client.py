@@ -320,8 +320,11 @@ def _response_logprobs(output: dict, response: list[int], where: str) -> np.ndar
     """slime's trim: drop input entry 0 (None), keep the last len(response) log-probs."""
     entries = output["meta_info"]["input_token_logprobs"][1:]
     tail = entries[-len(response) :]
-    if len(tail) != len(response) or [int(e[1]) for e in tail] != [int(t) for t in response]:
+    # SGLang reports ids >= vocab_size - 1 as 0 (its multimodal padding clip): tolerate that.
+    if len(tail) != len(response) or any(int(e[1]) not in (int(t), 0) for e, t in zip(tail, response)):
         raise EngineError(f"{where}: the engine's input_token_logprobs do not end with the response tokens")
+    if any(e[0] is None for e in tail):
+        raise EngineError(f"{where}: the engine returned a null log-prob inside the response")
     return np.asarray([e[0] for e in tail], dtype=np.float32)
 
 
