@@ -189,3 +189,14 @@ def test_scores_to_table():
     assert table.column("teacher_logprobs").type == pa.list_(pa.float32())
     with pytest.raises(ValueError, match="differ in length"):
         scores_to_table([0], [0, 1], [np.zeros(1)])
+
+
+def test_call_seed_gives_distinct_reproducible_samples(url):
+    params = {"max_new_tokens": 6, "temperature": 1.0, "seed": 1234, "ignore_eos": True}
+    with EngineClient(url, batch_size=3) as client:
+        first = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
+        again = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
+        other = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, {**params, "seed": 99})]
+    assert first == again  # reproducible
+    assert len(set(first)) > 1  # n samples of one prompt are not copies of each other
+    assert first != other

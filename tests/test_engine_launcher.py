@@ -41,7 +41,8 @@ def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
         with EngineClient(server.url, api_key="secret") as client:
             [scores] = client.score([[5, 6]], [[7, 8]])
             assert scores.shape == (2,)
-        info = check_external(server.url, api_key="secret", timeout=10)
+        assert server.model_info()["model_path"] == str(model_dir)
+        info = check_external([server.url], api_key="secret", timeout=10)
         assert info["healthy"] == [server.url] and info["model_info"]["model_path"] == str(model_dir)
         pid = server.pid
     assert not server.alive()

@@ -163,10 +163,20 @@ class EngineClient:
 
         `sampling_params` is one dict for all or one per sequence; `request_fields` are other
         /generate fields (logprob_start_len, top_logprobs_num, ...) applied to every sequence.
+        A `seed` (or `sampling_seed`) in a shared dict seeds the whole call: sequence i is
+        sampled with seed + i, so repeated prompts get different samples and a rerun with the
+        same seed reproduces all of them.
         """
         per_sequence = isinstance(sampling_params, list)
         if per_sequence and len(sampling_params) != len(input_ids):
             raise ValueError(f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences")
+        seed_key = next((k for k in ("sampling_seed", "seed") if not per_sequence and sampling_params.get(k) is not None), None)
+        if seed_key is not None:
+            # A seed for the whole call: sequence i gets seed + i. With SGLang's semantics one
+            # seed shared by n samples of a prompt would give n identical samples.
+            base = int(sampling_params[seed_key])
+            sampling_params = [{**sampling_params, seed_key: (base + i) % 2**63} for i in range(len(input_ids))]
+            per_sequence = True
 
         def payload(start: int, stop: int) -> dict:
             return {

@@ -66,8 +66,9 @@ def server_command(backend: str, model_path: str | Path, host: str, port: int, c
 class ServerProcess:
     """A running server; a context manager that stops its whole process group on exit."""
 
-    def __init__(self, process: subprocess.Popen, url: str, backend: str, log_path: Path, command: list[str]):
+    def __init__(self, process: subprocess.Popen, url: str, backend: str, log_path: Path, command: list[str], api_key: str | None = None):
         self.process, self.url, self.backend, self.log_path, self.command = process, url, backend, log_path, command
+        self.api_key = api_key
 
     @property
     def pid(self) -> int:
@@ -93,6 +94,13 @@ class ServerProcess:
             pass
         self.process.wait(timeout=10)
 
+    def model_info(self) -> dict[str, Any]:
+        """The server's /get_model_info."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        response = httpx.get(f"{self.url}/get_model_info", headers=headers, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
     def endpoint(self) -> dict[str, Any]:
         return {"url": self.url, "backend": self.backend, "pid": self.pid, "log_path": str(self.log_path), "command": self.command}
 
@@ -117,7 +125,7 @@ def launch_server(backend: str, model_path: str | Path, cfg: Any, log_path: str 
     process_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, process_env.get("PYTHONPATH")) if p)
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env, start_new_session=True)
-    server = ServerProcess(process, f"http://{cfg.host}:{port}", backend, log_path, command)
+    server = ServerProcess(process, f"http://{cfg.host}:{port}", backend, log_path, command, api_key=cfg.api_key)
     try:
         _wait_until_generating(server, cfg.startup_timeout, cfg.api_key)
     except BaseException:
@@ -152,7 +160,7 @@ def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str |
             time.sleep(0.25)
 
 
-def check_external(url: str, api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+def check_external(url: str | list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
     """backend=external: check that the given server(s) answer; nothing is started or stopped.
 
     `url` may list several servers separated by commas (failover); at least one must be
