@@ -211,3 +211,11 @@ def test_load_weights_swaps_in_place(generator, model_dir, tmp_path):
     finally:
         generator.load_weights(model_dir)
     assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"][1][0] == pytest.approx(before[1][0], abs=TOL)
+
+
+def test_generate_ids_spreads_a_call_seed(generator):
+    params = {"max_new_tokens": 5, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}
+    outputs = generator.generate_ids([[5, 6, 7]] * 4, params, return_logprob=True)
+    samples = [tuple(o["output_ids"]) for o in outputs]
+    assert len(set(samples)) > 1 and samples == [tuple(o["output_ids"]) for o in generator.generate_ids([[5, 6, 7]] * 4, params)]
+    assert all(len(o["meta_info"]["output_token_logprobs"]) == 5 for o in outputs)

@@ -35,6 +35,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_a
 from tqdm.auto import tqdm
 
 from opd_core.engine.logprob_cache import LogprobCache
+from opd_core.engine.protocol import per_sequence_params
 from opd_core.schemas import TEACHER_LOGPROBS
 
 _COOLDOWN_S = 5.0  # how long a URL that failed is tried after the others
@@ -170,13 +171,8 @@ class EngineClient:
         per_sequence = isinstance(sampling_params, list)
         if per_sequence and len(sampling_params) != len(input_ids):
             raise ValueError(f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences")
-        seed_key = next((k for k in ("sampling_seed", "seed") if not per_sequence and sampling_params.get(k) is not None), None)
-        if seed_key is not None:
-            # A seed for the whole call: sequence i gets seed + i. With SGLang's semantics one
-            # seed shared by n samples of a prompt would give n identical samples.
-            base = int(sampling_params[seed_key])
-            sampling_params = [{**sampling_params, seed_key: (base + i) % 2**63} for i in range(len(input_ids))]
-            per_sequence = True
+        sampling_params = per_sequence_params(sampling_params, len(input_ids))
+        per_sequence = isinstance(sampling_params, list)
 
         def payload(start: int, stop: int) -> dict:
             return {

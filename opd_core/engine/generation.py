@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from opd_core.engine.protocol import SingleRequest
+from opd_core.engine.protocol import SingleRequest, per_sequence_params
 from opd_core.engine.sampling import output_logprobs, sample_tokens, top_logprobs
 from opd_core.engine.sequence import Sequence
 
@@ -197,6 +197,19 @@ class Generator:
             return []
         self._run(seqs, on_step)
         return [s.response(self.decode, self.token_text) for s in seqs]
+
+    def generate_ids(
+        self, input_ids: list[list[int]], sampling_params: dict | list[dict], return_logprob: bool = False, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """`EngineClient.generate`'s signature, in process (same call-wide seed rule)."""
+        params = per_sequence_params(sampling_params, len(input_ids))
+        return self.generate(
+            [
+                {"input_ids": list(ids), "sampling_params": params[i] if isinstance(params, list) else params,
+                 "return_logprob": return_logprob, **fields}
+                for i, ids in enumerate(input_ids)
+            ]
+        )
 
     def _run(self, seqs: list[Sequence], on_step) -> None:
         batch, longest = len(seqs), max(len(s.prompt_ids) for s in seqs)

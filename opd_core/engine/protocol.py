@@ -132,6 +132,20 @@ class GenerateRequest(BaseModel):
         return fields
 
 
+def per_sequence_params(sampling_params: dict | list[dict], count: int) -> dict | list[dict]:
+    """Spread a call-wide seed: with `seed` (or `sampling_seed`) in one shared dict, sequence i
+    gets seed + i. One seed shared by n samples of the same prompt would, with SGLang's
+    semantics, give n identical samples; this keeps them distinct and still reproducible.
+    A list of per-sequence dicts is returned unchanged."""
+    if isinstance(sampling_params, list):
+        return sampling_params
+    for key in ("sampling_seed", "seed"):
+        if sampling_params.get(key) is not None:
+            base = int(sampling_params[key])
+            return [{**sampling_params, key: (base + i) % 2**63} for i in range(count)]
+    return sampling_params
+
+
 class UpdateWeightsRequest(BaseModel):
     model_config = _STRICT
 
