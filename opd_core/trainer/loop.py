@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from opd_core.algorithm.advantages import compute_advantages
 from opd_core.algorithm.batch import TrainBatch
-from opd_core.algorithm.metrics import MetricsLog
+from opd_core.algorithm.metrics import MetricsLog, round_metrics
 from opd_core.algorithm.rewards import load_reward_fn
 from opd_core.config import OPDRunConfig
 from opd_core.engine.client import EngineClient, scores_to_table
@@ -57,7 +57,9 @@ def run_training(
     tokenizer = AutoTokenizer.from_pretrained(run_dir.student_hf)
     prompt_ids = chat_prompt_ids(tokenizer, prompts)
     reward_fn = load_reward_fn(cfg.reward)
-    metrics_log = MetricsLog(train_dir / "metrics.arrow")
+    metrics_log = MetricsLog(
+        train_dir / "metrics.arrow", loggers=cfg.algorithm.loggers, wandb_project=cfg.algorithm.wandb_project, run_name=run_dir.root.name
+    )
     use_megatron_teacher = cfg.algorithm.use_opd and cfg.algorithm.opd_type == "megatron"
     if cfg.algorithm.use_opd and not use_megatron_teacher and not teacher_urls:
         raise ValueError("algorithm.opd_type=sglang needs a teacher server: run the teacher stage first")
@@ -132,11 +134,7 @@ def run_training(
 
             last_metrics = {
                 "round": round_index,
-                "opd_reverse_kl": result.opd_reverse_kl,
-                "teacher_logprob_mean": _masked_mean(teacher_logprobs),
-                "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-                "rollout_pass_rate": float(np.mean(rollouts["correct"])) if rollouts["correct"] else 0.0,
-                "response_length_mean": float(np.mean([len(r) for r in batch.response_ids])),
+                **round_metrics(rewards, rollouts["correct"], [len(r) for r in batch.response_ids], result),
                 **train_metrics,
                 **timings,
                 "seconds": sum(timings.values()),
@@ -150,6 +148,7 @@ def run_training(
                 on_round(round_index, last_metrics)
 
         final_hf = trainer.export_hf(run_dir.final_student_hf)
+    metrics_log.close()
     return {"final_hf": str(final_hf), "rounds": cfg.rollout.num_rollout, "last_metrics": last_metrics}
 
 
@@ -174,13 +173,6 @@ def _is_checkpoint_round(cfg: OPDRunConfig, round_index: int) -> bool:
     """Every `save_interval` rounds, and always the last one."""
     last = round_index == cfg.rollout.num_rollout - 1
     return last or (round_index + 1) % cfg.train.save_interval == 0
-
-
-def _masked_mean(arrays: list[np.ndarray] | None) -> float | None:
-    if not arrays:
-        return None
-    values = np.concatenate([np.asarray(a, dtype=np.float64) for a in arrays])
-    return float(values.mean()) if values.size else 0.0
 
 
 def _generate(cfg, round_index, prompts: pa.Table, prompt_ids, client: EngineClient, tokenizer) -> dict:
