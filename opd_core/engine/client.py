@@ -38,6 +38,11 @@ from opd_core.engine.logprob_cache import LogprobCache
 from opd_core.engine.protocol import per_sequence_params
 from opd_core.schemas import TEACHER_LOGPROBS
 
+try:  # orjson (a Prefect dependency) decodes the big logprob lists several times faster
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+
 _COOLDOWN_S = 5.0  # how long a URL that failed is tried after the others
 
 
@@ -140,7 +145,7 @@ class EngineClient:
                 with attempt:
                     response = self._once(method, path, payload)
                     try:
-                        answer = response.json() if "json" in response.headers.get("content-type", "") else response.text
+                        answer = _loads(response.content) if "json" in response.headers.get("content-type", "") else response.text
                         if check is not None:
                             check(answer)
                     except ValueError as err:

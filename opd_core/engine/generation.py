@@ -29,6 +29,10 @@ from opd_core.engine.sampling import output_logprobs, sample_tokens, top_logprob
 from opd_core.engine.sequence import Sequence
 
 
+# SGLang clamps log-probs to the dtype's lowest finite value: -inf is not valid JSON.
+_LOGPROB_FLOOR = torch.finfo(torch.float32).min
+
+
 class RequestError(ValueError):
     """A request the engine cannot run; the message names the field (an HTTP 400)."""
 
@@ -149,9 +153,9 @@ class Generator:
                 raise RequestError(_validation_message(err)) from None
         if request.input_ids is not None:
             prompt = list(request.input_ids)
-            for pos, token in enumerate(prompt):
-                if not 0 <= token < self.vocab_size:
-                    raise RequestError(f"input_ids[{pos}]: token id {token} is outside the vocabulary [0, {self.vocab_size})")
+            if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):  # fast path: C-level min/max
+                pos = next(p for p, t in enumerate(prompt) if not 0 <= t < self.vocab_size)
+                raise RequestError(f"input_ids[{pos}]: token id {prompt[pos]} is outside the vocabulary [0, {self.vocab_size})")
         else:
             prompt = self.tokenizer.encode(request.text)
         field = "input_ids" if request.input_ids is not None else "text"
@@ -234,9 +238,9 @@ class Generator:
             logits_to_keep=0 if any(wants_input) else 1,
         )
         logits = out.logits
-        for i, seq in enumerate(seqs):
-            if wants_input[i]:
-                self._input_logprobs(seq, logits[i, longest - len(seq.prompt_ids) :])
+        if any(wants_input):
+            self._input_logprobs([s for s, w in zip(seqs, wants_input) if w], logits[wants_input], input_ids[wants_input])
+        for seq in seqs:
             if seq.max_new_tokens <= 0:
                 seq.finish_without_decoding()
         next_logits = logits[:, -1]
@@ -254,7 +258,7 @@ class Generator:
                 top = top_logprobs(logprobs[i : i + 1], seq.request.top_logprobs_num) if want and seq.request.top_logprobs_num else None
                 seq.append(
                     tokens[i],
-                    float(logprobs[i, tokens[i]]) if want else None,
+                    max(float(logprobs[i, tokens[i]]), _LOGPROB_FLOOR) if want else None,
                     (top[0][0], top[1][0]) if top else None,
                     self.decode,
                 )
@@ -276,17 +280,25 @@ class Generator:
             )
             next_logits = out.logits[:, -1]
 
-    def _input_logprobs(self, seq: Sequence, prompt_logits: torch.Tensor) -> None:
-        """Prompt log-probs at temperature 1 for positions logprob_start..end, first one None."""
-        start, prompt = seq.logprob_start, seq.prompt_ids
-        # logits at position j predict token j+1: entries for tokens start+1..n-1 use logits start..n-2.
-        logprobs = torch.log_softmax(prompt_logits[start : len(prompt) - 1].float(), dim=-1)
-        targets = torch.tensor(prompt[start + 1 :], device=logprobs.device)
-        values = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist() if len(targets) else []
-        seq.input_logprobs = [None, *values]
-        if seq.request.top_logprobs_num:
-            top_values, top_ids = top_logprobs(logprobs, seq.request.top_logprobs_num)
-            seq.input_top = [None, *zip(top_values, top_ids)]
+    def _input_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """Prompt log-probs at temperature 1 for positions logprob_start..end, first one None.
+
+        One gather and one logsumexp for the whole (left-padded) batch: the logits in column
+        c predict the token in column c+1, so log p(token c+1) = logit[c, token] - logsumexp(logit[c]).
+        """
+        targets = input_ids[:, 1:].unsqueeze(2)
+        shifted = logits[:, :-1]
+        token_logprobs = shifted.gather(2, targets).squeeze(2).float() - torch.logsumexp(shifted.float(), dim=-1)
+        token_logprobs = token_logprobs.clamp(min=_LOGPROB_FLOOR).cpu()
+        longest = input_ids.shape[1]
+        for row, seq in enumerate(seqs):
+            pad, start, length = longest - len(seq.prompt_ids), seq.logprob_start, len(seq.prompt_ids)
+            # Entry for prompt token j (j > start) comes from column pad + j - 1.
+            seq.input_logprobs = [None, *token_logprobs[row, pad + start : pad + length - 1].tolist()]
+            if seq.request.top_logprobs_num:
+                window = torch.log_softmax(logits[row, pad + start : pad + length - 1].float(), dim=-1)
+                top_values, top_ids = top_logprobs(window, seq.request.top_logprobs_num)
+                seq.input_top = [None, *zip(top_values, top_ids)]
 
 
 def _validation_message(err: ValidationError) -> str:

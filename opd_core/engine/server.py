@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from opd_core.engine.generation import Generator, RequestError, _validation_message
@@ -35,6 +35,26 @@ from opd_core.engine.protocol import GenerateRequest, UpdateWeightsRequest
 from opd_core.engine.sequence import Sequence
 
 logger = logging.getLogger("opd.engine.server")
+
+try:  # orjson (a Prefect dependency) encodes the big logprob lists several times faster
+    import orjson
+
+    _loads = orjson.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj).encode()
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _dumps(content)
 
 
 @dataclass
@@ -242,7 +262,7 @@ def create_app(
 
 async def _json(request: Request) -> Any:
     try:
-        return await request.json()
+        return _loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"body: not valid JSON ({err})") from None
 
@@ -253,7 +273,7 @@ async def _sse(work: _Work, is_batch: bool) -> AsyncIterator[bytes]:
     def event(index: int, payload: dict) -> bytes:
         if is_batch:
             payload = {**payload, "index": index}
-        return f"data: {json.dumps(payload)}\n\n".encode()
+        return b"data: " + _dumps(payload) + b"\n\n"
 
     while not work.future.done():
         getter = asyncio.ensure_future(work.stream.get())
@@ -267,7 +287,7 @@ async def _sse(work: _Work, is_batch: bool) -> AsyncIterator[bytes]:
     try:
         outputs = work.future.result()
     except Exception as err:
-        yield f"data: {json.dumps({'error': {'message': str(err)}})}\n\n".encode()
+        yield b"data: " + _dumps({"error": {"message": str(err)}}) + b"\n\n"
     else:
         for i, output in enumerate(outputs):
             yield event(i, output)
