@@ -37,6 +37,7 @@ from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS, ROLLOUTS
+from opd_core.stages import teacher_checkpoint
 from opd_core.trainer.group import TrainerGroup
 from opd_core.trainer.state import TrainState
 from opd_core.verifier import is_correct
@@ -73,11 +74,12 @@ def run_training(
         TrainerGroup(
             cfg,
             hf_config_dir=run_dir.student_hf,
-            ckpt_dir=state.checkpoint_dir or run_dir.student_torch_dist,
-            teacher_ckpt_dir=cfg.algorithm.opd_teacher_load if use_megatron_teacher else None,
-            resume=state.checkpoint_dir is not None,
+            ckpt_dir=run_dir.student_torch_dist,
+            teacher_ckpt_dir=teacher_checkpoint(cfg, run_dir),
         ) as trainer,
     ):
+        if state.checkpoint_dir is not None:  # model, optimizer, RNG and iteration of that round
+            trainer.load_checkpoint(state.checkpoint_dir, step=state.checkpoint_round + 1)
         last_metrics: dict = state.metrics
         for round_index in range(state.next_round, cfg.rollout.num_rollout):
             round_dir = run_dir.round_dir(round_index)
@@ -142,8 +144,9 @@ def run_training(
             write_json(round_dir / "metrics.json", last_metrics)
             metrics_log.append(last_metrics)
             if _is_checkpoint_round(cfg, round_index):
-                checkpoint_dir = trainer.save_checkpoint(train_dir / "checkpoints" / "torch_dist", step=round_index + 1)
-                state.record_checkpoint(round_index, checkpoint_dir, export_dir, last_metrics)
+                checkpoint_root = train_dir / "checkpoints" / "torch_dist"
+                trainer.save_checkpoint(checkpoint_root, step=round_index + 1)
+                state.record_checkpoint(round_index, checkpoint_root, export_dir, last_metrics)
             if on_round:
                 on_round(round_index, last_metrics)
 

@@ -43,7 +43,7 @@ def claim_train_dir(train_dir: Path, key: str) -> bool:
 class TrainState:
     train_dir: Path
     checkpoint_round: int | None = None  # newest round with a checkpoint
-    checkpoint_dir: str | None = None  # Megatron-LM layout root (latest_checkpointed_iteration.txt)
+    checkpoint_dir: str | None = None  # Megatron-LM layout root; that round's step is checkpoint_round + 1
     hf_export: str | None = None  # HF export of that round (what the rollout server loads)
     metrics: dict = field(default_factory=dict)  # that round's metrics
 
