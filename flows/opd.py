@@ -27,7 +27,7 @@ from tasks.convert import convert
 from tasks.download import download
 from tasks.evaluate import baseline_eval, final_eval
 from tasks.teacher import needs_teacher_server, start_teacher
-from tasks.train import train
+from tasks.train import train, train_is_cached
 
 
 def resolve_config(config: OPDRunConfig | None, config_path: str | None, overrides: list[str] | None) -> OPDRunConfig:
@@ -50,9 +50,9 @@ def open_run(cfg: OPDRunConfig) -> RunDir:
 
 
 @contextmanager
-def teacher_server(cfg: OPDRunConfig, run_dir: RunDir):
+def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
     """Yields the teacher urls (None if no server is needed); stops what it started."""
-    if not needs_teacher_server(cfg):
+    if skip or not needs_teacher_server(cfg):
         yield None
         return
     urls, server = start_teacher(cfg, run_dir)
@@ -99,7 +99,8 @@ def opd_flow(
     download(cfg, run_dir)
     convert(cfg, run_dir)
     baseline = baseline_eval(cfg, run_dir)
-    with teacher_server(cfg, run_dir) as teacher_urls:
+    # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
+    with teacher_server(cfg, run_dir, skip=train_is_cached(cfg, run_dir)) as teacher_urls:
         training = train(cfg, run_dir, teacher_urls)
     final = final_eval(cfg, run_dir, baseline)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
@@ -123,7 +124,7 @@ def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> 
         return baseline_eval(cfg, rd)
     if stage == "final_eval":
         return final_eval(cfg, rd, read_json(rd.stage("baseline_eval") / "summary.json"))
-    with teacher_server(cfg, rd) as teacher_urls:
+    with teacher_server(cfg, rd, skip=stage == "train" and train_is_cached(cfg, rd)) as teacher_urls:
         if stage == "teacher":
             return {"urls": teacher_urls}
         return train(cfg, rd, teacher_urls)

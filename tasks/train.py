@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from opd_core.config import OPDRunConfig
-from opd_core.rundir import RunDir, stage_key
+from opd_core.rundir import RunDir, is_done, stage_key
 from opd_core.stages import teacher_checkpoint
 from opd_core.trainer.loop import run_training
 from opd_core.trainer.state import claim_train_dir
@@ -17,11 +17,23 @@ from tasks.common import StageProgress, cached_stage
 TRAIN_SECTIONS = ("seed", "rollout", "reward", "algorithm", "train")
 
 
+def train_inputs(cfg: OPDRunConfig, run_dir: RunDir) -> list:
+    teacher = teacher_checkpoint(cfg, run_dir) or run_dir.teacher_hf
+    return [run_dir.student_torch_dist, run_dir.train_data, teacher]
+
+
+def train_is_cached(cfg: OPDRunConfig, run_dir: RunDir) -> bool:
+    """True when `train` would be a cache hit (then the flow need not start a teacher)."""
+    try:
+        return is_done(run_dir.stage("train"), stage_key(cfg.section_hash(*TRAIN_SECTIONS), train_inputs(cfg, run_dir)))
+    except FileNotFoundError:  # an input is missing: not cached, and train will say which
+        return False
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) -> dict:
     logger = get_run_logger()
-    teacher = teacher_checkpoint(cfg, run_dir) or run_dir.teacher_hf
-    inputs = [run_dir.student_torch_dist, run_dir.train_data, teacher]
+    inputs = train_inputs(cfg, run_dir)
     progress = StageProgress("train", cfg.rollout.num_rollout)
 
     def on_round(round_index: int, metrics: dict) -> None:

@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(REPO / "scripts" / "prefect_stack.py")]
 
 # The smallest run that still exercises every stage and two training rounds.
+# Tiny random toy models (no teacher/student training): these tests check plumbing, not quality.
+TINY_TOY = [
+    "toy.num_train=64",
+    "toy.num_eval=16",
+    "toy.teacher.train_steps=0",
+    "toy.student.train_steps=0",
+    "toy.teacher_min_pass_at_1=0",
+    "toy.student_pass_at_1_window=[0,1]",
+]
 SMALL_RUN = [
     "rollout.num_rollout=2",
     "rollout.rollout_batch_size=4",
@@ -31,7 +40,7 @@ SMALL_RUN = [
     "train.micro_batch_size=8",
     "eval.num_prompts=8",
     "eval.k=2",
-]
+] + TINY_TOY
 
 # What every stage leaves in the run directory.
 STAGE_OUTPUTS = [

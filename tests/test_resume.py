@@ -22,6 +22,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3
+# Tiny random toy models (no teacher/student training): these tests check plumbing, not quality.
+TINY_TOY = [
+    "toy.num_train=64",
+    "toy.num_eval=16",
+    "toy.teacher.train_steps=0",
+    "toy.student.train_steps=0",
+    "toy.teacher_min_pass_at_1=0",
+    "toy.student_pass_at_1_window=[0,1]",
+]
 SMALL_RUN = [
     f"rollout.num_rollout={ROUNDS}",
     "rollout.rollout_batch_size=4",
@@ -31,7 +40,7 @@ SMALL_RUN = [
     "train.save_interval=1",
     "eval.num_prompts=4",
     "eval.k=1",
-]
+] + TINY_TOY
 # Wall-clock timings differ between any two runs; everything else must match exactly.
 TIMING_KEYS = {"seconds"}
 
@@ -195,7 +204,7 @@ def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, tmp_
     with pytest.raises(Exception, match="reward function failed in round 1"):
         opd_flow(config_path="configs/toy.yaml", overrides=overrides)
 
-    run_dir = tmp_path / "failing"
+    run_dir = (tmp_path / "failing").resolve()
     assert (run_dir / "train" / "round_0000" / "metrics.json").exists(), "the run did not fail mid-training"
     assert not _alive(_processes_naming(run_dir)), "a model server of the failed run is still running"
     assert not ray.is_initialized(), "the failed run left its Ray cluster up"
