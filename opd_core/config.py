@@ -82,7 +82,7 @@ class DataConfig(Section):
     train: str = "toy"
     eval: str = "toy"
     train_split: str = "train"
-    eval_split: str = "train"
+    eval_split: str = "test"  # the toy source calls its held-out split "test" (or "eval")
     input_key: str = "prompt"
     label_key: str = "label"
     max_train_prompts: int | None = Field(None, gt=0)
