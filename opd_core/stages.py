@@ -67,14 +67,8 @@ def run_eval(cfg: OPDRunConfig, run_dir: RunDir, stage: str, model_dir: Path) ->
     from opd_core.evaluation import evaluate, write_eval
 
     prompts = read_arrow(run_dir.eval_data, PROMPTS)
-    if cfg.eval.num_prompts is not None:
-        prompts = prompts.slice(0, cfg.eval.num_prompts)
     generator = Generator(model_dir)
-
-    def generate(input_ids: list[list[int]], sampling_params: dict) -> list[dict]:
-        return generator.generate([{"input_ids": ids, "sampling_params": sampling_params} for ids in input_ids])
-
-    samples, summary = evaluate(generate, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed)
+    samples, summary = evaluate(generator.generate_ids, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed)
     summary["model_dir"] = str(model_dir)
     write_eval(run_dir.stage(stage), samples, summary)
     return summary

@@ -192,7 +192,7 @@ def _generate(cfg, round_index, prompts: pa.Table, prompt_ids, client: EngineCli
             "temperature": cfg.rollout.rollout_temperature,
             "top_p": cfg.rollout.rollout_top_p,
             "top_k": cfg.rollout.rollout_top_k,
-            "seed": int(rng.integers(2**31)),
+            "sampling_seed": int(rng.integers(2**31)),  # SGLang's name; sample i gets seed + i
         },
         return_logprob=True,
         progress=f"round {round_index} rollout",
