@@ -6,12 +6,8 @@
         teacher_logprobs = client.score(prompt_ids, response_ids, progress="teacher")
 
 One pooled `httpx.Client`; at most `max_concurrency` requests in flight; sequences sent
-`batch_size` at a time as one batch request. Each request tries every URL in turn (failover,
-starting from a rotating offset so that healthy servers share the load; a URL that just
-failed is tried last for a few seconds); if all fail with a connection error, a timeout, a
-5xx or a malformed answer, it waits (exponential backoff with jitter, tenacity) and tries
-again, up to `max_retries` times. A 4xx is the caller's mistake: no retry, an
-`EngineRequestError` with the server's message.
+`batch_size` at a time as one batch request; failover between URLs and retries with backoff
+on connection errors, 5xx and malformed answers (never on a 4xx): see `transport.py`.
 
 `score` is teacher scoring as slime does it: prompt+response `input_ids`, `max_new_tokens`
 0, `return_logprob`, `logprob_start_len` 0; drop entry 0 (its logprob is None) and keep the
@@ -21,7 +17,6 @@ fingerprint (model path + weights fingerprint/version from /get_model_info) and 
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -31,36 +26,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pyarrow as pa
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tqdm.auto import tqdm
 
 from opd_core.engine.logprob_cache import LogprobCache
 from opd_core.engine.protocol import per_sequence_params
+from opd_core.engine.transport import EngineError, EngineRequestError, FailoverTransport
 from opd_core.schemas import TEACHER_LOGPROBS
 
-try:  # orjson (a Prefect dependency) decodes the big logprob lists several times faster
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover
-    from json import loads as _loads
-
-_COOLDOWN_S = 5.0  # how long a URL that failed is tried after the others
-
-
-class EngineError(RuntimeError):
-    """The engine could not be reached or kept answering wrongly, after all retries."""
-
-
-class EngineRequestError(EngineError):
-    """The engine rejected the request (HTTP 4xx); retrying would not help."""
-
-    def __init__(self, message: str, status_code: int):
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class _Retryable(Exception):
-    pass
-
+__all__ = ["EngineClient", "EngineError", "EngineRequestError", "scores_to_table"]
 
 class EngineClient:
     def __init__(
@@ -75,23 +48,11 @@ class EngineClient:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
     ):
-        if isinstance(urls, str):
-            urls = urls.split(",")
-        self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
-        if not self.urls:
-            raise ValueError("urls: give at least one engine URL")
-        self.batch_size, self.max_retries = batch_size, max_retries
-        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            timeout=timeout,
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
-        )
+        self.transport = FailoverTransport(urls, timeout, max_concurrency, max_retries, api_key, backoff_initial, backoff_max)
+        self.urls, self.http, self.request = self.transport.urls, self.transport.http, self.transport.request
+        self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
         self.cache = LogprobCache(cache_dir) if cache_dir else None
-        self._offset = itertools.count()
-        self._failed_at: dict[str, float] = {}
         self._fingerprint: str | None = None
         self._lock = threading.Lock()
 
@@ -100,60 +61,6 @@ class EngineClient:
         """From an `opd_core.config.ClientConfig`."""
         return cls(urls, timeout=cfg.timeout, max_concurrency=cfg.max_concurrency, batch_size=cfg.batch_size,
                    max_retries=cfg.max_retries, api_key=api_key, cache_dir=cfg.cache_dir)
-
-    # ----------------------------------------------------------------------- transport
-
-    def _candidates(self) -> list[str]:
-        start = next(self._offset) % len(self.urls)
-        rotated = self.urls[start:] + self.urls[:start]
-        now = time.monotonic()
-        # Stable sort: URLs that failed recently go last, the rest keep the rotation.
-        return sorted(rotated, key=lambda u: now - self._failed_at.get(u, -1e9) < _COOLDOWN_S)
-
-    def _once(self, method: str, path: str, payload: Any) -> httpx.Response:
-        """One pass over all URLs; _Retryable if none gave a usable answer."""
-        errors = []
-        for url in self._candidates():
-            try:
-                response = self.http.request(method, url + path, json=payload)
-            except httpx.TransportError as err:  # refused, reset, timed out
-                self._failed_at[url] = time.monotonic()
-                errors.append(f"{url}: {type(err).__name__}: {err}")
-                continue
-            if response.status_code >= 500:
-                self._failed_at[url] = time.monotonic()
-                errors.append(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
-                continue
-            if response.status_code >= 400:
-                raise EngineRequestError(f"{url}{path}: HTTP {response.status_code}: {response.text[:1000]}", response.status_code)
-            return response
-        raise _Retryable("; ".join(errors))
-
-    def request(self, method: str, path: str, payload: Any = None, check=None) -> Any:
-        """Send with failover and retries; returns the decoded JSON (or text) answer.
-
-        `check(answer)` may raise ValueError for an answer of the wrong shape: that counts as
-        a failed attempt, like a 5xx, so one garbled response does not crash a long run.
-        """
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max),
-            retry=retry_if_exception_type(_Retryable),
-        )
-        try:
-            for attempt in retrying:
-                with attempt:
-                    response = self._once(method, path, payload)
-                    try:
-                        answer = _loads(response.content) if "json" in response.headers.get("content-type", "") else response.text
-                        if check is not None:
-                            check(answer)
-                    except ValueError as err:
-                        raise _Retryable(f"{response.url}: malformed answer: {err}") from err
-                    return answer
-        except RetryError as err:
-            cause = err.last_attempt.exception()
-            raise EngineError(f"{method} {path} failed after {self.max_retries + 1} attempts on {self.urls}: {cause}") from None
 
     # ------------------------------------------------------------------- generation
 
@@ -316,7 +223,7 @@ class EngineClient:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
-        self.http.close()
+        self.transport.close()
         if self.cache is not None:
             self.cache.close()
 

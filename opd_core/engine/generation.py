@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from opd_core.engine.protocol import SingleRequest, per_sequence_params
+from opd_core.engine.protocol import SingleRequest, per_sequence_params, validation_message
 from opd_core.engine.sampling import output_logprobs, sample_tokens, top_logprobs
 from opd_core.engine.sequence import Sequence
 
@@ -150,7 +150,7 @@ class Generator:
             try:
                 request = SingleRequest.model_validate(request)
             except ValidationError as err:
-                raise RequestError(_validation_message(err)) from None
+                raise RequestError(validation_message(err)) from None
         if request.input_ids is not None:
             prompt = list(request.input_ids)
             if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):  # fast path: C-level min/max
@@ -299,23 +299,3 @@ class Generator:
                 window = torch.log_softmax(logits[row, pad + start : pad + length - 1].float(), dim=-1)
                 top_values, top_ids = top_logprobs(window, seq.request.top_logprobs_num)
                 seq.input_top = [None, *zip(top_values, top_ids)]
-
-
-def _validation_message(err: ValidationError) -> str:
-    """One line per wrong field, e.g. `sampling_params.max_new_tokens: Input should be >= 0`.
-
-    Union fields (`input_ids` is a list or a list of lists) make pydantic report one error
-    per branch, labelled with the branch's type; we drop those labels, and drop "should be a
-    list/object" branch errors when a more specific error about the same field exists.
-    """
-    errors = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not _is_branch_label(p)]
-        errors.append((".".join(loc) or "(body)", e["msg"], e["type"]))
-    specific = [e for e in errors if e[2] not in ("list_type", "model_type", "dict_type", "model_attributes_type")]
-    chosen = specific or errors
-    return "; ".join(dict.fromkeys(f"{field}: {msg}" for field, msg, _ in chosen))
-
-
-def _is_branch_label(part) -> bool:
-    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("bool", "int", "float", "str", "none"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
@@ -153,3 +153,23 @@ class UpdateWeightsRequest(BaseModel):
     load_format: str | None = None
     weight_version: str | None = None
     abort_all_requests: bool = False
+
+
+def validation_message(err: ValidationError) -> str:
+    """One line per wrong field, e.g. `sampling_params.max_new_tokens: Input should be >= 0`.
+
+    Union fields (`input_ids` is a list or a list of lists) make pydantic report one error
+    per branch, labelled with the branch's type; we drop those labels, and drop "should be a
+    list/object" branch errors when a more specific error about the same field exists.
+    """
+    errors = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not _is_branch_label(p)]
+        errors.append((".".join(loc) or "(body)", e["msg"], e["type"]))
+    specific = [e for e in errors if e[2] not in ("list_type", "model_type", "dict_type", "model_attributes_type")]
+    chosen = specific or errors
+    return "; ".join(dict.fromkeys(f"{field}: {msg}" for field, msg, _ in chosen))
+
+
+def _is_branch_label(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("bool", "int", "float", "str", "none"))

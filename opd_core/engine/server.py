@@ -8,11 +8,9 @@ Endpoints (SGLang's names and shapes): POST /generate (single or batch, `stream`
 GET /health, GET /health_generate (503 until the model is loaded and a 1-token generation
 works), GET /get_model_info, POST /flush_cache, POST /update_weights_from_disk.
 
-Dynamic batching: every /generate request is validated up front (a bad one gets a 400 with
-the field name and never reaches the model), then queued. One worker takes whatever is
-queued within `batch_window_ms` (up to `max_batch_size` sequences) and runs it as ONE
-`Generator.generate` call on a single-thread executor, so two forwards never overlap and
-weight updates happen between batches.
+Every /generate request is validated up front (a bad one gets a 400 naming the field and
+never reaches the model), then handed to the dynamic batcher (`batching.py`), which runs
+concurrent requests together in one forward.
 """
 
 from __future__ import annotations
@@ -21,20 +19,17 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from opd_core.engine.generation import Generator, RequestError, _validation_message
-from opd_core.engine.protocol import GenerateRequest, UpdateWeightsRequest
-from opd_core.engine.sequence import Sequence
+from opd_core.engine.batching import BatchingEngine, sse_events
+from opd_core.engine.generation import RequestError
+from opd_core.engine.protocol import GenerateRequest, UpdateWeightsRequest, validation_message
 
-logger = logging.getLogger("opd.engine.server")
 
 try:  # orjson (a Prefect dependency) encodes the big logprob lists several times faster
     import orjson
@@ -57,100 +52,6 @@ class JSONResponse(Response):
         return _dumps(content)
 
 
-@dataclass
-class _Work:
-    """One /generate request waiting for (or in) a batch."""
-
-    seqs: list[Sequence]
-    future: asyncio.Future
-    stream: asyncio.Queue | None = None  # partial responses, for `stream: true`
-    results: dict[int, dict] = field(default_factory=dict)
-
-
-class _Engine:
-    """The model, its one compute thread, and the batching queue."""
-
-    def __init__(self, model_path: str, batch_window_ms: float, max_batch_size: int, generator_kwargs: dict):
-        self.model_path = model_path
-        self.window = batch_window_ms / 1000
-        self.max_batch_size = max_batch_size
-        self.generator_kwargs = generator_kwargs
-        self.generator: Generator | None = None
-        self.load_error: str | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-engine")
-        self.queue: asyncio.Queue[_Work] = asyncio.Queue()
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def load(self) -> None:
-        try:
-            self.generator = await self.run(Generator, self.model_path, **self.generator_kwargs)
-            logger.info("loaded %s", self.model_path)
-        except Exception as err:  # reported by /health_generate and /generate, never a crash
-            self.load_error = f"{type(err).__name__}: {err}"
-            logger.exception("failed to load %s", self.model_path)
-
-    async def run(self, fn, *args, **kwargs):
-        """Run `fn` on the compute thread (serialised with every forward)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args, **kwargs))
-
-    async def batch_loop(self) -> None:
-        while True:
-            batch = [await self.queue.get()]
-            size, deadline = len(batch[0].seqs), self.loop.time() + self.window
-            while size < self.max_batch_size:
-                if not self.queue.empty():  # whatever queued up during the last forward
-                    work = self.queue.get_nowait()
-                else:
-                    remaining = deadline - self.loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        work = await asyncio.wait_for(self.queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                batch.append(work)
-                size += len(work.seqs)
-            await self._run_batch(batch)
-
-    async def _run_batch(self, batch: list[_Work]) -> None:
-        owners = [(work, i) for work in batch for i in range(len(work.seqs))]
-        try:
-            for start in range(0, len(owners), self.max_batch_size):
-                chunk = owners[start : start + self.max_batch_size]
-                seqs = [work.seqs[i] for work, i in chunk]
-                outputs = await self.run(self.generator.generate, seqs, self._stream_callback(chunk))
-                for (work, i), output in zip(chunk, outputs):
-                    work.results[i] = output
-            for work in batch:
-                if not work.future.done():  # cancelled when its client went away
-                    work.future.set_result([work.results[i] for i in range(len(work.seqs))])
-        except Exception as err:  # an engine bug fails these requests, not the server
-            logger.exception("batch failed")
-            for work in batch:
-                if not work.future.done():
-                    work.future.set_exception(err)
-
-    def _stream_callback(self, chunk: list[tuple[_Work, int]]):
-        streaming = [(work, i) for work, i in chunk if work.stream is not None]
-        if not streaming:
-            return None
-        generator, loop = self.generator, self.loop
-
-        def on_step(_seqs: list[Sequence]) -> None:
-            for work, i in streaming:
-                seq = work.seqs[i]
-                if not seq.finished:  # the finished response is sent once, at the end
-                    partial = seq.response(generator.decode, generator.token_text)
-                    loop.call_soon_threadsafe(work.stream.put_nowait, (i, partial))
-
-        return on_step
-
-    async def submit(self, seqs: list[Sequence], stream: bool = False) -> _Work:
-        work = _Work(seqs, self.loop.create_future(), asyncio.Queue() if stream else None)
-        await self.queue.put(work)
-        return work
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
@@ -166,7 +67,7 @@ def create_app(
 
     `generator_kwargs` go to `Generator` (device, dtype, seed, context_length).
     """
-    engine = _Engine(str(model_path), batch_window_ms, max_batch_size, generator_kwargs)
+    engine = BatchingEngine(str(model_path), batch_window_ms, max_batch_size, generator_kwargs)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -227,7 +128,7 @@ def create_app(
             body = UpdateWeightsRequest.model_validate(await _json(request))
             message = await engine.run(engine.generator.load_weights, body.model_path, body.weight_version)
         except (ValidationError, RequestError, ValueError) as err:
-            text = _validation_message(err) if isinstance(err, ValidationError) else str(err)
+            text = validation_message(err) if isinstance(err, ValidationError) else str(err)
             return JSONResponse({"success": False, "message": text, "num_paused_requests": 0}, status_code=400)
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
 
@@ -237,7 +138,7 @@ def create_app(
             body = GenerateRequest.model_validate(await _json(request))
             singles = body.split()
         except ValidationError as err:
-            return _error(400, _validation_message(err))
+            return _error(400, validation_message(err))
         except ValueError as err:
             return _error(400, str(err))
         if (busy := not_ready()) is not None:
@@ -250,7 +151,7 @@ def create_app(
                 return _error(400, f"{f'[{i}] ' if body.is_batch else ''}{err}")
         work = await engine.submit(seqs, stream=body.stream)
         if body.stream:
-            return StreamingResponse(_sse(work, body.is_batch), media_type="text/event-stream")
+            return StreamingResponse(sse_events(work, body.is_batch, _dumps), media_type="text/event-stream")
         try:
             outputs = await work.future
         except Exception as err:
@@ -265,33 +166,6 @@ async def _json(request: Request) -> Any:
         return _loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"body: not valid JSON ({err})") from None
-
-
-async def _sse(work: _Work, is_batch: bool) -> AsyncIterator[bytes]:
-    """SGLang's stream format: `data: {response so far}` per token, then `data: [DONE]`."""
-
-    def event(index: int, payload: dict) -> bytes:
-        if is_batch:
-            payload = {**payload, "index": index}
-        return b"data: " + _dumps(payload) + b"\n\n"
-
-    while not work.future.done():
-        getter = asyncio.ensure_future(work.stream.get())
-        done, _ = await asyncio.wait({getter, work.future}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            yield event(*getter.result())
-        else:
-            getter.cancel()
-    while not work.stream.empty():
-        yield event(*work.stream.get_nowait())
-    try:
-        outputs = work.future.result()
-    except Exception as err:
-        yield b"data: " + _dumps({"error": {"message": str(err)}}) + b"\n\n"
-    else:
-        for i, output in enumerate(outputs):
-            yield event(i, output)
-    yield b"data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------------ entry points
