@@ -86,7 +86,7 @@ def run_training(
             timings: dict[str, float] = {}
 
             tick = time.perf_counter()
-            rollouts = _generate(cfg, round_index, prompts, prompt_ids, rollout_client, tokenizer)
+            rollouts = generate_rollouts(cfg, round_index, prompts, prompt_ids, rollout_client, tokenizer)
             timings["time_generate"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
@@ -178,7 +178,7 @@ def _is_checkpoint_round(cfg: OPDRunConfig, round_index: int) -> bool:
     return last or (round_index + 1) % cfg.train.save_interval == 0
 
 
-def _generate(cfg, round_index, prompts: pa.Table, prompt_ids, client: EngineClient, tokenizer) -> dict:
+def generate_rollouts(cfg: OPDRunConfig, round_index: int, prompts: pa.Table, prompt_ids: list[list[int]], client, tokenizer) -> dict:
     """Sample this round's prompts (seeded by round) and their responses from the rollout server."""
     rng = np.random.default_rng([cfg.seed, round_index])
     count = min(cfg.rollout.rollout_batch_size, len(prompt_ids))

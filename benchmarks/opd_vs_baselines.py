@@ -1,0 +1,188 @@
+"""OPD vs RL vs off-policy distillation on the toy task, at equal cost.
+
+    python -m benchmarks.opd_vs_baselines [--rounds 8] [--seeds 0] [--eval-prompts 200]
+
+Same toy teacher and student, same prompts per round, same number of student samples and
+optimizer steps, same seed:
+
+  opd          pure on-policy distillation (no task reward, reverse KL to the teacher)
+  grpo         GRPO with the task reward only (math verifier)
+  grpo+opd     GRPO with the task reward plus the OPD penalty
+  offpolicy    off-policy distillation: SFT on teacher-sampled answers to the same prompts,
+               as many teacher samples as OPD scores student samples
+  opd_kl0.5    pure OPD with opd_kl_coef 0.5
+  opd_kl2.0    pure OPD with opd_kl_coef 2.0
+
+Greedy pass@1 on the eval split after every round. Prints a table, writes
+`benchmarks/results/opd_vs_baselines.json` and `benchmarks/results/opd_vs_baselines.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoTokenizer
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import EvalConfig, OPDRunConfig, load_config
+from opd_core.download import run_download
+from opd_core.engine.client import EngineClient
+from opd_core.engine.generation import Generator
+from opd_core.engine.launcher import launch_server
+from opd_core.evaluation import chat_prompt_ids, evaluate
+from opd_core.io import read_arrow, write_json
+from opd_core.rundir import RunDir
+from opd_core.schemas import PROMPTS
+from opd_core.stages import run_convert
+from opd_core.trainer.group import TrainerGroup
+from opd_core.trainer.loop import generate_rollouts, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+METHODS: dict[str, list[str]] = {
+    "opd": ["reward.type=none", "algorithm.use_opd=true"],
+    "grpo": ["reward.type=math", "algorithm.use_opd=false", "algorithm.opd_type=null"],
+    "grpo+opd": ["reward.type=math", "algorithm.use_opd=true"],
+    "offpolicy": [],  # its own loop below
+    "opd_kl0.5": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_kl_coef=0.5"],
+    "opd_kl2.0": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_kl_coef=2.0"],
+}
+
+
+def prepare_base(cfg: OPDRunConfig, root: Path) -> RunDir:
+    """download + convert once; every method's run directory links to them."""
+    base = RunDir.create(root, "base")
+    if not base.eval_data.is_file():
+        run_download(cfg, base)
+    if not (base.student_torch_dist / "latest_checkpointed_iteration.txt").is_file():
+        run_convert(cfg, base)
+    return base
+
+
+def method_run_dir(base: RunDir, root: Path, name: str) -> RunDir:
+    run = RunDir(root / name)
+    shutil.rmtree(run.root / "train", ignore_errors=True)  # always a fresh training run
+    run.root.mkdir(parents=True, exist_ok=True)
+    for stage in ("download", "convert"):
+        link = run.root / stage
+        if not link.exists():
+            link.symlink_to(base.root / stage)
+    return run
+
+
+def offpolicy_distillation(cfg: OPDRunConfig, run: RunDir, teacher: EngineClient) -> list[Path]:
+    """SFT on teacher samples, through the same Megatron actors and optimizer as OPD.
+
+    With advantages = 1 and old log-probs = the current ones, the PPO-clip surrogate's gradient
+    is exactly the token-mean negative log-likelihood gradient, i.e. SFT.
+    """
+    prompts = read_arrow(run.train_data, PROMPTS)
+    tokenizer = AutoTokenizer.from_pretrained(run.student_hf)
+    prompt_ids = chat_prompt_ids(tokenizer, prompts)
+    exports = []
+    with TrainerGroup(cfg, hf_config_dir=run.student_hf, ckpt_dir=run.student_torch_dist) as trainer:
+        for round_index in range(cfg.rollout.num_rollout):
+            samples = generate_rollouts(cfg, round_index, prompts, prompt_ids, teacher, tokenizer)
+            batch = TrainBatch(prompt_ids=samples["prompt_ids"], response_ids=samples["response_ids"])
+            batch.old_logprobs = trainer.compute_logprobs(batch)
+            batch.advantages = [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
+            trainer.train_step(batch)
+            exports.append(Path(trainer.export_hf(run.stage("train") / "checkpoints" / "hf" / f"round_{round_index:04d}")))
+    return exports
+
+
+def pass_at_1(model_dir: Path, prompts, num_prompts: int, seed: int) -> float:
+    generator = Generator(model_dir)
+    _, summary = evaluate(generator.generate_ids, generator.tokenizer, prompts, EvalConfig(num_prompts=num_prompts, k=1), seed=seed)
+    return summary["pass_at_1"]
+
+
+def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_url: str) -> dict:
+    run = method_run_dir(base, root / f"seed{cfg.seed}", name)
+    started = time.perf_counter()
+    if name == "offpolicy":
+        with EngineClient.from_config(teacher_url, cfg.client) as teacher:
+            exports = offpolicy_distillation(cfg, run, teacher)
+    else:
+        run_training(cfg, run, [teacher_url] if cfg.algorithm.use_opd else None)
+        exports = [run.stage("train") / "checkpoints" / "hf" / f"round_{r:04d}" for r in range(cfg.rollout.num_rollout)]
+    seconds = time.perf_counter() - started
+    return {"exports": exports, "seconds": seconds}
+
+
+def plot(results: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, method in results["methods"].items():
+        curve = [results["baseline_pass_at_1"], *method["pass_at_1_by_round"]]
+        ax.plot(range(len(curve)), curve, marker="o", label=name)
+    ax.set_xlabel("round (0 = before training)")
+    ax.set_ylabel("greedy pass@1 (eval)")
+    ax.set_title("toy task: OPD vs baselines at equal samples and steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per method (default: the config's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--out", default=str(ROOT / "artifacts" / "bench-opd-vs-baselines"))
+    args = parser.parse_args()
+
+    root = Path(args.out)
+    rounds = [f"rollout.num_rollout={args.rounds}"] if args.rounds else []
+    base_cfg = load_config(args.config, rounds)
+    base = prepare_base(base_cfg, root)
+    eval_prompts = read_arrow(base.eval_data, PROMPTS)
+    results: dict = {"baseline_pass_at_1": pass_at_1(base.student_hf, eval_prompts, args.eval_prompts, 0), "methods": {}}
+    per_seed: dict[str, list[dict]] = {m: [] for m in args.methods}
+    with launch_server("builtin", base.teacher_hf, base_cfg.teacher.model_copy(update={"port": 0}), root / "teacher.log") as teacher:
+        for seed in args.seeds:
+            for name in args.methods:
+                cfg = load_config(args.config, [*rounds, f"seed={seed}", *METHODS[name]])
+                out = run_method(name, cfg, base, root, teacher.url)
+                curve = [pass_at_1(path, eval_prompts, args.eval_prompts, seed) for path in out["exports"]]
+                per_seed[name].append({"pass_at_1_by_round": curve, "seconds": out["seconds"]})
+                Console().print(f"[bold]{name}[/] seed {seed}: pass@1 by round {['%.3f' % p for p in curve]} ({out['seconds']:.0f} s)")
+    for name, runs in per_seed.items():
+        results["methods"][name] = {
+            "pass_at_1_by_round": np.mean([r["pass_at_1_by_round"] for r in runs], axis=0).round(4).tolist(),
+            "seconds": round(float(np.mean([r["seconds"] for r in runs])), 1),
+            "seeds": args.seeds,
+        }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "opd_vs_baselines.json", results)
+    plot(results, RESULTS / "opd_vs_baselines.png")
+
+    table = Table(title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts")
+    for column in ("method", "final pass@1", "gain over baseline", "train seconds"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    table.add_row("baseline (student before training)", f"{results['baseline_pass_at_1']:.3f}", "", "")
+    for name, method in results["methods"].items():
+        final = method["pass_at_1_by_round"][-1]
+        table.add_row(name, f"{final:.3f}", f"{final - results['baseline_pass_at_1']:+.3f}", f"{method['seconds']:.0f}")
+    Console().print(table)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
