@@ -52,7 +52,8 @@ class EngineClient:
         self.urls, self.http, self.request = self.transport.urls, self.transport.http, self.transport.request
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
-        self.cache = LogprobCache(cache_dir) if cache_dir else None
+        self.cache_dir = cache_dir
+        self._cache: LogprobCache | None = None
         self._fingerprint: str | None = None
         self._lock = threading.Lock()
 
@@ -117,6 +118,15 @@ class EngineClient:
             bar.close()
 
     # ---------------------------------------------------------------------- scoring
+
+    @property
+    def cache(self) -> LogprobCache | None:
+        """The teacher-logprob cache, opened on first use (a rollout client never opens it)."""
+        if self._cache is None and self.cache_dir:
+            with self._lock:
+                if self._cache is None:
+                    self._cache = LogprobCache(self.cache_dir)
+        return self._cache
 
     def fingerprint(self) -> str:
         """Identifies the teacher's weights: the cache key's first part."""
@@ -224,8 +234,8 @@ class EngineClient:
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.transport.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self._cache is not None:
+            self._cache.close()
 
     def __enter__(self) -> "EngineClient":
         return self
