@@ -30,7 +30,6 @@ from opd_core.engine.batching import BatchingEngine, sse_events
 from opd_core.engine.generation import RequestError
 from opd_core.engine.protocol import GenerateRequest, UpdateWeightsRequest, validation_message
 
-
 try:  # orjson (a Prefect dependency) encodes the big logprob lists several times faster
     import orjson
 
