@@ -165,23 +165,25 @@ def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
 
 
 FAILING_REWARD = '''
-calls = []
-
-
 def reward(samples):
-    """Zero reward in round 0, an exception in round 1 (a run failing mid-training)."""
-    calls.append(len(samples))
-    if len(calls) == 2:
-        raise RuntimeError("reward function failed in round 1")
-    return [0.0] * len(samples)
+    """Fails in the middle of round 0: servers, Ray cluster and training actors are all up."""
+    raise RuntimeError("reward function failed mid-training")
 '''
 
 
+def _is_server_or_ray(process: psutil.Process) -> bool:
+    try:
+        cmdline = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return "ray" in cmdline or "opd_core.engine.server" in cmdline or "sglang" in cmdline
+
+
 def _new_children(before: set[int]) -> list[str]:
-    """Live descendants of this test process that were not there at `before`."""
+    """Model servers and Ray processes under this test process that were not there at `before`."""
     deadline = time.monotonic() + 15  # Ray's processes take a moment to exit after shutdown
     while True:
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and _is_server_or_ray(p)]
         alive = _alive(left)
         if not alive or time.monotonic() > deadline:
             return alive
@@ -198,14 +200,15 @@ def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, tmp_
     reward_file = tmp_path / "failing_reward.py"
     reward_file.write_text(FAILING_REWARD)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", "rollout.num_rollout=2",
+    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", "rollout.num_rollout=1",
                              f"reward.type={reward_file}:reward"]
 
-    with pytest.raises(Exception, match="reward function failed in round 1"):
+    with pytest.raises(Exception, match="reward function failed mid-training"):
         opd_flow(config_path="configs/toy.yaml", overrides=overrides)
 
     run_dir = (tmp_path / "failing").resolve()
-    assert (run_dir / "train" / "round_0000" / "metrics.json").exists(), "the run did not fail mid-training"
+    # It failed while training: the teacher and the rollout server had been started.
+    assert (run_dir / "teacher" / "endpoint.json").exists() and (run_dir / "train" / "rollout_server.log").exists()
     assert not _alive(_processes_naming(run_dir)), "a model server of the failed run is still running"
     assert not ray.is_initialized(), "the failed run left its Ray cluster up"
-    assert not _new_children(before), f"processes left by the failed run: {_new_children(before)}"
+    assert not _new_children(before), f"servers / Ray processes left by the failed run: {_new_children(before)}"
