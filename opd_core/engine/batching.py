@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class BatchingEngine:
             for start in range(0, len(owners), self.max_batch_size):
                 chunk = owners[start : start + self.max_batch_size]
                 seqs = [work.seqs[i] for work, i in chunk]
+                started = time.perf_counter()
                 outputs = await self.run(self.generator.generate, seqs, self._stream_callback(chunk))
+                logger.debug("batch of %d sequences in %.3fs", len(seqs), time.perf_counter() - started)
                 for (work, i), output in zip(chunk, outputs):
                     work.results[i] = output
             for work in batch:
