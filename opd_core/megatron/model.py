@@ -100,8 +100,10 @@ def build_transformer_config(hf_config: Any, tp: int = 1, pp: int = 1, dtype: to
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        # Weights are always loaded from a checkpoint; random init is wasted time.
-        perform_initialization=False,
+        # Weights are always loaded from a checkpoint, but keep this True: with False megatron
+        # 0.16 also skips tagging TP-sharded weights (`tensor_model_parallel`), and every rank
+        # but 0 then drops them from the gradient norm (wrong clipping under TP).
+        perform_initialization=True,
     )
 
 

@@ -23,6 +23,10 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 
 
+# On a loaded small machine a worker importing torch + megatron can take over a minute to register.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300}
+
+
 class TrainerGroup:
     def __init__(self, cfg: OPDRunConfig, hf_config_dir, ckpt_dir, step: int | None = None, teacher_ckpt_dir=None):
         import ray
@@ -52,7 +56,7 @@ class TrainerGroup:
                 ray.init(address=ray_cfg.address, runtime_env=_runtime_env())
             else:  # a local cluster just big enough for the ranks
                 ray.init(num_cpus=max(cpus * self.world_size, os.cpu_count() or 1), include_dashboard=False,
-                         runtime_env=_runtime_env(), log_to_driver=True)
+                         runtime_env=_runtime_env(), _system_config=LOCAL_RAY_SYSTEM_CONFIG)
             self._started_ray = True
         try:
             bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
@@ -164,4 +168,4 @@ def _runtime_env() -> dict:
     # Workers import opd_core from this checkout (no packaging of the working dir).
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}
+    return {"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}}
