@@ -1,0 +1,126 @@
+"""The training actor in-process (world size 1): megatron-mode teacher, exact resume, HF export,
+micro-batch invariance. ~20 s.
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import OPDRunConfig
+from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.megatron.convert import hf_to_torch_dist
+from opd_core.megatron.parallel import free_port
+from opd_core.trainer.actor import TrainActor
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("actor")
+    student = make_tiny_qwen3(root / "student", initializer_range=0.1)
+    # A bigger teacher of the same family and vocabulary, as in real OPD (8B student, 32B teacher).
+    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=3,
+                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    return {
+        "root": root, "student": student, "teacher": teacher,
+        "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
+        "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=7),
+    }
+
+
+def make_actor(models, ckpt=None, step=None, micro_batch_size=8, teacher=False) -> TrainActor:
+    cfg = OPDRunConfig.model_validate({
+        "train": {"global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2},
+        "algorithm": {"use_opd": True, "opd_type": "megatron", "opd_teacher_load": str(models["teacher_ckpt"]),
+                      "opd_teacher_ckpt_step": 7},
+    })
+    actor = TrainActor()
+    actor.setup(0, 1, "127.0.0.1", free_port(), cfg.train.parallel, models["student"], ckpt or models["student_ckpt"],
+                step, cfg.train, cfg.algorithm,
+                teacher_ckpt_dir=models["teacher_ckpt"] if teacher else None, teacher_step=cfg.algorithm.opd_teacher_ckpt_step)
+    return actor
+
+
+def make_batch(seed: int = 0) -> TrainBatch:
+    rng = np.random.default_rng(seed)
+    prompts = [list(map(int, rng.integers(3, 300, rng.integers(1, 7)))) for _ in range(8)]
+    responses = [list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)]
+    advantages = [rng.standard_normal(len(r)).astype(np.float32) for r in responses]
+    return TrainBatch(prompts, responses, advantages=advantages)
+
+
+@torch.no_grad()
+def hf_logprobs(hf_dir, batch: TrainBatch) -> list[np.ndarray]:
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt, response in zip(batch.prompt_ids, batch.response_ids):
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+        logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        out.append(logprobs.gather(-1, torch.tensor(response, dtype=torch.long)[:, None])[:, 0].numpy()
+                   if response else np.zeros(0, np.float32))
+    return out
+
+
+def test_megatron_teacher_logprobs_equal_hf_teacher(models):
+    actor = make_actor(models, teacher=True)
+    batch = make_batch()
+    teacher, student = actor.teacher_logprobs(batch), actor.compute_logprobs(batch)
+    for ours, reference, response in zip(teacher, hf_logprobs(models["teacher"], batch), batch.response_ids):
+        assert ours.shape == (len(response),)
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+    for ours, reference in zip(student, hf_logprobs(models["student"], batch)):
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
+    assert max(np.abs(t - s).max() for t, s in zip(teacher, student) if len(t)) > 0.1  # really two models
+
+
+def test_teacher_of_another_architecture_is_refused(models, tmp_path):
+    from test_megatron_convert import make_tiny_qwen2
+
+    qwen2 = hf_to_torch_dist(make_tiny_qwen2(tmp_path / "qwen2"), tmp_path / "qwen2_torch_dist")
+    actor = make_actor(models)
+    with pytest.raises(ValueError, match="student's architecture.*qwen3.*qwen2"):
+        actor._load_teacher(qwen2, None)
+
+
+def test_resume_from_checkpoint_continues_exactly(models):
+    root, batch = models["root"], make_batch(1)
+    actor = make_actor(models)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    for _ in range(2):
+        actor.train_step(batch)
+    actor.save_checkpoint(root / "run", step=2)
+    expected = actor.train_step(batch)
+
+    resumed = make_actor(models, ckpt=root / "run")  # latest = step 2, with optimizer state
+    assert resumed.iteration == 2
+    got = resumed.train_step(batch)
+    assert got["iteration"] == 3
+    for key in ("loss", "grad_norm", "clip_frac", "ppo_kl"):
+        assert got[key] == expected[key], key
+    for a, b in zip(resumed.compute_logprobs(batch), actor.compute_logprobs(batch)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_hf_loads_in_transformers_with_same_logprobs(models):
+    actor = make_actor(models)
+    batch = make_batch(2)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    actor.train_step(batch)  # export the trained weights, not the initial ones
+    out = actor.export_hf(models["root"] / "export")
+    for ours, reference in zip(actor.compute_logprobs(batch), hf_logprobs(out, batch)):
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+    assert (models["root"] / "export" / "tokenizer.json").is_file()
+
+
+def test_micro_batches_do_not_change_the_step(models):
+    batch = make_batch(3)
+    results = []
+    for micro_batch_size in (8, 3, 1):
+        actor = make_actor(models, micro_batch_size=micro_batch_size)
+        batch.old_logprobs = actor.compute_logprobs(batch)
+        results.append([actor.train_step(batch) for _ in range(2)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
