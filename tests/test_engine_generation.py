@@ -219,3 +219,18 @@ def test_generate_ids_spreads_a_call_seed(generator):
     samples = [tuple(o["output_ids"]) for o in outputs]
     assert len(set(samples)) > 1 and samples == [tuple(o["output_ids"]) for o in generator.generate_ids([[5, 6, 7]] * 4, params)]
     assert all(len(o["meta_info"]["output_token_logprobs"]) == 5 for o in outputs)
+
+
+def test_top_k_top_p_restrict_the_draw(generator, hf_model):
+    prompt = PROMPTS[0]
+    greedy = generator.generate([{"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}])[0]
+    for restrict in ({"top_k": 1}, {"top_p": 1e-6}):
+        [out] = generator.generate([{"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 1.5, "seed": 0, "ignore_eos": True, **restrict}}])
+        assert out["output_ids"] == greedy["output_ids"]
+    with torch.no_grad():
+        allowed = set(hf_model(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist())
+    draws = generator.generate(
+        [{"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 2.0, "top_k": 3, "seed": s}} for s in range(40)]
+    )
+    drawn = {d["output_ids"][0] for d in draws}
+    assert drawn <= allowed and len(drawn) > 1
