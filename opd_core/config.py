@@ -40,9 +40,13 @@ class ToyModelSpec(Section):
     num_key_value_heads: int = Field(2, gt=0)
     head_dim: int = Field(16, gt=0)
     intermediate_size: int = Field(128, gt=0)
-    train_steps: int = Field(300, ge=0)
+    # ~1/sqrt(hidden_size): Qwen's 0.02 is tuned for wide models and leaves a tiny model's
+    # attention stuck near uniform for hundreds of steps.
+    initializer_range: float = Field(0.1, gt=0)
+    train_steps: int = Field(300, ge=0)  # the budget; pass@1 checks may stop training earlier
     batch_size: int = Field(64, gt=0)
     lr: float = Field(3e-3, gt=0)
+    check_every: int = Field(50, gt=0)  # training steps between greedy pass@1 checks
 
 
 class ToyConfig(Section):
@@ -54,13 +58,15 @@ class ToyConfig(Section):
     num_train: int = Field(2000, gt=0)
     num_eval: int = Field(200, gt=0)
     vocab_size: int = Field(384, ge=260)
-    teacher: ToyModelSpec = ToyModelSpec(hidden_size=96, num_hidden_layers=3, intermediate_size=256, train_steps=600)
-    student: ToyModelSpec = ToyModelSpec(hidden_size=48, num_hidden_layers=2, train_steps=60)
+    # Measured on 2 shared cores (toy defaults): teacher 0.15M params, ~450 steps to >= 95%;
+    # the student is the same family at ~half the size, stopped ~250 steps into its SFT, when
+    # its accuracy starts to rise (trained on, it reaches ~100% too: weak by training, not size).
+    teacher: ToyModelSpec = ToyModelSpec(hidden_size=64, num_hidden_layers=2, intermediate_size=256, train_steps=1000)
+    student: ToyModelSpec = ToyModelSpec(hidden_size=48, num_hidden_layers=2, intermediate_size=192, train_steps=800, check_every=10)
     # The teacher trains until greedy pass@1 on eval >= this (an error if its budget runs out);
     # the student's short SFT stops early once its pass@1 on held-out train lands in the window.
     teacher_min_pass_at_1: float = Field(0.95, ge=0, le=1)
     student_pass_at_1_window: tuple[float, float] = (0.10, 0.40)
-    check_every: int = Field(25, gt=0)  # training steps between those pass@1 checks
     # Where built toy models are cached (keyed by a hash of this section). Relative to cwd.
     cache_dir: str = ".cache/opd-toy"
 

@@ -34,7 +34,7 @@ def test_toy_download(tmp_path):
     tiny = ToyModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                         head_dim=8, intermediate_size=32, train_steps=2, batch_size=4)
     toy = ToyConfig(num_train=40, num_eval=8, teacher=tiny, student=tiny, teacher_min_pass_at_1=0.0,
-                    check_every=1000, cache_dir=str(tmp_path / "cache"))
+                    cache_dir=str(tmp_path / "cache"))
     cfg = OPDRunConfig(toy=toy)
     run_dir = RunDir.create(tmp_path / "artifacts", "r1")
     result = run_download(cfg, run_dir)

@@ -63,11 +63,18 @@ def build_toy_models(cfg: ToyConfig, progress: bool = True) -> ToyModels:
     if (root / MANIFEST).is_file():
         return _load(root)
     started = time.perf_counter()
-    with atomic_path(root) as tmp:
-        tmp.mkdir(parents=True)
-        info = _build(cfg, tmp, progress)
-        info["build_seconds"] = round(time.perf_counter() - started, 1)
-        write_json(tmp / MANIFEST, info)
+    threads = torch.get_num_threads()
+    # Matrices this small gain nothing from intra-op threads, and on a shared CPU the
+    # threads' spin-waits cost ~4x: one thread is much faster here.
+    torch.set_num_threads(1)
+    try:
+        with atomic_path(root) as tmp:
+            tmp.mkdir(parents=True)
+            info = _build(cfg, tmp, progress)
+            info["build_seconds"] = round(time.perf_counter() - started, 1)
+            write_json(tmp / MANIFEST, info)
+    finally:
+        torch.set_num_threads(threads)
     return _load(root)
 
 
@@ -98,8 +105,8 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
     teacher = _new_model(tokenizer, cfg.teacher, seed=cfg.seed)
     teacher_steps = _train(
         teacher, cfg.teacher, list(zip(train_prompts, train_responses)), tokenizer, seed=cfg.seed,
-        check=lambda m: greedy_pass_at_1(m, tokenizer, eval_prompts, eval_labels, max_new_tokens) >= cfg.teacher_min_pass_at_1,
-        check_every=cfg.check_every, desc="toy teacher", progress=progress,
+        should_stop=lambda m: greedy_pass_at_1(m, tokenizer, eval_prompts, eval_labels, max_new_tokens) >= cfg.teacher_min_pass_at_1,
+        desc="toy teacher", progress=progress,
     )
     teacher_pass = greedy_pass_at_1(teacher, tokenizer, eval_prompts, eval_labels, max_new_tokens)
     if teacher_pass < cfg.teacher_min_pass_at_1:
@@ -115,11 +122,23 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
     check_labels = train.column("label").to_pylist()[-held_out:]
     low, high = cfg.student_pass_at_1_window
     student = _new_model(tokenizer, cfg.student, seed=cfg.seed + 1)
+    previous: dict[str, torch.Tensor] = {}
+    reverted = []
+
+    def student_in_window(model) -> bool:
+        accuracy = greedy_pass_at_1(model, tokenizer, check_prompts, check_labels, max_new_tokens)
+        if accuracy > high and previous:
+            # Jumped over the window between two checks: go back to the last weights below it.
+            model.load_state_dict(previous)
+            reverted.append(cfg.student.check_every)
+            return True
+        previous.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return accuracy >= low
+
     student_steps = _train(
         student, cfg.student, sft_examples, tokenizer, seed=cfg.seed + 1,
-        check=lambda m: low <= greedy_pass_at_1(m, tokenizer, check_prompts, check_labels, max_new_tokens) <= high,
-        check_every=cfg.check_every, desc="toy student", progress=progress,
-    )
+        should_stop=student_in_window, desc="toy student", progress=progress,
+    ) - sum(reverted)
     student_pass = greedy_pass_at_1(student, tokenizer, eval_prompts, eval_labels, max_new_tokens)
 
     save_hf_model(teacher, tokenizer, out / "teacher")
@@ -139,7 +158,7 @@ def _response_ids(tokenizer: PreTrainedTokenizerBase, label: str) -> list[int]:
 
 def _new_model(tokenizer: PreTrainedTokenizerBase, spec: ToyModelSpec, seed: int) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
-    shape = spec.model_dump(exclude={"train_steps", "batch_size", "lr"})
+    shape = spec.model_dump(exclude={"train_steps", "batch_size", "lr", "check_every"})
     return Qwen3ForCausalLM(qwen3_config(tokenizer, **shape))
 
 
@@ -187,10 +206,10 @@ def _loss(examples, model, pad_id: int, shared: int) -> torch.Tensor:
     ).loss
 
 
-def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, check, check_every: int, desc: str, progress: bool) -> int:
+def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, should_stop, desc: str, progress: bool) -> int:
     """AdamW with linear warmup and cosine decay over `spec.train_steps`; returns steps taken.
 
-    Every `check_every` steps `check(model)` runs; True stops training there.
+    Every `spec.check_every` steps `should_stop(model)` runs; True ends training there.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     warmup = max(1, spec.train_steps // 20)
@@ -212,7 +231,7 @@ def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, check, che
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % check_every == 0 and check(model):
+        if (step + 1) % spec.check_every == 0 and should_stop(model):
             return step + 1
     return step + 1 if spec.train_steps else 0
 
