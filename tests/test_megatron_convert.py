@@ -148,3 +148,16 @@ def test_real_width_qwen3_converts_and_matches(tmp_path):
     assert len(list(back.glob("*.safetensors"))) > 1  # really sharded, with an index
     original, converted = read_hf_state_dict(tmp_path / "hf"), read_hf_state_dict(back)
     assert all(torch.equal(original[k], converted[k]) for k in original)
+
+
+def test_bf16_checkpoint_round_trips_in_bf16(models, tmp_path):
+    """A bf16 HF model (as Qwen3-8B ships) stays bf16 and bit-identical through torch_dist."""
+    from transformers import AutoModelForCausalLM
+
+    _, dirs = models
+    AutoModelForCausalLM.from_pretrained(dirs["qwen3_untied"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ckpt = hf_to_torch_dist(tmp_path / "bf16", tmp_path / "ckpt")
+    back = torch_dist_to_hf(ckpt, tmp_path / "bf16", tmp_path / "back")
+    original, converted = read_hf_state_dict(tmp_path / "bf16"), read_hf_state_dict(back)
+    assert {t.dtype for t in converted.values()} == {torch.bfloat16}
+    assert all(torch.equal(original[k], converted[k]) for k in original)

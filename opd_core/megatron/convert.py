@@ -62,9 +62,9 @@ def _ensure_process_group() -> None:
         raise RuntimeError("conversion runs on one rank; call it outside a multi-rank job")
 
 
-def load_hf_into_model(model, hf_dir: str | Path, hf_config: Any) -> None:
+def load_hf_into_model(model, hf_dir: str | Path, hf_config: Any, hf_state: dict | None = None) -> None:
     """Copy HF weights into a TP=1 GPTModel."""
-    megatron_tensors = mapping.hf_to_megatron(read_hf_state_dict(hf_dir), hf_config)
+    megatron_tensors = mapping.hf_to_megatron(hf_state or read_hf_state_dict(hf_dir), hf_config)
     state = mapping.megatron_to_model_state_dict(megatron_tensors, model)
     dtype = next(model.parameters()).dtype
     missing, _ = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
@@ -74,14 +74,20 @@ def load_hf_into_model(model, hf_dir: str | Path, hf_config: Any) -> None:
 
 
 def hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, step: int | None = 0, dtype: torch.dtype | None = None) -> Path:
-    """Convert an HF Qwen3/Qwen2 dir to Megatron-LM layout under out_dir (step None = release/)."""
+    """Convert an HF Qwen3/Qwen2 dir to Megatron-LM layout under out_dir (step None = release/).
+
+    `dtype` None keeps the HF weights' dtype.
+    """
     from opd_core.megatron.model import build_gpt_model
 
     hf_config = load_hf_config(hf_dir)
+    hf_state = read_hf_state_dict(hf_dir)
     _ensure_process_group()
-    # Conversion keeps the HF tensors' values exactly: fp32 unless asked otherwise.
-    model = build_gpt_model(hf_config, dtype=dtype or torch.float32)
-    load_hf_into_model(model, hf_dir, hf_config)
+    # Keep the HF weights' dtype (bf16 stays bf16, fp32 stays fp32): values are copied exactly,
+    # and the trainer casts on load when it trains in another dtype.
+    dtype = dtype or hf_state["model.embed_tokens.weight"].dtype
+    model = build_gpt_model(hf_config, dtype=dtype)
+    load_hf_into_model(model, hf_dir, hf_config, hf_state)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         checkpoint.save_model(model, tmp, step)
@@ -106,6 +112,9 @@ def write_hf_dir(megatron_tensors: dict[str, torch.Tensor], hf_config_dir: str |
     hf_config = load_hf_config(hf_config_dir)
     hf_state = mapping.megatron_to_hf(megatron_tensors, hf_config)
     _check_shapes(hf_state, hf_config, out_dir)
+    # Megatron's torch norms keep fp32 weights in a bf16 model; HF expects one dtype.
+    dtype = hf_state["model.embed_tokens.weight"].dtype
+    hf_state = {name: tensor.to(dtype) for name, tensor in hf_state.items()}
     split = split_torch_state_dict_into_shards(hf_state, max_shard_size=max_shard_size)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
