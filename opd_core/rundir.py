@@ -115,16 +115,21 @@ def code_version() -> str:
 
 
 def hash_inputs(paths: list[Path]) -> dict[str, str]:
-    """Content hash of each input (a file, or every file of a directory)."""
+    """Content hash of each input (a file, or every file of a directory).
+
+    Keyed by position and file name, not by absolute path: a run directory that was moved or
+    copied (e.g. from a cluster to a laptop) keeps its cache hits.
+    """
     out = {}
-    for path in paths:
+    for position, path in enumerate(paths):
         path = Path(path)
         if path.is_dir():
-            out[str(path)] = hashlib.sha256(json.dumps(sha256_tree(path), sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha256(json.dumps(sha256_tree(path), sort_keys=True).encode()).hexdigest()
         elif path.is_file():
-            out[str(path)] = sha256_file(path)
+            digest = sha256_file(path)
         else:
             raise FileNotFoundError(f"stage input missing: {path}")
+        out[f"{position}:{path.name}"] = digest
     return out
 
 
