@@ -74,6 +74,10 @@ def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(cluster, stude
     with TrainerGroup(config(dp=2, micro_batch_size=2), hf_dir, ckpt) as group:
         assert sorted(r["dp_rank"] for r in group.ranks) == [0, 1]
         np.testing.assert_allclose(three_steps(group, batch), reference, atol=1e-3)
+        # One sample for two DP ranks: one shard is empty and must still join the collectives.
+        single = batch.select([4])
+        assert np.isfinite(group.train_step(single)["loss"])
+        assert len(group.compute_logprobs(single)[0]) == len(single.response_ids[0]) > 0
 
     # The TP=2 checkpoint at TP=1, saved again, and loaded back at TP=2.
     with TrainerGroup(config(), hf_dir, tmp_path / "tp2", step=3) as group:

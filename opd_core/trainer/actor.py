@@ -29,6 +29,8 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
 
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
+# What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
+METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss")
 
 
 def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
@@ -144,13 +146,15 @@ class TrainActor:
         from opd_core.algorithm.losses import policy_loss
         from opd_core.megatron.model import token_logprobs
 
+        if len(batch) and not batch.advantages:
+            raise ValueError("TrainBatch.advantages is empty: compute advantages before train_step")
         model = self.optim.model
         model.train()
         masks = batch.loss_masks or [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
         local_tokens = float(sum(np.asarray(m, dtype=np.float64).sum() for m in masks))
         global_tokens = _dp_sum(torch.tensor([local_tokens], dtype=torch.float64))[0].item()
         need_entropy = self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
-        sums: dict[str, float] = {}
+        sums = dict.fromkeys(METRIC_KEYS, 0.0)
         self.optim.zero_grad()
         start = 0
         for micro in self._micro_batches(batch):
@@ -173,13 +177,14 @@ class TrainActor:
             )
             micro_tokens = float(mask.sum())
             (loss * (micro_tokens / max(global_tokens, 1.0)) * self.optim.loss_scale()).backward()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * micro_tokens
+            if micro_tokens:  # token-weighted, so micro-batches and DP shards average exactly
+                for key in METRIC_KEYS:
+                    sums[key] += metrics.get(key, float("nan")) * micro_tokens
         stats = self.optim.step()
         self.iteration += 1
-        keys = sorted(sums) or ["loss"]
-        totals = _dp_sum(torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64))
-        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(keys, totals.tolist())}
+        # Same keys in the same order on every rank (an empty shard included): one all-reduce.
+        totals = _dp_sum(torch.tensor([sums[k] for k in METRIC_KEYS], dtype=torch.float64))
+        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(METRIC_KEYS, totals.tolist())}
         out.update(stats)
         out.update(num_tokens=global_tokens, iteration=self.iteration)
         return out
