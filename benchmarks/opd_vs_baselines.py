@@ -155,7 +155,7 @@ def main() -> None:
     eval_prompts = read_arrow(base.eval_data, PROMPTS)
     results: dict = {"baseline_pass_at_1": pass_at_1(base.student_hf, eval_prompts, args.eval_prompts, 0), "methods": {}}
     per_seed: dict[str, list[dict]] = {m: [] for m in args.methods}
-    with launch_server("builtin", base.teacher_hf, base_cfg.teacher.model_copy(update={"port": 0}), root / "teacher.log") as teacher:
+    with launch_server("builtin", base.teacher_hf, base_cfg.teacher.model_copy(update={"port": 0, "tp": 1}), root / "teacher.log") as teacher:
         for seed in args.seeds:
             for name in args.methods:
                 cfg = load_config(args.config, [*rounds, f"seed={seed}", *METHODS[name]])

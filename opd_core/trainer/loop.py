@@ -30,7 +30,7 @@ from opd_core.algorithm.advantages import compute_advantages
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.metrics import MetricsLog, round_metrics
 from opd_core.algorithm.rewards import load_reward_fn
-from opd_core.config import OPDRunConfig
+from opd_core.config import OPDRunConfig, TeacherConfig
 from opd_core.engine.client import EngineClient, scores_to_table
 from opd_core.engine.launcher import launch_server
 from opd_core.evaluation import chat_prompt_ids
@@ -68,7 +68,7 @@ def run_training(
     # Resume from the newest checkpointed round, else start from the converted student.
     student_hf = state.hf_export or run_dir.student_hf
     with (
-        launch_server("builtin", student_hf, cfg.teacher.model_copy(update={"port": 0}), train_dir / "rollout_server.log") as rollout_server,
+        launch_server("builtin", student_hf, _rollout_engine(cfg), train_dir / "rollout_server.log") as rollout_server,
         EngineClient.from_config(rollout_server.url, cfg.client) as rollout_client,
         _teacher_client(cfg, teacher_urls) as teacher_client,
         TrainerGroup(
@@ -156,6 +156,12 @@ def run_training(
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _rollout_engine(cfg: OPDRunConfig) -> TeacherConfig:
+    """The rollout server: the built-in engine on a free local port, no key, no TP. It shares
+    only the host and start-up timeout with the teacher's settings."""
+    return TeacherConfig(backend="builtin", host=cfg.teacher.host, port=0, startup_timeout=cfg.teacher.startup_timeout)
 
 
 def _teacher_client(cfg: OPDRunConfig, teacher_urls: list[str] | None):
