@@ -5,7 +5,8 @@
 Both sides do the same work per step: forward over prompt+response, PPO-clip policy loss on
 the response tokens (`opd_core.algorithm.losses.policy_loss`), backward, grad clipping and
 an AdamW step, in fp32 on this machine's CPU (bf16 on CUDA for both). Tokens/s counts every
-token in the (unpadded) batch. Prints a table and writes benchmarks/results/train_step.json.
+token in the (unpadded) batch. Prints a table and writes benchmarks/results/train_step.json. The two are timed alternately
+and the median step is reported, so load from other processes affects both alike.
 """
 
 from __future__ import annotations
@@ -41,21 +42,17 @@ def make_batch(args, vocab: int, seed: int = 0):
     return TrainBatch(prompts, responses, advantages=advantages)
 
 
-def bench_megatron(hf_dir, ckpt, cfg, batch, steps: int) -> float:
+def megatron_step(hf_dir, ckpt, cfg, batch):
     from opd_core.megatron.parallel import free_port
     from opd_core.trainer.actor import TrainActor
 
     actor = TrainActor()
     actor.setup(0, 1, "127.0.0.1", free_port(), cfg.train.parallel, hf_dir, ckpt, None, cfg.train, cfg.algorithm)
     batch.old_logprobs = actor.compute_logprobs(batch)
-    actor.train_step(batch)  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        actor.train_step(batch)
-    return (time.perf_counter() - start) / steps
+    return lambda: actor.train_step(batch)
 
 
-def bench_transformers(hf_dir, cfg, batch, steps: int) -> float:
+def transformers_step(hf_dir, cfg, batch):
     from transformers import AutoModelForCausalLM
 
     from opd_core.algorithm.losses import policy_loss
@@ -91,13 +88,22 @@ def bench_transformers(hf_dir, cfg, batch, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         optimizer.step()
 
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return step
+
+
+def timed_interleaved(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call, alternating the contenders so machine load hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():
+        step()  # warm-up
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def main() -> None:
@@ -105,7 +111,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--response-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
@@ -122,8 +128,9 @@ def main() -> None:
             ckpt = hf_to_torch_dist(hf_dir, Path(tmp) / f"ckpt{len(rows)}")
             batch = make_batch(args, vocab=300)
             tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
-            megatron_s = bench_megatron(hf_dir, ckpt, cfg, batch, args.steps)
-            hf_s = bench_transformers(hf_dir, cfg, batch, args.steps)
+            seconds = timed_interleaved({"megatron": megatron_step(hf_dir, ckpt, cfg, batch),
+                                         "transformers": transformers_step(hf_dir, cfg, batch)}, args.steps)
+            megatron_s, hf_s = seconds["megatron"], seconds["transformers"]
             rows.append({"model": name, "tokens_per_step": tokens, "megatron_s_per_step": megatron_s,
                          "transformers_s_per_step": hf_s, "megatron_tokens_per_s": tokens / megatron_s,
                          "transformers_tokens_per_s": tokens / hf_s, "speedup": hf_s / megatron_s})
