@@ -25,7 +25,7 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from opd_core.config import EvalConfig
-from opd_core.io import atomic_path, write_arrow, write_json
+from opd_core.io import write_arrow, write_json
 from opd_core.schemas import EVAL_SAMPLES
 from opd_core.verifier import extract_answer, is_correct
 
