@@ -161,3 +161,13 @@ def test_bf16_checkpoint_round_trips_in_bf16(models, tmp_path):
     original, converted = read_hf_state_dict(tmp_path / "bf16"), read_hf_state_dict(back)
     assert {t.dtype for t in converted.values()} == {torch.bfloat16}
     assert all(torch.equal(original[k], converted[k]) for k in original)
+
+
+def test_checkpoint_of_another_shape_is_refused(models):
+    """An untied checkpoint into a tied model, or other sizes: an error naming the tensors."""
+    root, dirs = models
+    untied = hf_to_torch_dist(dirs["qwen3_untied"], root / "untied_for_mismatch")
+    for other in ("qwen3_tied", "qwen3_gqa_head_dim"):
+        model = build_gpt_model(load_hf_config(dirs[other]), dtype=torch.float32)
+        with pytest.raises(Exception, match="does not hold this model"):
+            checkpoint.load_model(model, untied)

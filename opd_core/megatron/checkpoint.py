@@ -97,8 +97,10 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
     from megatron.core import dist_checkpointing
 
     path = resolve_iteration_dir(root, step)
+    sharded = model.sharded_state_dict()
+    _check_same_tensors(sharded, path)
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+        state = dist_checkpointing.load(sharded, str(path))
     except Exception as err:  # noqa: BLE001 - re-raised with the path and a hint
         raise ArtifactError(
             f"cannot load {path} into this model (different architecture or sizes?): {type(err).__name__}: {err}"
@@ -108,6 +110,31 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
     if missing or unexpected:
         raise ArtifactError(f"{path}: missing parameters {missing[:5]}, unexpected {unexpected[:5]}")
     return path
+
+
+def _check_same_tensors(sharded: dict, path: Path) -> None:
+    """Refuse a checkpoint of another architecture before dist_checkpointing does something odd.
+
+    dist_checkpointing silently ignores stored tensors the model does not ask for (an untied
+    lm_head loaded into a tied model would vanish), so compare names and shapes first.
+    """
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = {name: tuple(meta.size) for name, meta in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+              if isinstance(meta, TensorStorageMetadata) and not name.startswith("optimizer")}
+    wanted = {}
+    for item in sharded.values():
+        if type(item).__name__ == "ShardedTensor":
+            wanted[item.key] = tuple(item.global_shape)
+        elif type(item).__name__ == "ShardedTensorFactory":
+            wanted.setdefault(item.key, None)
+    problems = [f"{name}: in the checkpoint, not in the model" for name in sorted(set(stored) - set(wanted))]
+    problems += [f"{name}: in the model, not in the checkpoint" for name in sorted(set(wanted) - set(stored))]
+    problems += [f"{name}: checkpoint shape {stored[name]}, model shape {shape}" for name, shape in wanted.items()
+                 if shape is not None and name in stored and stored[name] != shape]
+    if problems:
+        raise ArtifactError(f"{path} does not hold this model (wrong HF config?):\n  " + "\n  ".join(problems[:8]))
 
 
 def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, torch.Tensor]:
