@@ -75,3 +75,11 @@ def test_section_hash_tracks_only_its_sections():
     changed = load_config(CONFIGS / "toy.yaml", ["train.lr=0.5"])
     assert base.section_hash("eval") == changed.section_hash("eval")
     assert base.section_hash("train") != changed.section_hash("train")
+
+
+def test_readme_config_reference_is_current():
+    """README's config reference is generated (`python -m opd_core.config_doc`): regenerate it."""
+    from opd_core.config_doc import markdown
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    assert markdown() in readme, "README.md config reference is stale: run `python -m opd_core.config_doc`"

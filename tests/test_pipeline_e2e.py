@@ -1,0 +1,71 @@
+"""End to end: a shortened toy pipeline through Prefect; every stage's outputs; the student improves.
+
+This is the one slow test that runs the real thing: a Prefect test server, the built-in
+teacher server over HTTP, Ray training actors holding a Megatron GPTModel, torch_dist
+checkpoints. `make demo` is the same flow with the full toy config.
+"""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from opd_core.io import read_arrow, read_json
+from opd_core.schemas import EVAL_SAMPLES, PROMPTS, ROLLOUTS, TEACHER_LOGPROBS
+
+ROOT = Path(__file__).resolve().parents[1]
+# Fewer, smaller rounds than the demo: enough for a clear improvement, short enough for CI.
+SHORT = ["rollout.num_rollout=4", "eval.num_prompts=100", "eval.k=2"]
+
+
+@pytest.mark.slow
+def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
+    from flows.opd import opd_flow
+
+    overrides = [f"run.artifacts_dir={tmp_path}", "run.run_id=e2e", *SHORT]
+    result = opd_flow(config_path=str(ROOT / "configs" / "toy.yaml"), overrides=overrides)
+    run = tmp_path / "e2e"
+    assert Path(result["run_dir"]) == run.resolve()
+    assert (tmp_path / "latest").resolve() == run.resolve()
+
+    # download: models, data, manifest whose hashes cover the files.
+    manifest = read_json(run / "download" / "manifest.json")
+    for model in ("student", "teacher"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (run / "download" / "models" / model / name).is_file()
+    train = read_arrow(run / "download" / "data" / "train.arrow", PROMPTS)
+    assert len(train) > 0 and len(manifest) > 0
+
+    # convert: a Megatron-LM layout checkpoint that matches HF.
+    ckpt = run / "convert" / "student_torch_dist"
+    assert (ckpt / "latest_checkpointed_iteration.txt").is_file()
+    assert read_json(run / "convert" / "parity.json")["max_abs_logits_diff"] <= 1e-4
+
+    # teacher: the endpoint it served on.
+    endpoint = read_json(run / "teacher" / "endpoint.json")
+    assert endpoint["urls"][0].startswith("http://127.0.0.1:")
+
+    # train: per round, rollouts and teacher log-probs aligned token for token, metrics.
+    for round_index in range(4):
+        round_dir = run / "train" / f"round_{round_index:04d}"
+        rollouts = read_arrow(round_dir / "rollouts.arrow", ROLLOUTS)
+        scores = read_arrow(round_dir / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
+        assert len(rollouts) == len(scores) > 0
+        lengths = pa.compute.list_value_length(rollouts.column("response_ids")).to_pylist()
+        assert lengths == pa.compute.list_value_length(scores.column("teacher_logprobs")).to_pylist()
+        metrics = read_json(round_dir / "metrics.json")
+        for key in ("opd_reverse_kl", "reward_mean", "loss", "grad_norm", "seconds"):
+            assert key in metrics, key
+    assert (run / "train" / "checkpoints" / "hf" / "final" / "model.safetensors").is_file()
+
+    # evals and the report.
+    baseline = read_json(run / "baseline_eval" / "summary.json")
+    final = read_json(run / "final_eval" / "summary.json")
+    for summary in (baseline, final):
+        assert {"pass_at_1", "pass_at_k", "k", "num_prompts"} <= set(summary)
+    assert len(read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)) == 100 * (1 + 2)
+    assert (run / "final_eval" / "report.md").read_text().count("pass@1") >= 1
+    assert (run / "final_eval" / "curves.png").stat().st_size > 0
+
+    # The point of it all: distillation made the student better.
+    assert final["pass_at_1"] > baseline["pass_at_1"] + 0.1, (baseline, final)
