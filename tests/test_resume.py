@@ -45,16 +45,12 @@ SMALL_RUN = [
 TIMING_KEYS = {"seconds"}
 
 
-def _opd_run(api_url: str, artifacts: Path, run_id: str) -> subprocess.Popen:
+def _opd_run(api_url: str, artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/toy.yaml",
-               *SMALL_RUN, f"run.artifacts_dir={artifacts}", f"run.run_id={run_id}"]
+               *SMALL_RUN, f"run.artifacts_dir={artifacts}", f"run.run_id={run_id}", *extra]
     log = open(artifacts / f"{run_id}.log", "ab")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    assert process.wait(timeout=timeout) == 0, f"opd run failed, log {log}:\n{log.read_text()[-4000:]}"
 
 
 def _round_metrics(run_dir: Path) -> list[dict]:
@@ -92,16 +88,46 @@ def _processes_naming(path: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the module: the flows join it (as on a real cluster) instead
+    of starting their own, and what is left on it (actors, placement groups) can be asked."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _ray_leftovers(timeout: float = 0.0) -> list[str]:
+    """Actors not dead and placement groups not removed on the cluster (polled up to `timeout`)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        actors = [f"actor {a['ActorClassName']} {a['State']}" for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+        groups = [f"placement group {g['placement_group_id']} {g['state']}" for g in ray.util.placement_group_table().values()
+                  if g["state"] != "REMOVED"]
+        if not (actors or groups) or time.monotonic() > deadline:
+            return actors + groups
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_with_identical_metrics(prefect_harness, tmp_path):
+def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_cluster, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
+    from flows.opd import opd_flow
+
+    monkeypatch.chdir(REPO)
     api_url = PREFECT_API_URL.value()  # the session's test server: no ephemeral server per run
     artifacts = tmp_path.resolve()
     run_dir = artifacts / "killed"
 
-    # 1. Start a run and SIGKILL it while round 1 trains (round 0's checkpoint is on disk).
-    process = _opd_run(api_url, artifacts, "killed")
+    # 1. `opd run` (joining the cluster), SIGKILLed while round 1 trains (round 0 checkpointed).
+    process = _opd_run(api_url, artifacts, "killed", f"train.ray.address={ray_cluster}")
     deadline = time.monotonic() + 600
     while _checkpointed_round(run_dir) is None:
         assert process.poll() is None, f"opd run ended before round 0 was checkpointed:\n{(artifacts / 'killed.log').read_text()[-4000:]}"
@@ -114,32 +140,29 @@ def test_killed_training_resumes_with_identical_metrics(prefect_harness, tmp_pat
     assert not (run_dir / "final_eval" / "summary.json").exists()
     round0 = run_dir / "train" / "round_0000" / "metrics.json"
     round0_mtime = round0.stat().st_mtime_ns
-
-    # 2. Rerun on the same run directory: resumes at round 1 and finishes.
-    resumed = _opd_run(api_url, artifacts, "killed")
-    _finish(resumed, artifacts / "killed.log")
-    assert round0.stat().st_mtime_ns == round0_mtime, "round 0 was redone: the rerun did not resume"
-    assert _checkpointed_round(run_dir) == ROUNDS - 1
-    assert (run_dir / "final_eval" / "summary.json").exists()
-
-    # The rerun stopped the servers the killed run left behind.
-    assert not _alive(_processes_naming(run_dir)), f"still serving this run: {_alive(_processes_naming(run_dir))}"
-
     try:
-        # 3. An uninterrupted run with the same seed gives the same metrics, round by round.
-        reference = _opd_run(api_url, artifacts, "reference")
-        _finish(reference, artifacts / "reference.log")
-        assert _round_metrics(run_dir) == _round_metrics(artifacts / "reference")
+        # Ray removes a dead driver's training actors and placement group by itself.
+        assert not _ray_leftovers(timeout=60), f"on the cluster after the kill: {_ray_leftovers()}"
 
-        # Nothing the killed run started is still running: servers, Ray (raylet and GCS share
-        # the driver's fate; Ray's agents notice the dead raylet and exit within a minute or two).
+        # 2. Rerun on the same run directory: resumes at round 1 and finishes.
+        # The same config (the cluster address is part of the train section, so of its key).
+        same = [f"run.artifacts_dir={artifacts}", f"train.ray.address={ray_cluster}"]
+        opd_flow(config_path="configs/toy.yaml", overrides=SMALL_RUN + same + ["run.run_id=killed"])
+        assert round0.stat().st_mtime_ns == round0_mtime, "round 0 was redone: the rerun did not resume"
+        assert _checkpointed_round(run_dir) == ROUNDS - 1
+        assert (run_dir / "final_eval" / "summary.json").exists()
+
+        # Nothing of the killed run is left: its model servers were stopped by the rerun.
         leftovers = [p for p in started_by_killed_run if not _is_multiprocessing_helper(p)]
-        deadline = time.monotonic() + 180
-        while _alive(leftovers) and time.monotonic() < deadline:
-            time.sleep(2)
         assert not _alive(leftovers), f"left over from the killed run: {_alive(leftovers)}"
+        assert not _alive(_processes_naming(run_dir)), f"still serving this run: {_alive(_processes_naming(run_dir))}"
+        assert not _ray_leftovers(), f"on the cluster after the rerun: {_ray_leftovers()}"
+
+        # 3. An uninterrupted run with the same seed gives the same metrics, round by round.
+        opd_flow(config_path="configs/toy.yaml", overrides=SMALL_RUN + same + ["run.run_id=reference"])
+        assert _round_metrics(run_dir) == _round_metrics(artifacts / "reference")
     finally:
-        for leftover in started_by_killed_run:  # don't leave orphans on the machine if it failed
+        for leftover in started_by_killed_run:  # leave no orphans on the machine if it failed
             try:
                 leftover.kill()
             except psutil.Error:
@@ -195,37 +218,15 @@ def reward(samples):
 '''
 
 
-def _is_server_or_ray(process: psutil.Process) -> bool:
-    try:
-        cmdline = " ".join(process.cmdline())
-    except psutil.Error:
-        return False
-    return "ray" in cmdline or "opd_core.engine.server" in cmdline or "sglang" in cmdline
-
-
-def _new_children(before: set[int]) -> list[str]:
-    """Model servers and Ray processes under this test process that were not there at `before`."""
-    deadline = time.monotonic() + 15  # Ray's processes take a moment to exit after shutdown
-    while True:
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and _is_server_or_ray(p)]
-        alive = _alive(left)
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
-def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, tmp_path, monkeypatch):
-    import ray
-
+def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, ray_cluster, tmp_path, monkeypatch):
     from flows.opd import opd_flow
 
     monkeypatch.chdir(REPO)
     reward_file = tmp_path / "failing_reward.py"
     reward_file.write_text(FAILING_REWARD)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
     overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", "rollout.num_rollout=1",
-                             f"reward.type={reward_file}:reward"]
+                             f"reward.type={reward_file}:reward", f"train.ray.address={ray_cluster}"]
 
     with pytest.raises(Exception, match="reward function failed mid-training"):
         opd_flow(config_path="configs/toy.yaml", overrides=overrides)
@@ -234,5 +235,5 @@ def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, tmp_
     # It failed while training: the teacher and the rollout server had been started.
     assert (run_dir / "teacher" / "endpoint.json").exists() and (run_dir / "train" / "rollout_server.log").exists()
     assert not _alive(_processes_naming(run_dir)), "a model server of the failed run is still running"
-    assert not ray.is_initialized(), "the failed run left its Ray cluster up"
-    assert not _new_children(before), f"servers / Ray processes left by the failed run: {_new_children(before)}"
+    # Its training actors and placement group were removed from the (shared) cluster.
+    assert not _ray_leftovers(timeout=10), f"left on the Ray cluster by the failed run: {_ray_leftovers()}"
