@@ -67,6 +67,7 @@ def toy_models(tmp_path_factory):
     return cfg, build_toy_models(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_toy_models_meet_their_pass_at_1_targets(toy_models):
     cfg, models = toy_models
     assert models.teacher_pass_at_1 >= 0.95
@@ -79,6 +80,7 @@ def test_toy_models_meet_their_pass_at_1_targets(toy_models):
     assert (models.student_dir / "model.safetensors").stat().st_size < teacher_size
 
 
+@pytest.mark.slow
 def test_second_build_is_a_cache_hit(toy_models):
     cfg, models = toy_models
     manifest = toy_cache_dir(cfg) / "toy_models.json"
@@ -89,6 +91,7 @@ def test_second_build_is_a_cache_hit(toy_models):
     assert toy_cache_dir(cfg.model_copy(update={"seed": 1})) != toy_cache_dir(cfg)
 
 
+@pytest.mark.slow
 def test_engine_eval_agrees_with_the_recorded_pass_at_1(toy_models):
     """The saved checkpoints, loaded by the inference engine, score what the build measured."""
     cfg, models = toy_models
