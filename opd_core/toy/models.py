@@ -59,7 +59,7 @@ def toy_cache_dir(cfg: ToyConfig) -> Path:
 
 
 def build_toy_models(cfg: ToyConfig, progress: bool = True) -> ToyModels:
-    root = toy_cache_dir(cfg)
+    root = toy_cache_dir(cfg).resolve()  # absolute: callers may change directory later
     if (root / MANIFEST).is_file():
         return _load(root)
     started = time.perf_counter()
