@@ -13,6 +13,7 @@ before and after a run says which stages ran. Seconds are printed (see docs/pref
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -51,8 +52,20 @@ def _rerun_stages(before: dict, after: dict) -> set[str]:
     return {stage for stage in CACHED_STAGES if before[stage]["finished_at"] != after[stage]["finished_at"]}
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster that every training run joins (saves a Ray start per run)."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
-def test_reruns_redo_only_what_changed(prefect_harness, tmp_path, monkeypatch):
+def test_reruns_redo_only_what_changed(prefect_harness, ray_cluster, tmp_path, monkeypatch):
     from flows.opd import opd_flow
 
     monkeypatch.chdir(REPO)  # configs/ and the toy-model cache (.cache/) are repo-relative

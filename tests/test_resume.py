@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,8 +116,24 @@ def _ray_leftovers(timeout: float = 0.0) -> list[str]:
         time.sleep(0.5)
 
 
+@pytest.fixture(scope="module")
+def reference_run(prefect_harness, ray_cluster, tmp_path_factory) -> Path:
+    """An uninterrupted run (in this process, on the module's cluster): the expected result."""
+    from flows.opd import opd_flow
+
+    artifacts = tmp_path_factory.mktemp("reference").resolve()
+    cwd = os.getcwd()
+    os.chdir(REPO)  # configs/ and the toy-model cache (.cache/) are repo-relative
+    try:
+        overrides = SMALL_RUN + [f"run.artifacts_dir={artifacts}", f"train.ray.address={ray_cluster}", "run.run_id=reference"]
+        result = opd_flow(config_path="configs/toy.yaml", overrides=overrides)
+    finally:
+        os.chdir(cwd)
+    return Path(result["run_dir"])
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_cluster, tmp_path, monkeypatch):
+def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
     from flows.opd import opd_flow
@@ -158,9 +175,8 @@ def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_clu
         assert not _alive(_processes_naming(run_dir)), f"still serving this run: {_alive(_processes_naming(run_dir))}"
         assert not _ray_leftovers(), f"on the cluster after the rerun: {_ray_leftovers()}"
 
-        # 3. An uninterrupted run with the same seed gives the same metrics, round by round.
-        opd_flow(config_path="configs/toy.yaml", overrides=SMALL_RUN + same + ["run.run_id=reference"])
-        assert _round_metrics(run_dir) == _round_metrics(artifacts / "reference")
+        # 3. Same seed, same metrics as the uninterrupted run, round by round.
+        assert _round_metrics(run_dir) == _round_metrics(reference_run)
     finally:
         for leftover in started_by_killed_run:  # leave no orphans on the machine if it failed
             try:
@@ -219,14 +235,18 @@ def reward(samples):
 
 
 @pytest.mark.slow
-def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, ray_cluster, tmp_path, monkeypatch):
+def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch):
     from flows.opd import opd_flow
 
     monkeypatch.chdir(REPO)
+    # A copy of a finished run (download, convert, baseline_eval are cache hits) with a reward
+    # function that raises: train starts the teacher, the rollout server and the actors, then fails.
+    shutil.copytree(reference_run, tmp_path / "failing", symlinks=True)
+    (tmp_path / "failing" / "teacher" / "endpoint.json").unlink()  # written again once the teacher is up
     reward_file = tmp_path / "failing_reward.py"
     reward_file.write_text(FAILING_REWARD)
-    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", "rollout.num_rollout=1",
-                             f"reward.type={reward_file}:reward", f"train.ray.address={ray_cluster}"]
+    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", f"train.ray.address={ray_cluster}",
+                             f"reward.type={reward_file}:reward"]
 
     with pytest.raises(Exception, match="reward function failed mid-training"):
         opd_flow(config_path="configs/toy.yaml", overrides=overrides)
