@@ -2,9 +2,11 @@
 
 A real Prefect server (SQLite in a temp PREFECT_HOME, a free port on 127.0.0.1) and a real
 process worker are started by `scripts/prefect_stack.py up` (what `make up` runs), the
-deployments of prefect.yaml are registered, and a small toy run goes through the worker.
-The flow run's state and the run directory are checked through the API and on disk; a stage
-deployment then reruns one stage from that directory; `down` must leave nothing running.
+deployments of prefect.yaml are registered, and a small toy run goes through the worker: it
+is cancelled mid-training through the API (what the UI's Cancel does; its servers must be
+gone), run again (cached stages skipped, training resumed, COMPLETED, every stage's outputs
+on disk), and a stage deployment reruns one stage from the run directory. `down` must leave
+nothing running.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ TINY_TOY = [
 ]
 SMALL_RUN = [
     "rollout.num_rollout=2",
+    "train.save_interval=1",
     "rollout.rollout_batch_size=4",
     "rollout.n_samples_per_prompt=2",
     "train.global_batch_size=8",
@@ -147,7 +150,7 @@ def _server_processes_for(run_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if str(run_dir) in cmdline and ("serve" in cmdline or "launch_server" in cmdline):
+        if str(run_dir) in cmdline and ("opd_core.engine.server" in cmdline or "sglang.launch_server" in cmdline):
             found.append(process)
     return found
 
@@ -158,31 +161,62 @@ def test_stack_registers_all_deployments(stack):
     assert {"opd/full", *(f"opd-stage/{s}" for s in stages)} <= names
 
 
-@pytest.mark.slow
-def test_full_deployment_run_through_worker(stack, tmp_path):
-    artifacts = tmp_path / "artifacts"
-    overrides = SMALL_RUN + [f"run.artifacts_dir={artifacts}", "run.run_id=deployed"]
-    started = time.monotonic()
-    output = _prefect(stack, "deployment", "run", "opd/full", "--params", json.dumps({"overrides": overrides}))
-    flow_run = _wait_for_flow_run(stack, _flow_run_id(output), timeout=600)
-    seconds = time.monotonic() - started
-    assert flow_run.state.is_completed(), f"opd/full ended {flow_run.state.type}: {flow_run.state.message}"
-    print(f"\nopd/full through the worker: {seconds:.1f} s")
+def _cancel(stack: dict, flow_run_id: str) -> None:
+    """What the UI's Cancel button does: ask for CANCELLING; the worker stops the process."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
 
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+
+def _checkpointed_round(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / "train" / "state.json").read_text()).get("checkpoint_round")
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_full_deployment_cancel_resume_and_stage_rerun(stack, tmp_path):
+    """opd/full through the worker: cancelled mid-training, run again (resumes), then a stage rerun."""
+    artifacts = (tmp_path / "artifacts").resolve()
     run_dir = artifacts / "deployed"
+    params = json.dumps({"overrides": SMALL_RUN + [f"run.artifacts_dir={artifacts}", "run.run_id=deployed"]})
+
+    # 1. Cancel while training (round 0 checkpointed, round 1 running), as from the UI.
+    started = time.monotonic()
+    first_id = _flow_run_id(_prefect(stack, "deployment", "run", "opd/full", "--params", params))
+    while _checkpointed_round(run_dir) is None:
+        assert time.monotonic() - started < 600, "round 0 never checkpointed"
+        time.sleep(0.5)
+    _cancel(stack, first_id)
+    cancelled = _wait_for_flow_run(stack, first_id, timeout=120)
+    assert cancelled.state.is_cancelled(), f"expected CANCELLED, got {cancelled.state.type}: {cancelled.state.message}"
+    # Its teacher and rollout servers are gone (finally: blocks or the on_cancellation hook).
+    deadline = time.monotonic() + 30
+    while _server_processes_for(run_dir) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _server_processes_for(run_dir), "a model server outlived its cancelled flow run"
+    round0_mtime = (run_dir / "train" / "round_0000" / "metrics.json").stat().st_mtime_ns
+
+    # 2. The same deployment run again: cached stages skipped, training resumed, COMPLETED.
+    started = time.monotonic()
+    flow_run = _wait_for_flow_run(stack, _flow_run_id(_prefect(stack, "deployment", "run", "opd/full", "--params", params)), timeout=600)
+    print(f"\nopd/full after a cancel (resume) through the worker: {time.monotonic() - started:.1f} s")
+    assert flow_run.state.is_completed(), f"opd/full ended {flow_run.state.type}: {flow_run.state.message}"
+    assert flow_run.name == "toy:deployed", f"flow-run name {flow_run.name!r} should name config and run id"
     missing = [p for p in STAGE_OUTPUTS if not (run_dir / p).exists()]
     assert not missing, f"stage outputs missing from {run_dir}: {missing}"
     assert json.loads((run_dir / "final_eval" / "summary.json").read_text())["k"] == 2
-    assert "deployed" in flow_run.name, f"flow-run name {flow_run.name!r} should name the run id"
+    assert (run_dir / "train" / "round_0000" / "metrics.json").stat().st_mtime_ns == round0_mtime, "round 0 was redone"
+    assert not _server_processes_for(run_dir), "a model server outlived its flow run"
 
-    # A stage deployment reruns one stage from what is stored: final_eval is a cache hit.
+    # 3. A stage deployment reruns one stage from what is stored: final_eval is a cache hit.
     marker_before = json.loads((run_dir / "final_eval" / "_stage.json").read_text())
-    output = _prefect(
-        stack, "deployment", "run", "opd-stage/final_eval", "--param", f"run_dir={json.dumps(str(run_dir))}",
-    )
+    output = _prefect(stack, "deployment", "run", "opd-stage/final_eval", "--param", f"run_dir={json.dumps(str(run_dir))}")
     stage_run = _wait_for_flow_run(stack, _flow_run_id(output), timeout=300)
     assert stage_run.state.is_completed(), f"opd-stage/final_eval ended {stage_run.state.type}: {stage_run.state.message}"
+    assert stage_run.name == "final_eval:deployed"
     assert json.loads((run_dir / "final_eval" / "_stage.json").read_text()) == marker_before
-
-    # The teacher and rollout servers of the run were stopped when the flow ended.
-    assert not _server_processes_for(run_dir), "a model server outlived its flow run"
