@@ -5,14 +5,25 @@
                        train_cfg, algorithm_cfg, teacher_ckpt_dir=None, teacher_step=None)
     actor.compute_logprobs.remote(batch)   # -> list[np.ndarray], one per sample
     actor.teacher_logprobs.remote(batch)   # opd_type=megatron: the teacher in this actor
+    actor.ref_logprobs.remote(batch)       # use_kl_loss: the frozen initial student
+    actor.compute_values.remote(batch)     # advantage_estimator=ppo: the critic's V per response token
     actor.train_step.remote(batch)         # one optimizer step on this rank's shard -> metrics
+                                           # (+ one critic step when batch.returns is set)
     actor.save_checkpoint.remote(root, step); actor.load_checkpoint.remote(root, step)
     actor.export_hf.remote(out_dir, hf_config_dir)
 
 `batch` is this rank's data-parallel shard (every TP rank of a DP group gets the same one).
 The loss of a micro-batch is weighted by its share of the global token count, so gradient
 accumulation over micro-batches and the sum over data-parallel ranks give exactly the
-token-mean loss of the whole global batch, whatever TP/DP/micro-batch sizes are chosen.
+token-mean loss of the whole global batch, whatever TP/DP/micro-batch sizes are chosen. The critic's value loss is weighted the same way.
+
+Optional models, built only when the algorithm needs them (no memory cost otherwise):
+- `self.reference` (algorithm.use_kl_loss): a frozen copy of the student as set up, i.e. the
+  initial policy (the loop sets up from the converted student and resumes through
+  `load_checkpoint`, which never touches the reference).
+- `self.critic` + its own AdamW (advantage_estimator=ppo): see `opd_core.megatron.critic`;
+  lr = train.critic_lr or train.lr. Checkpoints hold it under `iter_XXXXXXX/critic/` and its
+  optimizer under `iter_XXXXXXX/train_state/critic/`, so a resumed ppo run continues exactly.
 """
 
 from __future__ import annotations
@@ -29,8 +40,10 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
 
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
+CRITIC_DIR = "critic"  # the critic's torch_dist inside iter_XXXXXXX/, its optimizer in train_state/critic/
 # What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss")
+CRITIC_METRIC_KEYS = ("value_loss", "value_clip_frac", "value_mean")
 
 
 def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
@@ -48,6 +61,9 @@ class TrainActor:
     def __init__(self) -> None:
         self.model = None
         self.teacher = None
+        self.reference = None  # use_kl_loss
+        self.critic = self.critic_optim = None  # advantage_estimator=ppo
+        self._critic_loaded = False
         self.iteration = 0
 
     # ------------------------------------------------------------------------ setup
@@ -64,6 +80,9 @@ class TrainActor:
     def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, parallel, hf_config_dir,
               ckpt_dir, step: int | None, train, algorithm, teacher_ckpt_dir=None, teacher_step: int | None = None,
               seed: int = 0, num_threads: int | None = None) -> dict:
+        from opd_core.megatron.known_warnings import quiet_known_warnings
+
+        quiet_known_warnings()  # before megatron is imported in this worker
         from megatron.core import parallel_state as ps
 
         from opd_core.megatron.convert import load_hf_config
@@ -84,8 +103,18 @@ class TrainActor:
         self.dtype = _dtype(self.train_cfg.dtype)
         self.model = build_gpt_model(self.hf_config, dtype=self.dtype)
         self.optim = build_optimizer(self.model, self.train_cfg)
+        if self.algorithm.advantage_estimator == "ppo":
+            self._build_critic()
         if ckpt_dir is not None:
-            self.load_checkpoint(ckpt_dir, step)
+            self.load_checkpoint(ckpt_dir, step)  # the critic too, if that checkpoint has one
+        if self.critic is not None and not self._critic_loaded:
+            from opd_core.megatron.critic import copy_trunk_from_student
+
+            copy_trunk_from_student(self.critic, self.module)
+        if self.algorithm.use_kl_loss:
+            self.reference = build_gpt_model(self.hf_config, dtype=self.dtype)
+            self.reference.load_state_dict(self.module.state_dict())
+            self.reference.eval().requires_grad_(False)
         if teacher_ckpt_dir is not None:
             self._load_teacher(teacher_ckpt_dir, teacher_step)
         return {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
@@ -94,6 +123,15 @@ class TrainActor:
     @property
     def module(self):
         return self.optim.module
+
+    def _build_critic(self) -> None:
+        from opd_core.megatron.critic import build_critic_model
+        from opd_core.megatron.optim import build_optimizer
+
+        self.critic = build_critic_model(self.hf_config, dtype=self.dtype)
+        critic_lr = self.train_cfg.critic_lr or self.train_cfg.lr
+        self.critic_optim = build_optimizer(self.critic, self.train_cfg.model_copy(update={"lr": critic_lr}))
+        self._critic_loaded = False  # set by load_checkpoint when a checkpoint holds a critic
 
     def _load_teacher(self, teacher_ckpt_dir, teacher_step: int | None) -> None:
         from opd_core.megatron import checkpoint
@@ -136,6 +174,25 @@ class TrainActor:
         if self.teacher is None:
             raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
         return self._logprobs(self.teacher, batch)
+
+    def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        """The frozen reference (initial student) log-prob of every response token."""
+        if self.reference is None:
+            raise RuntimeError("no reference model: it is built only with algorithm.use_kl_loss=true")
+        return self._logprobs(self.reference, batch)
+
+    @torch.no_grad()
+    def compute_values(self, batch: TrainBatch) -> list[np.ndarray]:
+        """The critic's V per response token, aligned with the log-probs (empty for an empty response)."""
+        from opd_core.megatron.critic import token_values
+
+        if self.critic is None:
+            raise RuntimeError("no critic: it is built only with algorithm.advantage_estimator=ppo")
+        self.critic.eval()
+        out: list[np.ndarray] = []
+        for micro in self._micro_batches(batch):
+            out += [v.cpu().numpy() for v in token_values(self.critic, micro.prompt_ids, micro.response_ids)]
+        return out
 
     # ---------------------------------------------------------------------- training
 
@@ -186,7 +243,43 @@ class TrainActor:
         totals = _dp_sum(torch.tensor([sums[k] for k in METRIC_KEYS], dtype=torch.float64))
         out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(METRIC_KEYS, totals.tolist())}
         out.update(stats)
+        # `returns is not None` holds on every DP shard of a batch that has returns (an empty shard
+        # gets []), so all ranks agree on taking the critic step and its collectives.
+        if self.critic is not None and batch.returns is not None:
+            out.update(self._critic_step(batch, masks, global_tokens))
         out.update(num_tokens=global_tokens, iteration=self.iteration)
+        return out
+
+    def _critic_step(self, batch: TrainBatch, masks: list[np.ndarray], global_tokens: float) -> dict:
+        """One critic optimizer step on the clipped value loss; token-weighted like the policy loss."""
+        from opd_core.algorithm.losses import value_loss
+        from opd_core.megatron.critic import token_values
+
+        self.critic.train()
+        sums = dict.fromkeys(CRITIC_METRIC_KEYS, 0.0)
+        self.critic_optim.zero_grad()
+        start = 0
+        for micro in self._micro_batches(batch):
+            rows = range(start, start + len(micro))
+            start += len(micro)
+            values = token_values(self.critic, micro.prompt_ids, micro.response_ids)
+            width = max(len(r) for r in micro.response_ids)
+            values_t = _stack_padded(values, width)
+            device = values_t.device
+            mask = _pad([masks[i] for i in rows], width).to(device)
+            # No stored old values: the clip is centred on the current ones (no clipping at this step).
+            old = _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
+            loss, metrics = value_loss(values_t, old, _pad(micro.returns, width).to(device), mask,
+                                       self.algorithm.value_clip)
+            micro_tokens = float(mask.sum())
+            (loss * (micro_tokens / max(global_tokens, 1.0)) * self.critic_optim.loss_scale()).backward()
+            if micro_tokens:
+                for key in CRITIC_METRIC_KEYS:
+                    sums[key] += metrics[key] * micro_tokens
+        stats = self.critic_optim.step()
+        totals = _dp_sum(torch.tensor([sums[k] for k in CRITIC_METRIC_KEYS], dtype=torch.float64))
+        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(CRITIC_METRIC_KEYS, totals.tolist())}
+        out.update(critic_grad_norm=stats["grad_norm"], critic_lr=stats["lr"])
         return out
 
     # ------------------------------------------------------------------- checkpoints
@@ -199,6 +292,12 @@ class TrainActor:
             state_dir = tmp / TRAIN_STATE
             state_dir.mkdir(exist_ok=True)
             self.optim.save(state_dir, self.rank)
+            if self.critic is not None:
+                from opd_core.megatron.critic import save_critic
+
+                save_critic(self.critic, tmp / CRITIC_DIR)
+                (state_dir / CRITIC_DIR).mkdir(exist_ok=True)
+                self.critic_optim.save(state_dir / CRITIC_DIR, self.rank)
             torch.save({"iteration": self.iteration, "world_size": dist.get_world_size(), "parallel": self.parallel.model_dump(),
                         "rng": _rng_state()}, state_dir / f"rank{self.rank:05d}.pt")
 
@@ -214,15 +313,24 @@ class TrainActor:
         path = checkpoint.load_model(self.module, ckpt_root, step)
         state_file = path / TRAIN_STATE / f"rank{self.rank:05d}.pt"
         resumed = False
+        critic_in_checkpoint = self.critic is not None and (path / CRITIC_DIR).is_dir()
+        if critic_in_checkpoint:
+            from opd_core.megatron.critic import load_critic
+
+            load_critic(self.critic, path / CRITIC_DIR)
+            self._critic_loaded = True
         if state_file.is_file():
             state = torch.load(state_file, map_location="cpu", weights_only=False)
             same_layout = state["world_size"] == dist.get_world_size() and state["parallel"] == self.parallel.model_dump()
             if same_layout:  # torch AdamW state is per shard: it only fits the same TP/DP layout
                 self.optim.load(path / TRAIN_STATE, self.rank)
+                if critic_in_checkpoint:
+                    self.critic_optim.load(path / TRAIN_STATE / CRITIC_DIR, self.rank)
                 _set_rng_state(state["rng"])
                 resumed = True
             self.iteration = state["iteration"]
-        return {"path": str(path), "resumed_optimizer": resumed, "iteration": self.iteration}
+        return {"path": str(path), "resumed_optimizer": resumed, "iteration": self.iteration,
+                "resumed_critic": critic_in_checkpoint}
 
     def export_hf(self, out_dir, hf_config_dir=None) -> str | None:
         """Write an HF model dir (rank 0) usable by transformers and /update_weights_from_disk."""

@@ -2,7 +2,10 @@
 
     with TrainerGroup(cfg, hf_config_dir, ckpt_dir, step=None, teacher_ckpt_dir=None) as group:
         batch.old_logprobs = group.compute_logprobs(batch)
+        batch.ref_logprobs = group.ref_logprobs(batch)       # use_kl_loss: frozen initial student
+        values = group.compute_values(batch)                  # ppo: the critic, per response token
         metrics = group.train_step(batch)          # optimizer steps of train.global_batch_size
+                                                   # (+ critic steps when batch.returns is set)
         group.save_checkpoint(root, step); group.export_hf(out_dir)
 
 World size = TP x PP x DP; one actor per rank, one placement-group bundle per actor ({"CPU": n}
@@ -108,6 +111,14 @@ class TrainerGroup:
 
     def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         return [row for shard in self._run_sharded("teacher_logprobs", batch) for row in shard]
+
+    def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
+        """The frozen initial student's log-probs (algorithm.use_kl_loss)."""
+        return [row for shard in self._run_sharded("ref_logprobs", batch) for row in shard]
+
+    def compute_values(self, batch: TrainBatch) -> list[np.ndarray]:
+        """The critic's value per response token (advantage_estimator=ppo)."""
+        return [row for shard in self._run_sharded("compute_values", batch) for row in shard]
 
     def train_step(self, batch: TrainBatch) -> dict:
         """One optimizer step per `train.global_batch_size` samples; metrics averaged over steps."""
