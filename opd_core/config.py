@@ -184,6 +184,7 @@ class RayConfig(Section):
 
 class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
+    critic_lr: float | None = Field(None, gt=0)  # ppo critic's AdamW lr; None = train.lr
     min_lr: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = 0.9

@@ -54,8 +54,10 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 def _ensure_process_group() -> None:
     import torch.distributed as dist
 
+    from opd_core.megatron.known_warnings import quiet_known_warnings
     from opd_core.megatron.parallel import init_single_process
 
+    quiet_known_warnings()  # before megatron is first imported on this (driver) path
     if not dist.is_initialized():
         init_single_process()
     elif dist.get_world_size() != 1:
