@@ -1,0 +1,70 @@
+"""Both teacher modes give the same teacher log-probs on the same rollouts (fp32, <= 1e-4).
+
+opd_type=sglang: the teacher behind the built-in SGLang-protocol server, scored over HTTP
+with `EngineClient.score`. opd_type=megatron: the teacher's torch_dist checkpoint loaded into
+the Ray training actor (`TrainerGroup.teacher_logprobs`), no server. Rollouts are sampled
+from the server first, as in a round. ~45 s on 2 cores (server start, Ray start).
+"""
+
+import numpy as np
+import pytest
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import OPDRunConfig, TeacherConfig
+from opd_core.engine.client import EngineClient
+from opd_core.engine.launcher import launch_server
+from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.megatron.convert import hf_to_torch_dist
+from opd_core.megatron.parallel import destroy_distributed
+
+pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher_modes")
+    student = make_tiny_qwen3(root / "student", initializer_range=0.1)
+    # A teacher bigger than the student, untied, as a real teacher usually is.
+    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=3,
+                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    models = {
+        "root": root, "student": student, "teacher": teacher,
+        "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
+        "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist"),
+    }
+    destroy_distributed()  # the conversion's one-rank group is not needed by the driver any more
+    return models
+
+
+def test_server_and_megatron_teacher_logprobs_agree(models):
+    from opd_core.trainer.group import TrainerGroup
+
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(3, 300, n))) for n in (1, 3, 5, 8, 4, 6)]
+    with launch_server("builtin", models["teacher"], TeacherConfig(startup_timeout=120),
+                       models["root"] / "server.log") as server, EngineClient(server.url) as client:
+        responses = client.generate(prompts, {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 3})
+        response_ids = [list(r["output_ids"]) for r in responses]
+        response_ids.append([])  # a zero-length response scores to an empty array in both modes
+        prompts = prompts + [prompts[0]]
+        over_http = client.score(prompts, response_ids)
+    assert sum(len(r) for r in response_ids) >= 10
+
+    cfg = OPDRunConfig.model_validate({
+        "algorithm": {"use_opd": True, "opd_type": "megatron", "opd_teacher_load": str(models["teacher_ckpt"])},
+        "train": {"dtype": "fp32", "micro_batch_size": 4, "ray": {"actor_num_cpus_per_rank": 1}},
+    })
+    batch = TrainBatch(prompt_ids=prompts, response_ids=response_ids)
+    with TrainerGroup(cfg, models["student"], models["student_ckpt"]) as trainer:
+        in_actor = trainer.teacher_logprobs(batch)
+        student = trainer.compute_logprobs(batch)
+
+    differences = []
+    for row, (http, megatron, response) in enumerate(zip(over_http, in_actor, response_ids)):
+        assert http.shape == megatron.shape == (len(response),), row
+        if len(response):
+            differences.append(float(np.abs(http - megatron).max()))
+    print(f"max |server - megatron| teacher log-prob difference: {max(differences):.2e}")
+    assert max(differences) <= 1e-4
+    # The actor really used the teacher, not the student it trains.
+    assert max(float(np.abs(t - s).max()) for t, s in zip(in_actor, student) if len(t)) > 0.1
