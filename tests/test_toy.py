@@ -62,8 +62,9 @@ def test_toy_rejects_more_problems_than_exist():
 
 
 @pytest.fixture(scope="module")
-def toy_models(tmp_path_factory):
-    cfg = ToyConfig(cache_dir=str(tmp_path_factory.mktemp("toy-cache")))
+def toy_models():
+    # The default cache (.cache/opd-toy): the end-to-end test and `make demo` reuse this build.
+    cfg = ToyConfig()
     return cfg, build_toy_models(cfg, progress=False)
 
 
