@@ -161,6 +161,28 @@ def test_stack_registers_all_deployments(stack):
     assert {"opd/full", *(f"opd-stage/{s}" for s in stages)} <= names
 
 
+def test_config_form_is_validated_by_the_server(stack):
+    """`config` is the pydantic tree: the server checks a run's parameters against its schema."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Scheduled
+
+    from opd_core.config import load_config
+
+    good = load_config(REPO / "configs" / "toy.yaml").model_dump(mode="json")
+    bad = json.loads(json.dumps(good))
+    bad["rollout"]["num_rollout"] = -1
+    later = Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=365))  # accepted, never run
+    with temporary_settings({PREFECT_API_URL: stack["api_url"]}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("opd/full")
+        with pytest.raises(Exception, match="config.rollout.num_rollout"):
+            client.create_flow_run_from_deployment(deployment.id, parameters={"config": bad, "config_path": None})
+        accepted = client.create_flow_run_from_deployment(deployment.id, parameters={"config": good, "config_path": None}, state=later)
+        client.delete_flow_run(accepted.id)
+
+
 def _cancel(stack: dict, flow_run_id: str) -> None:
     """What the UI's Cancel button does: ask for CANCELLING; the worker stops the process."""
     from prefect.client.orchestration import get_client
