@@ -150,6 +150,10 @@ class AlgorithmConfig(Section):
     opd_kl_coef: float = 1.0
     opd_teacher_load: str | None = None
     opd_teacher_ckpt_step: int | None = None
+    # 0 = slime's OPD: the sampled token's reverse KL is a penalty on its advantage. k > 0 =
+    # top-k OPD: the teacher also returns its k most likely tokens per position and the OPD
+    # term is instead a dense loss, the reverse KL over that support (weight opd_kl_coef).
+    opd_topk: int = Field(0, ge=0)
     eps_clip: float = Field(0.2, ge=0)
     eps_clip_high: float | None = Field(None, ge=0)
     use_kl_loss: bool = False
@@ -246,6 +250,8 @@ class OPDRunConfig(Section):
                 "algorithm.opd_type=sglang takes the teacher from the teacher server; "
                 "algorithm.opd_teacher_load is only for opd_type=megatron"
             )
+        if a.opd_topk and not (a.use_opd and a.opd_type == "sglang"):
+            raise ValueError("algorithm.opd_topk needs algorithm.use_opd with opd_type=sglang (the teacher server's top_logprobs_num)")
         if a.opd_teacher_ckpt_step is not None and not a.opd_teacher_load:
             raise ValueError("algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not")
         if self.teacher.backend == "external" and not self.teacher.url:

@@ -39,6 +39,10 @@ TEACHER_LOGPROBS = pa.schema(
         pa.field("prompt_index", pa.int64(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
         pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),  # len == len(response_ids)
+        # algorithm.opd_topk > 0 only (else null): the teacher's k most likely tokens at each
+        # response position and their log-probs, [len(response_ids)][k].
+        pa.field("teacher_topk_ids", pa.list_(pa.list_(pa.int32())), nullable=True),
+        pa.field("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=True),
     ]
 )
 

@@ -21,6 +21,8 @@ class TrainBatch:
     returns: list[np.ndarray] | None = None  # ppo: critic targets
     old_values: list[np.ndarray] | None = None  # ppo: critic values before the update
     loss_masks: list[np.ndarray] | None = None  # 1 = token counts in the loss; None = all response tokens
+    teacher_topk_ids: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] int32
+    teacher_topk_logprobs: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] float32
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -28,7 +30,8 @@ class TrainBatch:
     def __post_init__(self) -> None:
         if len(self.prompt_ids) != len(self.response_ids):
             raise ValueError(f"{len(self.prompt_ids)} prompts but {len(self.response_ids)} responses")
-        for name in ("advantages", "old_logprobs", "ref_logprobs", "returns", "old_values", "loss_masks"):
+        for name in ("advantages", "old_logprobs", "ref_logprobs", "returns", "old_values", "loss_masks",
+                     "teacher_topk_ids", "teacher_topk_logprobs"):
             arrays = getattr(self, name)
             if not arrays:
                 continue
@@ -50,4 +53,6 @@ class TrainBatch:
             returns=pick(self.returns),
             old_values=pick(self.old_values),
             loss_masks=pick(self.loss_masks),
+            teacher_topk_ids=pick(self.teacher_topk_ids),
+            teacher_topk_logprobs=pick(self.teacher_topk_logprobs),
         )

@@ -25,7 +25,7 @@ import torch
 
 from opd_core.config import AlgorithmConfig
 
-__all__ = ["approx_kl", "masked_mean", "policy_loss", "value_loss"]
+__all__ = ["approx_kl", "masked_mean", "policy_loss", "topk_reverse_kl", "value_loss"]
 
 
 def masked_mean(values, mask, dim: int | None = None):
@@ -149,3 +149,21 @@ def value_loss(
         "value_mean": masked_mean(values.detach(), mask).item(),
     }
     return loss, metrics
+
+
+def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Reverse KL(student || teacher) per token over the teacher's top-k support plus "the rest".
+
+    Both distributions are coarsened to k + 1 outcomes: the teacher's k most likely tokens and
+    one bucket for everything else (1 - their total probability). That is a proper KL, a lower
+    bound on the full-vocabulary one, and it still penalises student mass outside the top-k
+    (which renormalising over the k tokens alone would ignore). Inputs [..., k] -> [...].
+    """
+
+    def with_rest(logprobs: torch.Tensor) -> torch.Tensor:
+        covered = torch.logsumexp(logprobs, dim=-1, keepdim=True)
+        rest = torch.log(torch.clamp(-torch.expm1(torch.clamp(covered, max=0.0)), min=eps))
+        return torch.cat([logprobs, rest], dim=-1)
+
+    student, teacher = with_rest(student_topk_logprobs.float()), with_rest(teacher_topk_logprobs.float())
+    return (student.exp() * (student - teacher)).sum(-1)

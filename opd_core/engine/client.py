@@ -161,12 +161,7 @@ class EngineClient:
             todo = [i for i in todo if results[i] is None]
 
         def payload(start: int, stop: int) -> dict:
-            return {
-                "input_ids": [list(map(int, prompt_ids[i])) + list(map(int, response_ids[i])) for i in todo[start:stop]],
-                "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
-                "return_logprob": True,
-                "logprob_start_len": 0,
-            }
+            return _score_payload([prompt_ids[i] for i in todo[start:stop]], [response_ids[i] for i in todo[start:stop]])
 
         outputs = self._batched(len(todo), payload, progress)
         fresh = {}
@@ -175,6 +170,38 @@ class EngineClient:
         if self.cache is not None and fresh:
             self.cache.put_many({keys[i]: v for i, v in fresh.items()})
         return results  # type: ignore[return-value]
+
+    def score_topk(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int, progress: str | None = None
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """`score` plus the teacher's k most likely tokens at every response position.
+
+        Returns (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32) per sample,
+        from SGLang's `top_logprobs_num` on the same scoring request. Not cached (the cache
+        stores sampled-token log-probs only).
+        """
+        if k < 1:
+            raise ValueError(f"score_topk: k must be >= 1, got {k}")
+        empty = (np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+        results = [empty] * len(prompt_ids)
+        todo = [i for i, response in enumerate(response_ids) if len(response)]
+
+        def payload(start: int, stop: int) -> dict:
+            rows = todo[start:stop]
+            return {**_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]), "top_logprobs_num": k}
+
+        for i, output in zip(todo, self._batched(len(todo), payload, progress)):
+            where = f"sequence {i}"
+            tops = output["meta_info"].get("input_top_logprobs") or []
+            tail = tops[-len(response_ids[i]) :]
+            if len(tail) != len(response_ids[i]) or any(top is None or len(top) != k for top in tail):
+                raise EngineError(f"{where}: the engine did not return {k} input_top_logprobs per response token")
+            results[i] = (
+                _response_logprobs(output, response_ids[i], where),
+                np.asarray([[entry[1] for entry in top] for top in tail], dtype=np.int32),
+                np.asarray([[entry[0] for entry in top] for top in tail], dtype=np.float32),
+            )
+        return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
     # ------------------------------------------------------------------- management
 
@@ -244,6 +271,16 @@ class EngineClient:
         self.close()
 
 
+def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
+    """slime's teacher scoring request: prompt+response, no new tokens, log-probs from position 0."""
+    return {
+        "input_ids": [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)],
+        "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+
+
 def _response_logprobs(output: dict, response: list[int], where: str) -> np.ndarray:
     """slime's trim: drop input entry 0 (None), keep the last len(response) log-probs."""
     entries = output["meta_info"]["input_token_logprobs"][1:]
@@ -256,17 +293,26 @@ def _response_logprobs(output: dict, response: list[int], where: str) -> np.ndar
     return np.asarray([e[0] for e in tail], dtype=np.float32)
 
 
-def scores_to_table(prompt_index: Sequence[int], sample_index: Sequence[int], logprobs: Sequence[np.ndarray]) -> pa.Table:
-    """Rows of `opd_core.schemas.TEACHER_LOGPROBS`."""
+def scores_to_table(
+    prompt_index: Sequence[int],
+    sample_index: Sequence[int],
+    logprobs: Sequence[np.ndarray],
+    topk_ids: Sequence[np.ndarray] | None = None,
+    topk_logprobs: Sequence[np.ndarray] | None = None,
+) -> pa.Table:
+    """Rows of `opd_core.schemas.TEACHER_LOGPROBS` (top-k columns null unless given)."""
     if not len(prompt_index) == len(sample_index) == len(logprobs):
         raise ValueError(
             f"prompt_index ({len(prompt_index)}), sample_index ({len(sample_index)}) and logprobs ({len(logprobs)}) differ in length"
         )
+    nested = lambda rows, dtype: [None] * len(logprobs) if rows is None else [np.asarray(r, dtype).tolist() for r in rows]  # noqa: E731
     return pa.table(
         {
             "prompt_index": pa.array(prompt_index, pa.int64()),
             "sample_index": pa.array(sample_index, pa.int32()),
             "teacher_logprobs": pa.array([np.asarray(v, dtype=np.float32) for v in logprobs], pa.list_(pa.float32())),
+            "teacher_topk_ids": pa.array(nested(topk_ids, np.int32), pa.list_(pa.list_(pa.int32()))),
+            "teacher_topk_logprobs": pa.array(nested(topk_logprobs, np.float32), pa.list_(pa.list_(pa.float32()))),
         },
         schema=TEACHER_LOGPROBS,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -207,11 +208,13 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 def token_logprobs(
-    model, prompt_ids: list[list[int]], response_ids: list[list[int]], with_entropy: bool = False
+    model, prompt_ids: list[list[int]], response_ids: list[list[int]], with_entropy: bool = False, topk_ids=None
 ):
     """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
 
     With `with_entropy`, also returns the per-token entropy of the full distribution.
+    With `topk_ids` (per sample a [len(response_i), k] array of token ids, top-k OPD), returns
+    (logprobs, entropies or None, topk_logprobs): the student's log-probs of those ids.
     Gradients flow (call under torch.no_grad() for inference). Works under tensor parallel:
     the vocab-parallel cross entropy does the softmax across ranks.
     """
@@ -225,7 +228,8 @@ def token_logprobs(
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous())
     logprobs_all = -nll.t()  # [b, s]
     entropy_all = _vocab_parallel_entropy(logits) if with_entropy else None
-    logprobs, entropies = [], []
+    full_logprobs = _full_vocab_logprobs(logits) if topk_ids is not None else None
+    logprobs, entropies, topk = [], [], []
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         start, end = len(prompt) - 1, len(prompt) + len(response) - 1
         if len(prompt) == 0:
@@ -233,7 +237,21 @@ def token_logprobs(
         logprobs.append(logprobs_all[row, start:end])
         if with_entropy:
             entropies.append(entropy_all[row, start:end])
+        if topk_ids is not None:
+            index = torch.as_tensor(np.asarray(topk_ids[row]), dtype=torch.long, device=logits.device)
+            topk.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
+    if topk_ids is not None:
+        return logprobs, (entropies if with_entropy else None), topk
     return (logprobs, entropies) if with_entropy else logprobs
+
+
+def _full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the whole vocabulary [b, s, vocab] (all-gathered under tensor parallel)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:

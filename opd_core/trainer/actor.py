@@ -42,7 +42,7 @@ from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
 CRITIC_DIR = "critic"  # the critic's torch_dist inside iter_XXXXXXX/, its optimizer in train_state/critic/
 # What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
-METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss")
+METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss", "opd_topk_kl")
 CRITIC_METRIC_KEYS = ("value_loss", "value_clip_frac", "value_mean")
 
 
@@ -200,7 +200,7 @@ class TrainActor:
         """One optimizer step over this rank's shard of the global batch; global metrics."""
         from megatron.core import parallel_state as ps
 
-        from opd_core.algorithm.losses import policy_loss
+        from opd_core.algorithm.losses import masked_mean, policy_loss, topk_reverse_kl
         from opd_core.megatron.model import token_logprobs
 
         if len(batch) and not batch.advantages:
@@ -217,7 +217,12 @@ class TrainActor:
         for micro in self._micro_batches(batch):
             rows = range(start, start + len(micro))
             start += len(micro)
-            if need_entropy:
+            student_topk = None
+            if micro.teacher_topk_ids:  # top-k OPD: also the student's log-probs of the teacher's top-k
+                logprobs, entropy, student_topk = token_logprobs(
+                    model, micro.prompt_ids, micro.response_ids, with_entropy=need_entropy, topk_ids=micro.teacher_topk_ids
+                )
+            elif need_entropy:
                 logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids, with_entropy=True)
             else:
                 logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids), None
@@ -232,6 +237,12 @@ class TrainActor:
                 logprobs_t, old, _pad(micro.advantages, width).to(device), mask, self.algorithm,
                 ref_logprobs=ref, entropy=None if entropy is None else _stack_padded(entropy, width),
             )
+            if student_topk is not None:
+                teacher_topk = [torch.as_tensor(np.asarray(t), dtype=torch.float32) for t in micro.teacher_topk_logprobs]
+                per_token_kl = topk_reverse_kl(_stack_padded(student_topk, width), _stack_padded(teacher_topk, width).to(device))
+                topk_kl = masked_mean(per_token_kl, mask)
+                loss = loss + self.algorithm.opd_kl_coef * topk_kl
+                metrics = {**metrics, "opd_topk_kl": float(topk_kl.detach()), "loss": float(loss.detach())}
             micro_tokens = float(mask.sum())
             (loss * (micro_tokens / max(global_tokens, 1.0)) * self.optim.loss_scale()).backward()
             if micro_tokens:  # token-weighted, so micro-batches and DP shards average exactly
@@ -363,8 +374,8 @@ class TrainActor:
 
 
 def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[len(rows), width] from 1-D tensors of different lengths, keeping the autograd graph."""
-    return torch.stack([torch.nn.functional.pad(row, (0, width - row.shape[0])) for row in rows])
+    """[len(rows), width, ...] from tensors whose first dim differs, keeping the autograd graph."""
+    return torch.stack([torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, width - row.shape[0])) for row in rows])
 
 
 def _dtype(name: str) -> torch.dtype:

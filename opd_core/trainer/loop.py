@@ -93,16 +93,22 @@ def run_training(
             rewards = np.asarray(reward_fn(rollouts["samples"]), dtype=np.float32)
             write_arrow(round_dir / "rollouts.arrow", _rollouts_table(round_index, rollouts, rewards), ROLLOUTS)
             batch = TrainBatch(prompt_ids=rollouts["prompt_ids"], response_ids=rollouts["response_ids"])
+            topk = cfg.algorithm.opd_topk
             if not cfg.algorithm.use_opd:
                 teacher_logprobs = None
             elif use_megatron_teacher:
                 teacher_logprobs = trainer.teacher_logprobs(batch)
+            elif topk:
+                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = teacher_client.score_topk(
+                    batch.prompt_ids, batch.response_ids, topk, progress=f"round {round_index} teacher top-{topk}"
+                )
             else:
                 teacher_logprobs = teacher_client.score(batch.prompt_ids, batch.response_ids, progress=f"round {round_index} teacher")
             if teacher_logprobs is not None:
                 write_arrow(
                     round_dir / "teacher_logprobs.arrow",
-                    scores_to_table(rollouts["prompt_index"], rollouts["sample_index"], teacher_logprobs),
+                    scores_to_table(rollouts["prompt_index"], rollouts["sample_index"], teacher_logprobs,
+                                    batch.teacher_topk_ids, batch.teacher_topk_logprobs),
                 )
             timings["time_score"] = time.perf_counter() - tick
 
@@ -113,8 +119,11 @@ def run_training(
                 else trainer.compute_logprobs(batch)
             )
             values = trainer.compute_values(batch) if cfg.algorithm.advantage_estimator == "ppo" else None
+            # Top-k OPD: the OPD term is the actor's dense top-k loss, not an advantage penalty
+            # (the sampled-token reverse KL is still computed, as the metric).
+            algorithm = cfg.algorithm.model_copy(update={"opd_kl_coef": 0.0}) if topk else cfg.algorithm
             result = compute_advantages(
-                cfg.algorithm,
+                algorithm,
                 rewards=rewards,
                 group_ids=np.asarray(rollouts["prompt_index"]),
                 old_logprobs=batch.old_logprobs,
