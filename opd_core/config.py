@@ -196,7 +196,6 @@ class TrainConfig(Section):
     clip_grad: float = Field(1.0, gt=0)
     global_batch_size: int = Field(256, gt=0)  # samples per optimizer step
     micro_batch_size: int = Field(64, gt=0)
-    num_steps_per_rollout: int = Field(1, ge=1)
     save_interval: int = Field(1, ge=1)  # rounds between checkpoints (resume points); the last round is always saved
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     parallel: ParallelConfig = ParallelConfig()

