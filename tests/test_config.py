@@ -23,7 +23,7 @@ def test_qwen3_config_mirrors_slime_example():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "algorithm.use_opd=false"])
+    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "algorithm.use_opd=false", "algorithm.opd_topk=0"])
     assert cfg.train.lr == 3e-4 and cfg.rollout.num_rollout == 2 and cfg.algorithm.use_opd is False
 
 
