@@ -20,30 +20,18 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_runs import SMALL_BATCHES, TINY_TOY
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = [sys.executable, str(REPO / "scripts" / "prefect_stack.py")]
 
 # The smallest run that still exercises every stage and two training rounds.
-# Tiny random toy models (no teacher/student training): these tests check plumbing, not quality.
-TINY_TOY = [
-    "toy.num_train=64",
-    "toy.num_eval=16",
-    "toy.teacher.train_steps=0",
-    "toy.student.train_steps=0",
-    "toy.teacher_min_pass_at_1=0",
-    "toy.student_pass_at_1_window=[0,1]",
-]
 SMALL_RUN = [
     "rollout.num_rollout=2",
     "train.save_interval=1",
-    "rollout.rollout_batch_size=4",
-    "rollout.n_samples_per_prompt=2",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=8",
     "eval.num_prompts=8",
     "eval.k=2",
-] + TINY_TOY
+] + SMALL_BATCHES + TINY_TOY  # tests/tiny_runs.py: plumbing, not quality
 
 # What every stage leaves in the run directory.
 STAGE_OUTPUTS = [

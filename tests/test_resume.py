@@ -20,28 +20,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from tiny_runs import SMALL_BATCHES, TINY_TOY
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 2
-# Tiny random toy models (no teacher/student training): these tests check plumbing, not quality.
-TINY_TOY = [
-    "toy.num_train=64",
-    "toy.num_eval=16",
-    "toy.teacher.train_steps=0",
-    "toy.student.train_steps=0",
-    "toy.teacher_min_pass_at_1=0",
-    "toy.student_pass_at_1_window=[0,1]",
-]
 SMALL_RUN = [
     f"rollout.num_rollout={ROUNDS}",
-    "rollout.rollout_batch_size=4",
-    "rollout.n_samples_per_prompt=2",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=8",
     "train.save_interval=1",
     "eval.num_prompts=4",
     "eval.k=1",
-] + TINY_TOY
+] + SMALL_BATCHES + TINY_TOY  # tests/tiny_runs.py: plumbing, not quality
 # Wall-clock timings differ between any two runs; everything else must match exactly.
 TIMING_KEYS = {"seconds"}
 
