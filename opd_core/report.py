@@ -55,7 +55,8 @@ def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict
     if metrics_path.is_file():
         curves = plot_curves(read_arrow(metrics_path), out_dir / "curves.png")
     a = cfg.algorithm
-    method = f"{a.advantage_estimator}" + (f" + OPD ({a.opd_type} teacher, opd_kl_coef={a.opd_kl_coef})" if a.use_opd else "")
+    opd = f"top-{a.opd_topk} OPD" if a.opd_topk else "OPD"
+    method = f"{a.advantage_estimator}" + (f" + {opd} ({a.opd_type} teacher, opd_kl_coef={a.opd_kl_coef})" if a.use_opd else "")
     text = (
         f"# OPD run `{run_dir.root.name}` ({cfg.name})\n\n"
         f"Student `{cfg.models.student}`, teacher `{cfg.models.teacher}`, {method}, reward `{cfg.reward.type}`, "
