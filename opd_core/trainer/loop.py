@@ -20,6 +20,7 @@ last completed round, so a killed run resumes where it stopped (see `TrainState`
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 
 import numpy as np
@@ -175,16 +176,8 @@ def _rollout_engine(cfg: OPDRunConfig) -> TeacherConfig:
 
 def _teacher_client(cfg: OPDRunConfig, teacher_urls: list[str] | None):
     if not teacher_urls:
-        return _NullContext()
+        return nullcontext()
     return EngineClient.from_config(teacher_urls, cfg.client, api_key=cfg.teacher.api_key)
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _is_checkpoint_round(cfg: OPDRunConfig, round_index: int) -> bool:
