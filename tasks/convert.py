@@ -11,8 +11,7 @@ from tasks.common import cached_stage
 
 @task(name="convert", cache_policy=NO_CACHE)
 def convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
-    inputs = [run_dir.student_hf]
-    if teacher_checkpoint(cfg, run_dir) is not None:
-        inputs.append(run_dir.teacher_hf)
-    config_hash = cfg.section_hash("convert") + str(teacher_checkpoint(cfg, run_dir))
+    teacher_ckpt = teacher_checkpoint(cfg, run_dir)  # megatron mode: the teacher is converted too
+    inputs = [run_dir.student_hf] + ([run_dir.teacher_hf] if teacher_ckpt is not None else [])
+    config_hash = cfg.section_hash("convert") + str(teacher_ckpt)
     return cached_stage("convert", run_dir, config_hash, inputs, lambda: run_convert(cfg, run_dir))
