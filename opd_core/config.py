@@ -151,8 +151,9 @@ class AlgorithmConfig(Section):
     opd_teacher_load: str | None = None
     opd_teacher_ckpt_step: int | None = None
     # 0 = slime's OPD: the sampled token's reverse KL is a penalty on its advantage. k > 0 =
-    # top-k OPD: the teacher also returns its k most likely tokens per position and the OPD
-    # term is instead a dense loss, the reverse KL over that support (weight opd_kl_coef).
+    # top-k OPD: the teacher also returns its k most likely tokens per position (the server's
+    # top_logprobs_num, or the Megatron teacher's logits) and the OPD term is instead a dense
+    # loss, the reverse KL over that support (weight opd_kl_coef).
     opd_topk: int = Field(0, ge=0)
     eps_clip: float = Field(0.2, ge=0)
     eps_clip_high: float | None = Field(None, ge=0)
@@ -189,7 +190,15 @@ class RayConfig(Section):
 class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     critic_lr: float | None = Field(None, gt=0)  # ppo critic's AdamW lr; None = train.lr
-    min_lr: float = Field(0.0, ge=0)
+    # The lr schedule, with Megatron-LM's names and semantics (megatron-core's
+    # OptimizerParamScheduler runs it on CPU and CUDA): linear warmup from lr_warmup_init to
+    # lr over lr_warmup_iters optimizer steps, then decay to min_lr by lr_decay_iters
+    # (None = the run's last step: num_rollout x optimizer steps per round).
+    min_lr: float = Field(0.0, ge=0)  # the lr at the end of the decay
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "constant"  # after warmup
+    lr_warmup_iters: int = Field(0, ge=0)  # optimizer steps of linear warmup
+    lr_warmup_init: float = Field(0.0, ge=0)  # the lr warmup starts from
+    lr_decay_iters: int | None = Field(None, gt=0)  # the schedule's horizon; None = the whole run
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -249,15 +258,33 @@ class OPDRunConfig(Section):
                 "algorithm.opd_type=sglang takes the teacher from the teacher server; "
                 "algorithm.opd_teacher_load is only for opd_type=megatron"
             )
-        if a.opd_topk and not (a.use_opd and a.opd_type == "sglang"):
-            raise ValueError("algorithm.opd_topk needs algorithm.use_opd with opd_type=sglang (the teacher server's top_logprobs_num)")
+        if a.opd_topk and not a.use_opd:
+            raise ValueError("algorithm.opd_topk is set but algorithm.use_opd is false")
         if a.opd_teacher_ckpt_step is not None and not a.opd_teacher_load:
             raise ValueError("algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not")
         if self.teacher.backend == "external" and not self.teacher.url:
             raise ValueError("teacher.backend=external needs teacher.url")
         if self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
+        t = self.train
+        if t.min_lr > t.lr or t.lr_warmup_init > t.lr:
+            raise ValueError(f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) must be <= train.lr ({t.lr})")
+        if t.lr_warmup_iters and t.lr_warmup_iters >= self.lr_decay_iters:
+            raise ValueError(
+                f"train.lr_warmup_iters ({t.lr_warmup_iters}) must be < the decay horizon ({self.lr_decay_iters} "
+                "optimizer steps: train.lr_decay_iters, or num_rollout x steps per round)"
+            )
         return self
+
+    @property
+    def optimizer_steps_per_round(self) -> int:
+        samples = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+        return -(-samples // self.train.global_batch_size)
+
+    @property
+    def lr_decay_iters(self) -> int:
+        """The lr schedule's horizon in optimizer steps (train.lr_decay_iters, else the whole run)."""
+        return self.train.lr_decay_iters or max(1, self.rollout.num_rollout * self.optimizer_steps_per_round)
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of some sections: the config part of a stage's cache key."""

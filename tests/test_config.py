@@ -83,3 +83,17 @@ def test_readme_config_reference_is_current():
 
     readme = (CONFIGS.parent / "README.md").read_text()
     assert markdown() in readme, "README.md config reference is stale: run `python -m opd_core.config_doc`"
+
+
+def test_lr_schedule_horizon_and_its_errors():
+    cfg = load_config(None, ["rollout.num_rollout=10", "rollout.rollout_batch_size=8", "rollout.n_samples_per_prompt=4",
+                             "train.global_batch_size=16", "train.micro_batch_size=16"])
+    assert cfg.optimizer_steps_per_round == 2 and cfg.lr_decay_iters == 20  # the whole run by default
+    assert load_config(None, ["train.lr_decay_iters=7"]).lr_decay_iters == 7
+    with pytest.raises(ConfigError, match=r"train.lr_warmup_iters \(20\) must be < the decay horizon \(20"):
+        load_config(None, ["rollout.num_rollout=10", "rollout.rollout_batch_size=8", "rollout.n_samples_per_prompt=4",
+                           "train.global_batch_size=16", "train.micro_batch_size=16", "train.lr_warmup_iters=20"])
+    with pytest.raises(ConfigError, match=r"train.min_lr \(0.1\)"):
+        load_config(None, ["train.lr=0.01", "train.min_lr=0.1"])
+    with pytest.raises(ConfigError, match="train.lr_decay_style"):
+        load_config(None, ["train.lr_decay_style=exponential"])

@@ -1,4 +1,4 @@
-"""Both teacher modes give the same teacher log-probs on the same rollouts (fp32, <= 1e-4).
+"""Both teacher modes give the same teacher log-probs, and top-k, on the same rollouts (fp32, <= 1e-4).
 
 opd_type=sglang: the teacher behind the built-in SGLang-protocol server, scored over HTTP
 with `EngineClient.score`. opd_type=megatron: the teacher's torch_dist checkpoint loaded into
@@ -48,6 +48,7 @@ def test_server_and_megatron_teacher_logprobs_agree(models):
         response_ids.append([])  # a zero-length response scores to an empty array in both modes
         prompts = prompts + [prompts[0]]
         over_http = client.score(prompts, response_ids)
+        http_topk = client.score_topk(prompts, response_ids, k=5)
     assert sum(len(r) for r in response_ids) >= 10
 
     cfg = OPDRunConfig.model_validate({
@@ -58,6 +59,7 @@ def test_server_and_megatron_teacher_logprobs_agree(models):
     with TrainerGroup(cfg, models["student"], models["student_ckpt"]) as trainer:
         in_actor = trainer.teacher_logprobs(batch)
         student = trainer.compute_logprobs(batch)
+        actor_topk = trainer.teacher_topk(batch, 5)
 
     differences = []
     for row, (http, megatron, response) in enumerate(zip(over_http, in_actor, response_ids)):
@@ -68,3 +70,11 @@ def test_server_and_megatron_teacher_logprobs_agree(models):
     assert max(differences) <= 1e-4
     # The actor really used the teacher, not the student it trains.
     assert max(float(np.abs(t - s).max()) for t, s in zip(in_actor, student) if len(t)) > 0.1
+
+    # Top-k OPD: the same k tokens with the same log-probs from the server and the actor.
+    for row, (http_sampled, http_ids, http_values, sampled, ids, values) in enumerate(zip(*http_topk, *actor_topk)):
+        assert ids.shape == values.shape == http_ids.shape == (len(response_ids[row]), 5) and ids.dtype == np.int32
+        np.testing.assert_allclose(sampled, http_sampled, atol=1e-4)
+        np.testing.assert_allclose(values, http_values, atol=1e-4)
+        # Ties aside (none at fp32 on random weights), the same ids in the same order.
+        assert (ids == http_ids).all(), row

@@ -36,9 +36,12 @@ def test_topk_reverse_kl_is_the_full_kl_at_k_equal_vocab_and_a_lower_bound_below
     assert torch.allclose(topk_reverse_kl(teacher.gather(-1, top3), teacher.gather(-1, top3)), torch.zeros(4), atol=1e-6)
 
 
-def test_opd_topk_needs_the_sglang_teacher():
-    with pytest.raises(ConfigError, match="opd_topk needs algorithm.use_opd with opd_type=sglang"):
+def test_opd_topk_needs_use_opd_and_works_with_either_teacher():
+    with pytest.raises(ConfigError, match="opd_topk is set but algorithm.use_opd is false"):
         load_config(None, ["algorithm.opd_topk=4", "algorithm.use_opd=false", "algorithm.opd_type=null"])
+    megatron = load_config(None, ["algorithm.opd_topk=4", "algorithm.use_opd=true", "algorithm.opd_type=megatron",
+                                  "algorithm.opd_teacher_load=/ckpt"])
+    assert megatron.algorithm.opd_topk == 4
 
 
 @pytest.fixture(scope="module")

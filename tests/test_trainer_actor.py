@@ -29,9 +29,9 @@ def models(tmp_path_factory):
     }
 
 
-def make_actor(models, ckpt=None, step=None, micro_batch_size=8, teacher=False) -> TrainActor:
+def make_actor(models, ckpt=None, step=None, micro_batch_size=8, teacher=False, **train) -> TrainActor:
     cfg = OPDRunConfig.model_validate({
-        "train": {"global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2},
+        "train": {"global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2, **train},
         "algorithm": {"use_opd": True, "opd_type": "megatron", "opd_teacher_load": str(models["teacher_ckpt"]),
                       "opd_teacher_ckpt_step": 7},
     })
@@ -83,22 +83,34 @@ def test_teacher_of_another_architecture_is_refused(models, tmp_path):
         actor._load_teacher(qwen2, None)
 
 
+SCHEDULE = {"lr_decay_style": "cosine", "lr_warmup_iters": 2, "lr_decay_iters": 6, "min_lr": 1e-3}
+
+
+def expected_lr(step: int) -> float:
+    """Megatron-LM's warmup + cosine, written out: linear from 0 to lr over 2 steps, cosine to min_lr by 6."""
+    if step <= 2:
+        return 1e-2 * step / 2
+    return 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * (step - 2) / 4))
+
+
 def test_resume_from_checkpoint_continues_exactly(models):
     root, batch = models["root"], make_batch(1)
-    actor = make_actor(models)
+    actor = make_actor(models, **SCHEDULE)
     batch.old_logprobs = actor.compute_logprobs(batch)
-    for _ in range(2):
-        actor.train_step(batch)
-    actor.save_checkpoint(root / "run", step=2)
+    lrs = [actor.train_step(batch)["lr"] for _ in range(3)]
+    actor.save_checkpoint(root / "run", step=3)
     expected = actor.train_step(batch)
+    expected_after = actor.compute_logprobs(batch)
+    lrs += [expected["lr"]] + [actor.train_step(batch)["lr"] for _ in range(3)]
+    np.testing.assert_allclose(lrs, [expected_lr(step) for step in range(7)], rtol=1e-6)  # min_lr after 6
 
-    resumed = make_actor(models, ckpt=root / "run")  # latest = step 2, with optimizer state
-    assert resumed.iteration == 2
+    resumed = make_actor(models, ckpt=root / "run", **SCHEDULE)  # latest = step 3, with optimizer state
+    assert resumed.iteration == 3
     got = resumed.train_step(batch)
-    assert got["iteration"] == 3
-    for key in ("loss", "grad_norm", "clip_frac", "ppo_kl"):
+    assert got["iteration"] == 4
+    for key in ("loss", "grad_norm", "clip_frac", "ppo_kl", "lr"):  # lr: the schedule resumes at step 3 too
         assert got[key] == expected[key], key
-    for a, b in zip(resumed.compute_logprobs(batch), actor.compute_logprobs(batch)):
+    for a, b in zip(resumed.compute_logprobs(batch), expected_after):
         np.testing.assert_array_equal(a, b)
 
 

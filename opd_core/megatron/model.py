@@ -245,6 +245,28 @@ def token_logprobs(
     return (logprobs, entropies) if with_entropy else logprobs
 
 
+@torch.no_grad()
+def token_topk(model, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int):
+    """The model's k most likely tokens at every response position (top-k OPD, opd_type=megatron).
+
+    Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
+    triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
+    """
+    ids, mask, _ = pad_batch(prompt_ids, response_ids)
+    full_logprobs = _full_vocab_logprobs(forward_logits(model, ids, mask).float())
+    top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
+    out = []
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        start, end = len(prompt) - 1, len(prompt) + len(response) - 1
+        targets = torch.as_tensor(list(response), dtype=torch.long, device=ids.device)
+        out.append((
+            full_logprobs[row, start:end].gather(-1, targets[:, None])[:, 0].cpu().numpy(),
+            top_ids[row, start:end].to(torch.int32).cpu().numpy(),
+            top_logprobs[row, start:end].cpu().numpy(),
+        ))
+    return out
+
+
 def _full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over the whole vocabulary [b, s, vocab] (all-gathered under tensor parallel)."""
     from megatron.core import parallel_state, tensor_parallel

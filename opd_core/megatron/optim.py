@@ -1,5 +1,6 @@
 """Optimizer for the Megatron actor: Megatron's DDP + DistributedOptimizer on CUDA, torch
-AdamW with explicit gradient all-reduce and clipping on CPU.
+AdamW with explicit gradient all-reduce and clipping on CPU; megatron-core's
+OptimizerParamScheduler sets the lr (warmup + decay) on both.
 
     trainer = build_optimizer(model, train_cfg)   # -> ModelOptimizer
     trainer.zero_grad(); loss.backward() ...; stats = trainer.step()   # {"grad_norm", "lr"}
@@ -19,8 +20,28 @@ import torch.distributed as dist
 class ModelOptimizer:
     """What the actor needs from an optimizer, on either device."""
 
-    def __init__(self, model, optimizer, lr: float, clip_grad: float, megatron: bool):
-        self.model, self.optimizer, self.lr, self.clip_grad, self.megatron = model, optimizer, lr, clip_grad, megatron
+    def __init__(self, model, optimizer, train_cfg, megatron: bool):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.model, self.optimizer, self.clip_grad, self.megatron = model, optimizer, train_cfg.clip_grad, megatron
+        decay_iters = train_cfg.lr_decay_iters  # TrainerGroup resolves None to the run's length
+        if decay_iters is None and train_cfg.lr_decay_style != "constant":
+            raise ValueError(f"train.lr_decay_style={train_cfg.lr_decay_style} needs train.lr_decay_iters resolved")
+        decay_iters = decay_iters or 1
+        # override: a resumed run follows the schedule of its (possibly longer) current config
+        # from the restored step count, instead of the one stored in the checkpoint.
+        self.scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=train_cfg.lr_warmup_init, max_lr=train_cfg.lr, min_lr=train_cfg.min_lr,
+            lr_warmup_steps=train_cfg.lr_warmup_iters, lr_decay_steps=max(decay_iters, train_cfg.lr_warmup_iters + 1),
+            lr_decay_style=train_cfg.lr_decay_style, start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay,
+            wd_incr_steps=1, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        )
+
+    @property
+    def lr(self) -> float:
+        """The lr of the next step."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     @property
     def module(self):
@@ -44,8 +65,10 @@ class ModelOptimizer:
 
             # DP reduce-scatter + the TP all-reduce of qk-layernorm grads (as Megatron-LM's schedule does).
             finalize_model_grads([self.model])
+            lr = self.lr
             _, grad_norm, _ = self.optimizer.step()
-            return {"grad_norm": float(grad_norm or 0.0), "lr": self.lr}
+            self.scheduler.step(1)
+            return {"grad_norm": float(grad_norm or 0.0), "lr": lr}
         params = [p for p in self.model.parameters() if p.requires_grad]
         _all_reduce_tensor_parallel_partial_grads(self.model)
         _all_reduce_data_parallel_grads(params)
@@ -55,14 +78,17 @@ class ModelOptimizer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
+        lr = self.lr
         self.optimizer.step()
-        return {"grad_norm": grad_norm, "lr": self.lr}
+        self.scheduler.step(1)
+        return {"grad_norm": grad_norm, "lr": lr}
 
     def save(self, directory, rank: int) -> None:
         """Write this rank's optimizer state into `directory` (a checkpoint being written)."""
         from pathlib import Path
 
-        torch.save(self.optimizer.state_dict(), Path(directory) / f"optimizer_rank{rank:05d}.pt")
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save(state, Path(directory) / f"optimizer_rank{rank:05d}.pt")
         if self.megatron and hasattr(self.optimizer, "save_parameter_state"):  # pragma: no cover - CUDA
             self.optimizer.save_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
@@ -70,7 +96,8 @@ class ModelOptimizer:
         from pathlib import Path
 
         state = torch.load(Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if self.megatron and hasattr(self.optimizer, "load_parameter_state"):  # pragma: no cover - CUDA
             self.optimizer.load_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
@@ -85,7 +112,7 @@ def build_optimizer(model, train_cfg) -> ModelOptimizer:
         weight_decay=train_cfg.weight_decay,
         eps=1e-8,
     )
-    return ModelOptimizer(model, optimizer, train_cfg.lr, train_cfg.clip_grad, megatron=False)
+    return ModelOptimizer(model, optimizer, train_cfg, megatron=False)
 
 
 def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover - needs CUDA
@@ -104,7 +131,7 @@ def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover
         use_distributed_optimizer=True,
     )
     optimizer = get_megatron_optimizer(opt_config, [wrapped])
-    return ModelOptimizer(wrapped, optimizer, train_cfg.lr, train_cfg.clip_grad, megatron=True)
+    return ModelOptimizer(wrapped, optimizer, train_cfg, megatron=True)
 
 
 def _all_reduce_tensor_parallel_partial_grads(model) -> None:

@@ -130,7 +130,12 @@ class TrainActor:
 
         self.critic = build_critic_model(self.hf_config, dtype=self.dtype)
         critic_lr = self.train_cfg.critic_lr or self.train_cfg.lr
-        self.critic_optim = build_optimizer(self.critic, self.train_cfg.model_copy(update={"lr": critic_lr}))
+        # The policy's schedule shape at the critic's peak lr (its floors capped by that peak).
+        critic_cfg = self.train_cfg.model_copy(update={
+            "lr": critic_lr, "min_lr": min(self.train_cfg.min_lr, critic_lr),
+            "lr_warmup_init": min(self.train_cfg.lr_warmup_init, critic_lr),
+        })
+        self.critic_optim = build_optimizer(self.critic, critic_cfg)
         self._critic_loaded = False  # set by load_checkpoint when a checkpoint holds a critic
 
     def _load_teacher(self, teacher_ckpt_dir, teacher_step: int | None) -> None:
@@ -174,6 +179,18 @@ class TrainActor:
         if self.teacher is None:
             raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
         return self._logprobs(self.teacher, batch)
+
+    def teacher_topk(self, batch: TrainBatch, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(logprobs, topk_ids, topk_logprobs) per sample from the Megatron teacher (top-k OPD)."""
+        from opd_core.megatron.model import token_topk
+
+        if self.teacher is None:
+            raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
+        self.teacher.eval()
+        out = []
+        for micro in self._micro_batches(batch):
+            out += token_topk(self.teacher, micro.prompt_ids, micro.response_ids, k)
+        return out
 
     def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The frozen reference (initial student) log-prob of every response token."""

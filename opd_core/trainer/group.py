@@ -75,11 +75,13 @@ class TrainerGroup:
             ]
             master_addr, master_port = ray.get(self.actors[0].node_address.remote())
             algorithm = cfg.algorithm
+            # The actors see only the train section: give them the schedule's resolved horizon.
+            train = cfg.train.model_copy(update={"lr_decay_iters": cfg.lr_decay_iters})
             teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
             self.ranks = ray.get([
                 actor.setup.remote(
                     rank, self.world_size, master_addr, master_port, parallel.model_dump(), str(hf_config_dir),
-                    None if ckpt_dir is None else str(ckpt_dir), step, cfg.train.model_dump(), algorithm.model_dump(),
+                    None if ckpt_dir is None else str(ckpt_dir), step, train.model_dump(), algorithm.model_dump(),
                     teacher_ckpt_dir=None if teacher_ckpt_dir is None else str(teacher_ckpt_dir),
                     teacher_step=algorithm.opd_teacher_ckpt_step, seed=cfg.seed, num_threads=cpus,
                 )
@@ -97,12 +99,12 @@ class TrainerGroup:
         bounds = np.linspace(0, len(batch), self.dp + 1).round().astype(int)
         return [batch.select(list(range(bounds[d], bounds[d + 1]))) for d in range(self.dp)]
 
-    def _run_sharded(self, method: str, batch: TrainBatch) -> list:
-        """Call `method` on every rank with its DP shard; return the per-DP-rank results in order."""
+    def _run_sharded(self, method: str, batch: TrainBatch, *args) -> list:
+        """Call `method(shard, *args)` on every rank with its DP shard; the per-DP-rank results in order."""
         import ray
 
         shards = self._shards(batch)
-        refs = [getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]]) for r, actor in enumerate(self.actors)]
+        refs = [getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]], *args) for r, actor in enumerate(self.actors)]
         results = ray.get(refs)
         return [results[self.dp_leaders[d]] for d in range(self.dp)]
 
@@ -111,6 +113,11 @@ class TrainerGroup:
 
     def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         return [row for shard in self._run_sharded("teacher_logprobs", batch) for row in shard]
+
+    def teacher_topk(self, batch: TrainBatch, k: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """The Megatron teacher's (logprobs, topk_ids, topk_logprobs) lists, like `EngineClient.score_topk`."""
+        rows = [row for shard in self._run_sharded("teacher_topk", batch, k) for row in shard]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The frozen initial student's log-probs (algorithm.use_kl_loss)."""

@@ -97,6 +97,8 @@ def run_training(
             topk = cfg.algorithm.opd_topk
             if not cfg.algorithm.use_opd:
                 teacher_logprobs = None
+            elif use_megatron_teacher and topk:
+                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = trainer.teacher_topk(batch, topk)
             elif use_megatron_teacher:
                 teacher_logprobs = trainer.teacher_logprobs(batch)
             elif topk:
