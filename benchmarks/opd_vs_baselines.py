@@ -5,15 +5,18 @@
 Same toy teacher and student, same prompts per round, same number of student samples and
 optimizer steps, same seed:
 
-  opd          pure on-policy distillation, slime's sampled-token reverse-KL penalty
-  opd_topk8    pure top-k OPD: dense reverse KL over the teacher's top-8 tokens
-  grpo         GRPO with the task reward only (math verifier)
-  grpo+opd     GRPO with the task reward plus the OPD penalty
+  opd          pure on-policy distillation as the toy config runs it: top-8 OPD, dense reverse
+               KL over the teacher's top-8 tokens on the student's own samples, no task reward
+  opd_sampled  pure OPD as slime's example runs it: the sampled token's reverse KL as the
+               advantage penalty
+  grpo         GRPO with the task reward only (math verifier), no teacher
+  grpo+opd     GRPO with the task reward plus top-8 OPD
   offpolicy    off-policy distillation: SFT on teacher-sampled answers to the same prompts,
                as many teacher samples as OPD scores student samples
-  opd_kl0.5    pure OPD with opd_kl_coef 0.5
-  opd_kl2.0    pure OPD with opd_kl_coef 2.0
+  opd_kl0.5    top-8 OPD with opd_kl_coef 0.5
+  opd_kl2.0    top-8 OPD with opd_kl_coef 2.0
 
+Every method keeps the config's lr schedule, batch and rounds (one optimizer step a round).
 Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a table, writes
 `benchmarks/results/opd_vs_baselines.json` and `benchmarks/results/opd_vs_baselines.png`.
 """
@@ -48,16 +51,16 @@ from opd_core.trainer.loop import generate_rollouts, run_training
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Every method names its OPD mode explicitly: the toy config's default is top-k OPD.
-SAMPLED = ["algorithm.opd_topk=0"]
+# Every method names its OPD mode explicitly, so the table does not depend on the config's.
+TOPK = ["algorithm.use_opd=true", "algorithm.opd_topk=8"]
 METHODS: dict[str, list[str]] = {
-    "opd": ["reward.type=none", "algorithm.use_opd=true", *SAMPLED],
-    "opd_topk8": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_topk=8"],
-    "grpo": ["reward.type=math", "algorithm.use_opd=false", "algorithm.opd_type=null", *SAMPLED],
-    "grpo+opd": ["reward.type=math", "algorithm.use_opd=true", *SAMPLED],
-    "offpolicy": [*SAMPLED],  # its own loop below
-    "opd_kl0.5": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_kl_coef=0.5", *SAMPLED],
-    "opd_kl2.0": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_kl_coef=2.0", *SAMPLED],
+    "opd": ["reward.type=none", *TOPK],
+    "opd_sampled": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_topk=0"],
+    "grpo": ["reward.type=math", "algorithm.use_opd=false", "algorithm.opd_type=null", "algorithm.opd_topk=0"],
+    "grpo+opd": ["reward.type=math", *TOPK],
+    "offpolicy": ["algorithm.opd_topk=0"],  # its own loop below
+    "opd_kl0.5": ["reward.type=none", *TOPK, "algorithm.opd_kl_coef=0.5"],
+    "opd_kl2.0": ["reward.type=none", *TOPK, "algorithm.opd_kl_coef=2.0"],
 }
 
 

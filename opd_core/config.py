@@ -197,6 +197,7 @@ class TrainConfig(Section):
     min_lr: float = Field(0.0, ge=0)  # the lr at the end of the decay
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "constant"  # after warmup
     lr_warmup_iters: int = Field(0, ge=0)  # optimizer steps of linear warmup
+    lr_warmup_fraction: float | None = Field(None, ge=0, lt=1)  # warmup as a fraction of lr_decay_iters (instead)
     lr_warmup_init: float = Field(0.0, ge=0)  # the lr warmup starts from
     lr_decay_iters: int | None = Field(None, gt=0)  # the schedule's horizon; None = the whole run
     weight_decay: float = Field(0.0, ge=0)
@@ -269,12 +270,21 @@ class OPDRunConfig(Section):
         t = self.train
         if t.min_lr > t.lr or t.lr_warmup_init > t.lr:
             raise ValueError(f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) must be <= train.lr ({t.lr})")
+        if t.lr_warmup_iters and t.lr_warmup_fraction is not None:
+            raise ValueError("set train.lr_warmup_iters or train.lr_warmup_fraction, not both")
         if t.lr_warmup_iters and t.lr_warmup_iters >= self.lr_decay_iters:
             raise ValueError(
                 f"train.lr_warmup_iters ({t.lr_warmup_iters}) must be < the decay horizon ({self.lr_decay_iters} "
                 "optimizer steps: train.lr_decay_iters, or num_rollout x steps per round)"
             )
         return self
+
+    @property
+    def lr_warmup_iters(self) -> int:
+        """Warmup steps: train.lr_warmup_iters, or lr_warmup_fraction of the horizon (so it scales with the run)."""
+        if self.train.lr_warmup_fraction is not None:
+            return int(self.train.lr_warmup_fraction * self.lr_decay_iters)
+        return self.train.lr_warmup_iters
 
     @property
     def optimizer_steps_per_round(self) -> int:

@@ -23,7 +23,7 @@ def test_qwen3_config_mirrors_slime_example():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "algorithm.use_opd=false", "algorithm.opd_topk=0"])
+    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "train.lr_warmup_iters=0", "algorithm.use_opd=false", "algorithm.opd_topk=0"])
     assert cfg.train.lr == 3e-4 and cfg.rollout.num_rollout == 2 and cfg.algorithm.use_opd is False
 
 
@@ -90,6 +90,9 @@ def test_lr_schedule_horizon_and_its_errors():
                              "train.global_batch_size=16", "train.micro_batch_size=16"])
     assert cfg.optimizer_steps_per_round == 2 and cfg.lr_decay_iters == 20  # the whole run by default
     assert load_config(None, ["train.lr_decay_iters=7"]).lr_decay_iters == 7
+    assert load_config(None, ["train.lr_decay_iters=40", "train.lr_warmup_fraction=0.1"]).lr_warmup_iters == 4
+    with pytest.raises(ConfigError, match="lr_warmup_iters or train.lr_warmup_fraction, not both"):
+        load_config(None, ["train.lr_warmup_iters=2", "train.lr_warmup_fraction=0.1"])
     with pytest.raises(ConfigError, match=r"train.lr_warmup_iters \(20\) must be < the decay horizon \(20"):
         load_config(None, ["rollout.num_rollout=10", "rollout.rollout_batch_size=8", "rollout.n_samples_per_prompt=4",
                            "train.global_batch_size=16", "train.micro_batch_size=16", "train.lr_warmup_iters=20"])

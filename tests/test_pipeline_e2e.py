@@ -16,8 +16,10 @@ from opd_core.schemas import EVAL_SAMPLES, PROMPTS, ROLLOUTS, TEACHER_LOGPROBS
 ROOT = Path(__file__).resolve().parents[1]
 # Fewer rounds than the demo (one optimizer step each): enough for the student to move
 # measurably towards the teacher, short enough for CI.
-ROUNDS = 40
+ROUNDS = 30
 SHORT = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=20", "eval.k=2"]
+# Improvement measured at 30 rounds (seed 0): sglang mode 0.11 -> ~0.25, megatron mode 0.11 -> 0.255.
+IMPROVEMENT = 0.05
 
 
 @pytest.mark.slow
@@ -73,4 +75,29 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
     # own fresh rollouts fell) and got better at the task.
     kl = [read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"] for r in range(ROUNDS)]
     assert sum(kl[-8:]) / 8 < 0.9 * sum(kl[:8]) / 8, kl
-    assert final["pass_at_1"] > baseline["pass_at_1"], (baseline, final)
+    assert final["pass_at_1"] >= baseline["pass_at_1"] + IMPROVEMENT, (baseline, final)
+
+
+@pytest.mark.slow
+def test_toy_pipeline_megatron_teacher_mode(prefect_harness, tmp_path):
+    """opd_type=megatron: the convert stage converts the teacher too, no teacher server runs,
+    the Megatron teacher inside the training actors gives the top-k, and the student improves
+    as in sglang mode."""
+    from flows.opd import opd_flow
+
+    rounds = ROUNDS
+    overrides = [f"run.artifacts_dir={tmp_path}", "run.run_id=megatron", f"rollout.num_rollout={rounds}",
+                 "train.save_interval=100", "eval.k=1", "algorithm.opd_type=megatron",
+                 "algorithm.opd_teacher_load=convert/teacher_torch_dist"]
+    opd_flow(config_path=str(ROOT / "configs" / "toy.yaml"), overrides=overrides)
+    run = tmp_path / "megatron"
+    assert (run / "convert" / "teacher_torch_dist" / "latest_checkpointed_iteration.txt").is_file()
+    assert not (run / "teacher" / "endpoint.json").exists()
+    scores = read_arrow(run / "train" / "round_0000" / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
+    topk = scores.column("teacher_topk_logprobs").to_pylist()
+    assert all(len(position) == 8 for row in topk for position in row)
+    kl = [read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"] for r in range(rounds)]
+    assert sum(kl[-5:]) / 5 < 0.9 * sum(kl[:5]) / 5, kl
+    baseline = read_json(run / "baseline_eval" / "summary.json")
+    final = read_json(run / "final_eval" / "summary.json")
+    assert final["pass_at_1"] >= baseline["pass_at_1"] + IMPROVEMENT, (baseline, final)

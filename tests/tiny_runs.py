@@ -15,4 +15,5 @@ SMALL_BATCHES = [
     "rollout.n_samples_per_prompt=2",
     "train.global_batch_size=8",
     "train.micro_batch_size=8",
+    "train.lr_warmup_iters=0",  # the toy's 10 warmup steps need a run longer than 10 rounds
 ]

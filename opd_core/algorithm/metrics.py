@@ -39,6 +39,7 @@ CURVES = (
     ("opd_reverse_kl", "reverse KL (student || teacher)"),
     ("rollout_pass_rate", "rollout pass rate"),
     ("reward_mean", "reward mean"),
+    ("lr", "learning rate"),
 )
 
 
@@ -166,7 +167,7 @@ class MetricsLog:
 
 
 def plot_curves(metrics_table: pa.Table | str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Reverse KL, rollout pass rate and reward per round, side by side, as a PNG."""
+    """Reverse KL, rollout pass rate, reward and lr per round, side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in tests

@@ -188,7 +188,10 @@ class EngineClient:
 
         def payload(start: int, stop: int) -> dict:
             rows = todo[start:stop]
-            return {**_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]), "top_logprobs_num": k}
+            # Entries from the last prompt token on: the top-k of prompt positions would be
+            # thrown away, and at k entries a position they are most of the response's bytes.
+            return {**_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
+                    "logprob_start_len": [len(prompt_ids[i]) - 1 for i in rows], "top_logprobs_num": k}
 
         for i, output in zip(todo, self._batched(len(todo), payload, progress)):
             where = f"sequence {i}"

@@ -75,8 +75,9 @@ class TrainerGroup:
             ]
             master_addr, master_port = ray.get(self.actors[0].node_address.remote())
             algorithm = cfg.algorithm
-            # The actors see only the train section: give them the schedule's resolved horizon.
-            train = cfg.train.model_copy(update={"lr_decay_iters": cfg.lr_decay_iters})
+            # The actors see only the train section: give them the schedule resolved in steps.
+            train = cfg.train.model_copy(update={"lr_decay_iters": cfg.lr_decay_iters, "lr_warmup_iters": cfg.lr_warmup_iters,
+                                                 "lr_warmup_fraction": None})
             teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
             self.ranks = ray.get([
                 actor.setup.remote(
