@@ -4,6 +4,8 @@ Three training steps at TP=2 and at DP=2 give the losses of TP=1/DP=1 (within 1e
 TP=2 checkpoint loads at TP=1 and back with the same log-probs. ~60 s on 2 cores.
 """
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -17,11 +19,24 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    from opd_core.trainer.group import LOCAL_RAY_SYSTEM_CONFIG, _runtime_env
+    """A local cluster started as the train stage starts it, under an orchestrator's SIGTERM handler."""
+    from opd_core.trainer.group import start_ray
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env=_runtime_env(), _system_config=LOCAL_RAY_SYSTEM_CONFIG)
-    yield
-    ray.shutdown()
+    def orchestrator_sigterm(signum, frame):  # what Prefect installs: a cancel's SIGTERM becomes CANCELLED
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, orchestrator_sigterm)
+    try:
+        start_ray(None, num_cpus=4)
+        yield orchestrator_sigterm
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_starting_ray_keeps_the_orchestrators_sigterm_handler(cluster):
+    """ray.init installs `sys.exit` for SIGTERM; left there, a Prefect cancel ends CRASHED, not CANCELLED."""
+    assert signal.getsignal(signal.SIGTERM) is cluster
 
 
 @pytest.fixture(scope="module")

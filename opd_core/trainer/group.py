@@ -18,6 +18,8 @@ the placement group and stops Ray if this group started it.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,28 @@ from opd_core.config import OPDRunConfig
 
 # On a loaded small machine a worker importing torch + megatron can take over a minute to register.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300}
+
+
+def start_ray(address: str | None, num_cpus: int) -> None:
+    """Connect to the cluster at `address`, or start a local one with `num_cpus`.
+
+    ray.init replaces the driver's SIGTERM handler with `sys.exit`. Under an orchestrator that
+    installed its own (Prefect turns the SIGTERM of a cancellation into a clean CANCELLED), that
+    makes a cancel look like a crash, so a handler set on purpose is put back. A default
+    handler is left to Ray: its exit runs the atexit hooks that stop the local cluster.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    installed = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    if address:
+        ray.init(address=address, runtime_env=_runtime_env())
+    else:  # a local cluster just big enough for the ranks
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
+                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+    if callable(installed):
+        signal.signal(signal.SIGTERM, installed)
 
 
 class TrainerGroup:
@@ -54,12 +78,7 @@ class TrainerGroup:
         self._started_ray = False
         self.actors, self.placement_group = [], None
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            if ray_cfg.address:
-                ray.init(address=ray_cfg.address, runtime_env=_runtime_env())
-            else:  # a local cluster just big enough for the ranks
-                ray.init(num_cpus=max(cpus * self.world_size, os.cpu_count() or 1), include_dashboard=False,
-                         runtime_env=_runtime_env(), _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+            start_ray(ray_cfg.address, num_cpus=max(cpus * self.world_size, os.cpu_count() or 1))
             self._started_ray = True
         try:
             bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
