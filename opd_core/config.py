@@ -174,9 +174,9 @@ class AlgorithmConfig(Section):
 
 
 class ParallelConfig(Section):
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    pipeline_model_parallel_size: int = Field(1, ge=1)
-    data_parallel_size: int = Field(1, ge=1)
+    tensor_model_parallel_size: int = Field(1, ge=1)  # must divide the heads and kv groups
+    pipeline_model_parallel_size: int = Field(1, ge=1)  # stages, Megatron's 1F1B schedule; must divide the layers
+    data_parallel_size: int = Field(1, ge=1)  # world size = TP x PP x DP ranks (Ray actors)
 
 
 class RayConfig(Section):

@@ -8,6 +8,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
@@ -46,10 +47,10 @@ def student(tmp_path_factory):
     return hf_dir, hf_to_torch_dist(hf_dir, root / "torch_dist")
 
 
-def config(tp: int = 1, dp: int = 1, micro_batch_size: int = 8) -> OPDRunConfig:
+def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> OPDRunConfig:
     return OPDRunConfig.model_validate({"train": {
         "global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2,
-        "parallel": {"tensor_model_parallel_size": tp, "data_parallel_size": dp},
+        "parallel": {"tensor_model_parallel_size": tp, "data_parallel_size": dp, "pipeline_model_parallel_size": pp},
         "ray": {"actor_num_cpus_per_rank": 1},
     }})
 
@@ -67,15 +68,26 @@ def three_steps(group, batch: TrainBatch) -> list[float]:
     return [group.train_step(batch)["loss"] for _ in range(3)]
 
 
-def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(cluster, student, tmp_path):
+@pytest.fixture(scope="module")
+def single_rank(cluster, student):
+    """TP=1, PP=1, DP=1: the losses of three steps and the log-probs after them."""
     from opd_core.trainer.group import TrainerGroup
 
     hf_dir, ckpt = student
     batch = make_batch()
     with TrainerGroup(config(), hf_dir, ckpt) as group:
-        reference = three_steps(group, batch)
-        reference_logprobs = group.compute_logprobs(batch)
-    assert reference[0] != reference[2]  # the steps really changed the model
+        losses = three_steps(group, batch)
+        logprobs = group.compute_logprobs(batch)
+    assert losses[0] != losses[2]  # the steps really changed the model
+    return losses, logprobs
+
+
+def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(single_rank, student, tmp_path):
+    from opd_core.trainer.group import TrainerGroup
+
+    hf_dir, ckpt = student
+    batch = make_batch()
+    reference, reference_logprobs = single_rank
 
     # TP=2 with micro-batches of 2 (gradient accumulation over 4 micro-batches).
     with TrainerGroup(config(tp=2, micro_batch_size=2), hf_dir, ckpt) as group:
@@ -103,3 +115,42 @@ def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(cluster, stude
     for tp2, tp1, back in zip(tp2_logprobs, tp1_logprobs, back_logprobs):
         np.testing.assert_allclose(tp1, tp2, atol=1e-5)
         np.testing.assert_allclose(back, tp2, atol=1e-5)
+
+
+def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student, tmp_path):
+    """Pipeline parallel 2 (one layer per stage, the tied embedding on both ends) through
+    Megatron's 1F1B schedule: same losses and log-probs; its checkpoint and HF export load at PP=1."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_core.trainer.group import TrainerGroup
+
+    hf_dir, ckpt = student
+    batch = make_batch()
+    reference, reference_logprobs = single_rank
+    with TrainerGroup(config(pp=2, micro_batch_size=2), hf_dir, ckpt) as group:
+        assert sorted(r["pp_rank"] for r in group.ranks) == [0, 1]
+        losses = three_steps(group, batch)
+        pp2_logprobs = group.compute_logprobs(batch)
+        group.save_checkpoint(tmp_path / "pp2", step=3)
+        group.export_hf(tmp_path / "pp2_hf")
+        # One sample: one micro-batch, still through both stages.
+        single = batch.select([4])
+        assert np.isfinite(group.train_step(single)["loss"])
+    np.testing.assert_allclose(losses, reference, atol=1e-3)
+    for a, b in zip(pp2_logprobs, reference_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+    with TrainerGroup(config(), hf_dir, tmp_path / "pp2", step=3) as group:
+        pp1_logprobs = group.compute_logprobs(batch)
+    for pp1, pp2 in zip(pp1_logprobs, pp2_logprobs):
+        np.testing.assert_allclose(pp1, pp2, atol=1e-5)
+
+    # The export is a whole HF model (both stages' layers, one tied embedding).
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pp2_hf").eval()
+    sample = 1
+    ids = torch.tensor([batch.prompt_ids[sample] + batch.response_ids[sample]])
+    with torch.no_grad():
+        hf_logprobs = torch.log_softmax(exported(ids).logits[0].float(), -1)
+    start = len(batch.prompt_ids[sample]) - 1
+    expected = [hf_logprobs[start + i, token].item() for i, token in enumerate(batch.response_ids[sample])]
+    np.testing.assert_allclose(expected, pp2_logprobs[sample], atol=1e-4)

@@ -3,7 +3,7 @@
 opd_type=sglang: the teacher behind the built-in SGLang-protocol server, scored over HTTP
 with `EngineClient.score`. opd_type=megatron: the teacher's torch_dist checkpoint loaded into
 the Ray training actor (`TrainerGroup.teacher_logprobs`), no server. Rollouts are sampled
-from the server first, as in a round. ~45 s on 2 cores (server start, Ray start).
+from the server first, as in a round. The actor side runs at PP=1 and PP=2. ~90 s on 2 cores.
 """
 
 import numpy as np
@@ -25,7 +25,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher_modes")
     student = make_tiny_qwen3(root / "student", initializer_range=0.1)
     # A teacher bigger than the student, untied, as a real teacher usually is.
-    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=3,
+    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=4,
                               num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
     models = {
         "root": root, "student": student, "teacher": teacher,
@@ -36,7 +36,9 @@ def models(tmp_path_factory):
     return models
 
 
-def test_server_and_megatron_teacher_logprobs_agree(models):
+@pytest.mark.parametrize("pipeline", [1, 2], ids=["pp1", "pp2"])
+def test_server_and_megatron_teacher_logprobs_agree(models, pipeline):
+    """Also with the teacher (and student) split over two pipeline stages."""
     from opd_core.trainer.group import TrainerGroup
 
     rng = np.random.default_rng(0)
@@ -53,7 +55,8 @@ def test_server_and_megatron_teacher_logprobs_agree(models):
 
     cfg = OPDRunConfig.model_validate({
         "algorithm": {"use_opd": True, "opd_type": "megatron", "opd_teacher_load": str(models["teacher_ckpt"])},
-        "train": {"dtype": "fp32", "micro_batch_size": 4, "ray": {"actor_num_cpus_per_rank": 1}},
+        "train": {"dtype": "fp32", "micro_batch_size": 4, "ray": {"actor_num_cpus_per_rank": 1},
+                  "parallel": {"pipeline_model_parallel_size": pipeline}},
     })
     batch = TrainBatch(prompt_ids=prompts, response_ids=response_ids)
     with TrainerGroup(cfg, models["student"], models["student_ckpt"]) as trainer:
@@ -66,7 +69,7 @@ def test_server_and_megatron_teacher_logprobs_agree(models):
         assert http.shape == megatron.shape == (len(response),), row
         if len(response):
             differences.append(float(np.abs(http - megatron).max()))
-    print(f"max |server - megatron| teacher log-prob difference: {max(differences):.2e}")
+    print(f"PP={pipeline}: max |server - megatron| teacher log-prob difference: {max(differences):.2e}")
     assert max(differences) <= 1e-4
     # The actor really used the teacher, not the student it trains.
     assert max(float(np.abs(t - s).max()) for t, s in zip(in_actor, student) if len(t)) > 0.1

@@ -147,16 +147,19 @@ def test_checkpoint_round_trip_restores_the_critic_exactly(student):
         np.testing.assert_array_equal(a, b)
 
 
-def test_tensor_parallel_critic_and_reference_match_tp1(student):
-    """TP=2 (two Ray actors, gloo): the replicated value head and the reference give TP=1's numbers,
-    and the TP=2 checkpoint's critic loads at TP=1."""
+@pytest.mark.parametrize("parallel", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_model_parallel_critic_and_reference_match_single_rank(student, parallel):
+    """TP=2 or PP=2 (two Ray actors, gloo): the value head (replicated under TP, on the last stage
+    under PP) and the reference give the single rank's numbers, grad norms included, and the
+    two-rank checkpoint's critic loads at world size 1."""
     pytest.importorskip("ray")
     from opd_core.trainer.group import TrainerGroup
 
     algorithm = {"use_opd": False, "opd_type": None, "advantage_estimator": "ppo", "use_kl_loss": True, "kl_loss_coef": 0.1}
     cfg = OPDRunConfig.model_validate({
         "train": {"global_batch_size": 8, "micro_batch_size": 3, "lr": 1e-2, "critic_lr": 1e-2,
-                  "parallel": {"tensor_model_parallel_size": 2}, "ray": {"actor_num_cpus_per_rank": 1}},
+                  "parallel": parallel, "ray": {"actor_num_cpus_per_rank": 1}},
         "algorithm": algorithm,
     })
     single = make_actor(student, **algorithm)
@@ -170,18 +173,19 @@ def test_tensor_parallel_critic_and_reference_match_tp1(student):
         for a, b in zip(group.ref_logprobs(batch), batch.ref_logprobs):
             np.testing.assert_allclose(a, b, atol=1e-5)
         got = [group.train_step(batch) for _ in range(2)]
-        tp2_values = group.compute_values(batch)
-        group.save_checkpoint(student["root"] / "tp2_run", step=2)
+        parallel_values = group.compute_values(batch)
+        run_dir = student["root"] / f"{next(iter(parallel))}_run"
+        group.save_checkpoint(run_dir, step=2)
     for a, b in zip(got, expected):
-        for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "loss", "kl_loss"):
+        for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "loss", "kl_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    print("TP=2 vs TP=1: max |value diff|", max(float(np.abs(a - b).max()) for a, b in zip(tp2_values, expected_values) if len(a)),
+    print(f"{parallel} vs one rank: max |value diff|", max(float(np.abs(a - b).max()) for a, b in zip(parallel_values, expected_values) if len(a)),
           "value_loss", [(a["value_loss"], b["value_loss"]) for a, b in zip(got, expected)])
-    for a, b in zip(tp2_values, expected_values):
+    for a, b in zip(parallel_values, expected_values):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
     resharded = make_actor(student, **algorithm)
-    info = resharded.load_checkpoint(student["root"] / "tp2_run")
+    info = resharded.load_checkpoint(run_dir)
     assert info["resumed_critic"] and not info["resumed_optimizer"]  # AdamW state only fits the same layout
-    for a, b in zip(resharded.compute_values(batch), tp2_values):
+    for a, b in zip(resharded.compute_values(batch), parallel_values):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -5,7 +5,7 @@
     <root>/release/                              a converted model with no training step
 
     save_model(model, root, step)            # every rank calls it; written atomically
-    load_model(model, root, step=None)       # any TP size: dist_checkpointing reshards
+    load_model(model, root, step=None)       # any TP or PP size: dist_checkpointing reshards
     read_global_tensors(root, step=None)     # no process group, no model: plain tensors
 
 `read_global_tensors` uses torch.distributed.checkpoint directly (metadata + a load into
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from opd_core.io import ArtifactError, write_text
 
@@ -64,7 +65,6 @@ def save_model(model, root: str | Path, step: int | None, extra: Callable[[Path]
     `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
     state); `sharded_extra` is merged into the sharded state dict (Megatron optimizer state).
     """
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -93,7 +93,7 @@ def save_model(model, root: str | Path, step: int | None, extra: Callable[[Path]
 
 
 def load_model(model, root: str | Path, step: int | None = None) -> Path:
-    """Load a torch_dist checkpoint into `model` (any tensor-parallel size)."""
+    """Load a torch_dist checkpoint into `model` (any TP or PP size: dist_checkpointing reshards)."""
     from megatron.core import dist_checkpointing
 
     path = resolve_iteration_dir(root, step)
@@ -114,6 +114,7 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
 
 def _check_same_tensors(sharded: dict, path: Path) -> None:
     """Refuse a checkpoint of another architecture before dist_checkpointing does something odd.
+    Collective when distributed: the model's tensors are those of all its pipeline stages.
 
     dist_checkpointing silently ignores stored tensors the model does not ask for (an untied
     lm_head loaded into a tied model would vanish), so compare names and shapes first.
@@ -129,7 +130,12 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
             wanted[item.key] = tuple(item.global_shape)
         elif type(item).__name__ == "ShardedTensorFactory":
             wanted.setdefault(item.key, None)
-    problems = [f"{name}: in the checkpoint, not in the model" for name in sorted(set(stored) - set(wanted))]
+    whole_model = set(wanted)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # under PP a rank asks only for its stage's tensors
+        stages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, sorted(wanted))
+        whole_model = set().union(*stages)
+    problems = [f"{name}: in the checkpoint, not in the model" for name in sorted(set(stored) - whole_model)]
     problems += [f"{name}: in the model, not in the checkpoint" for name in sorted(set(wanted) - set(stored))]
     problems += [f"{name}: checkpoint shape {stored[name]}, model shape {shape}" for name, shape in wanted.items()
                  if shape is not None and name in stored and stored[name] != shape]
@@ -155,7 +161,6 @@ def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, 
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -4,7 +4,7 @@
     apply_cpu_shims()   # no-op when CUDA is available; safe to call many times
 
 megatron-core assumes CUDA in a few spots that do not matter for correctness on CPU:
-it asks for `torch.cuda.current_device()` to place buffers, calls
+it asks for `torch.cuda.current_device()` (or "cuda") to place buffers, calls
 `torch.cuda.synchronize()` around collectives and checkpointing, and forks the CUDA RNG
 tracker around dropout inside tensor-parallel regions. On CPU we point the device at
 "cpu", make synchronisation a no-op and make the RNG fork a plain context (dropout is 0 in
@@ -38,6 +38,14 @@ def apply_cpu_shims() -> bool:
     # Used as a barrier around collectives and checkpoint I/O; CPU ops are synchronous.
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    # Pipeline parallel: the last stage's copy of tied embeddings is moved with `.cuda()` before
+    # the all-reduce that makes it equal the first stage's.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+
+    # The pipeline schedules count tokens in `torch.zeros([], device="cuda")`.
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu()
 
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -51,3 +59,14 @@ def apply_cpu_shims() -> bool:
 
     _APPLIED = True
     return True
+
+
+class _TorchOnCpu:
+    """`torch` as megatron's pipeline schedules see it: what they ask for on "cuda" is made on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)

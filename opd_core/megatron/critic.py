@@ -2,7 +2,7 @@
 
     critic = build_critic_model(hf_config)                  # after parallel.init_distributed(...)
     copy_trunk_from_student(critic, student_model)          # trunk = the student's weights
-    values = token_values(critic, prompt_ids, response_ids) # list of [len(response)] tensors
+    values = response_values(critic_output, prompt_ids, response_ids)  # list of [len(response)] tensors
     save_critic(critic, directory); load_critic(critic, directory)
 
 Architecture (as verl / OpenRLHF build Megatron critics): the whole transformer of the
@@ -50,11 +50,12 @@ def build_critic_model(hf_config: Any, dtype: torch.dtype | None = None):
     untied = copy.deepcopy(hf_config)
     untied.tie_word_embeddings = False  # the head is a value head, not the embedding transposed
     model = build_gpt_model(untied, dtype=dtype)
-    reference = model.output_layer.weight
-    head = ValueHead(hf_config.hidden_size, 1, bias=True, device=reference.device, dtype=reference.dtype)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    model.output_layer = head  # frees the [vocab/tp, hidden] output layer
+    if model.post_process:  # the last pipeline stage holds the head
+        reference = model.output_layer.weight
+        head = ValueHead(hf_config.hidden_size, 1, bias=True, device=reference.device, dtype=reference.dtype)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        model.output_layer = head  # frees the [vocab/tp, hidden] output layer
     return model
 
 
@@ -91,16 +92,10 @@ def load_critic(critic, directory: str | Path) -> None:
     checkpoint.load_model(critic, directory)  # a bare dist_checkpointing dir; checks names and shapes
 
 
-def token_values(critic, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
-    """V at every response position: list of [len(response_i)] fp32 tensors (gradients flow)."""
-    from opd_core.megatron.model import forward_logits, pad_batch
+def response_values(output: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
+    """V at every response position from the critic's last-stage output [b, s, 1]: list of
+    [len(response_i)] fp32 tensors (gradients flow)."""
+    from opd_core.megatron.model import response_spans
 
-    ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    values_all = forward_logits(critic, ids, mask)[..., 0].float()  # [b, s]
-    out = []
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if len(prompt) == 0:
-            raise ValueError(f"sample {row}: empty prompt (the first response token needs a prefix)")
-        start = len(prompt) - 1  # the position whose next token is response[0]
-        out.append(values_all[row, start : start + len(response)])
-    return out
+    values_all = output[..., 0].float()  # [b, s]
+    return [values_all[row, start:end] for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))]

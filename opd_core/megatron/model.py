@@ -1,8 +1,10 @@
 """Megatron GPTModel built from an HF Qwen3 / Qwen2 config, and per-token log-probs.
 
-    model = build_gpt_model(hf_config)              # after parallel.init_distributed(...)
-    check_config_matches(hf_config, model.config, model)   # raises naming a mismatching field
-    logprobs = token_logprobs(model, prompt_ids, response_ids)   # list of [len(response)] tensors
+    model = build_gpt_model(hf_config)              # after parallel.init_distributed(...): this rank's stage
+    check_config_matches(hf_config, model)          # raises naming a mismatching field
+    ids, mask, _ = pad_batch(prompt_ids, response_ids)
+    logits = forward_logits(model, ids, mask)       # on the last pipeline stage (see megatron.pipeline)
+    logprobs = response_logprobs(logits, prompt_ids, response_ids)   # list of [len(response)] tensors
 
 Supported: Qwen3ForCausalLM (dense) and Qwen2ForCausalLM (q/k/v bias, no qk-norm). The
 fields set below are the ones whose omission silently changes the model (a wrong rope base
@@ -91,6 +93,13 @@ def build_transformer_config(hf_config: Any, tp: int = 1, pp: int = 1, dtype: to
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # Micro-batches are padded to their own length: stages send activation shapes first.
+        pipeline_dtype=dtype,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # no experts here; the default "allgather" refuses the line above
+        # The actor weights each micro-batch's loss by its share of the global token count:
+        # the schedule must not divide by the number of micro-batches, nor DDP average over DP.
+        calculate_per_token_loss=True,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         # Fused kernels and CUDA-only extensions are off on CPU.
@@ -124,23 +133,24 @@ def _layer_spec(config) -> Any:
 
 
 def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: bool = True):
-    """A GPTModel for this rank, matching `hf_config` exactly. Needs parallel state initialised."""
+    """This rank's GPTModel (its pipeline stage), matching `hf_config` exactly. Needs parallel state."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     apply_cpu_shims()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp != 1:
-        raise NotImplementedError("pipeline parallel > 1 is not supported by the OPD trainer yet")
+    if hf_config.num_hidden_layers % pp:
+        raise ValueError(f"pipeline_model_parallel_size {pp} does not divide the model's "
+                         f"num_hidden_layers {hf_config.num_hidden_layers}: every stage holds the same number of layers")
     config = build_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype)
     model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=parallel_state.is_pipeline_first_stage(),  # the embedding
+        post_process=parallel_state.is_pipeline_last_stage(),  # the final norm and output layer
         parallel_output=True,
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
         position_embedding_type="rope",
@@ -202,63 +212,70 @@ def pad_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], device
 
 
 def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, vocab / tp] (vocab-parallel under tensor parallelism)."""
+    """Logits [b, s, vocab / tp] (vocab-parallel under tensor parallelism) on the last pipeline
+    stage; on the others the hidden states handed to the next stage."""
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     return model(input_ids=ids, position_ids=positions, attention_mask=mask)
 
 
-def token_logprobs(
-    model, prompt_ids: list[list[int]], response_ids: list[list[int]], with_entropy: bool = False, topk_ids=None
-):
+def response_spans(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, end) of each sample's response in the output positions: position t predicts token t+1."""
+    spans = []
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        if len(prompt) == 0:
+            raise ValueError(f"sample {row}: empty prompt (the first response token needs a prefix)")
+        spans.append((len(prompt) - 1, len(prompt) + len(response) - 1))
+    return spans
+
+
+def response_logprobs(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
     """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
 
-    With `with_entropy`, also returns the per-token entropy of the full distribution.
-    With `topk_ids` (per sample a [len(response_i), k] array of token ids, top-k OPD), returns
-    (logprobs, entropies or None, topk_logprobs): the student's log-probs of those ids.
-    Gradients flow (call under torch.no_grad() for inference). Works under tensor parallel:
-    the vocab-parallel cross entropy does the softmax across ranks.
+    `logits` is the last stage's output for `pad_batch(prompt_ids, response_ids)`. Gradients
+    flow (no_grad is the caller's). Under tensor parallel the vocab-parallel cross entropy does
+    the softmax across ranks, without gathering the vocabulary.
     """
     from megatron.core import tensor_parallel
 
-    ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    logits = forward_logits(model, ids, mask).float()  # [b, s, v/tp]
-    # Target of position t is token t+1; the last position predicts nothing.
-    targets = torch.roll(ids, shifts=-1, dims=1)
+    logits = logits.float()  # [b, s, v/tp]
+    spans = response_spans(prompt_ids, response_ids)
+    targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)  # outside the spans: unused
+    for row, ((start, end), response) in enumerate(zip(spans, response_ids)):
+        targets[row, start:end] = torch.as_tensor(list(response), dtype=torch.long)
     # vocab_parallel_cross_entropy wants [s, b, v] and [s, b].
     nll = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous())
-    logprobs_all = -nll.t()  # [b, s]
-    entropy_all = _vocab_parallel_entropy(logits) if with_entropy else None
-    full_logprobs = _full_vocab_logprobs(logits) if topk_ids is not None else None
-    logprobs, entropies, topk = [], [], []
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        start, end = len(prompt) - 1, len(prompt) + len(response) - 1
-        if len(prompt) == 0:
-            raise ValueError(f"sample {row}: empty prompt (the first response token needs a prefix)")
-        logprobs.append(logprobs_all[row, start:end])
-        if with_entropy:
-            entropies.append(entropy_all[row, start:end])
-        if topk_ids is not None:
-            index = torch.as_tensor(np.asarray(topk_ids[row]), dtype=torch.long, device=logits.device)
-            topk.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
-    if topk_ids is not None:
-        return logprobs, (entropies if with_entropy else None), topk
-    return (logprobs, entropies) if with_entropy else logprobs
+    return [-nll[start:end, row] for row, (start, end) in enumerate(spans)]
 
 
-@torch.no_grad()
-def token_topk(model, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int):
+def response_entropy(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Entropy of the full next-token distribution at every response position (gradients flow)."""
+    entropy_all = _vocab_parallel_entropy(logits.float())
+    return [entropy_all[row, start:end] for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))]
+
+
+def response_logprobs_of(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                         token_ids: list) -> list[torch.Tensor]:
+    """Log-probs of given tokens at every response position (top-k OPD: the teacher's top-k ids,
+    per sample a [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
+    full_logprobs = _full_vocab_logprobs(logits.float())
+    out = []
+    for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
+        index = torch.as_tensor(np.asarray(token_ids[row]), dtype=torch.long, device=logits.device)
+        out.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
+    return out
+
+
+def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int):
     """The model's k most likely tokens at every response position (top-k OPD, opd_type=megatron).
 
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
     triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
     """
-    ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    full_logprobs = _full_vocab_logprobs(forward_logits(model, ids, mask).float())
+    full_logprobs = _full_vocab_logprobs(logits.float())
     top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
     out = []
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        start, end = len(prompt) - 1, len(prompt) + len(response) - 1
-        targets = torch.as_tensor(list(response), dtype=torch.long, device=ids.device)
+    for row, ((start, end), response) in enumerate(zip(response_spans(prompt_ids, response_ids), response_ids)):
+        targets = torch.as_tensor(list(response), dtype=torch.long, device=logits.device)
         out.append((
             full_logprobs[row, start:end].gather(-1, targets[:, None])[:, 0].cpu().numpy(),
             top_ids[row, start:end].to(torch.int32).cpu().numpy(),

@@ -7,8 +7,10 @@ OptimizerParamScheduler sets the lr (warmup + decay) on both.
 
 Megatron's optimizer and DDP wrappers need CUDA; on CPU the same semantics are written out:
 gradients are summed over the data-parallel group (the loss is already normalised by the
-global token count), the norm counts tensor-parallel shards once and replicated parameters
-once, and the update is AdamW with the configured lr, betas, weight decay and clipping.
+global token count; on CUDA `calculate_per_token_loss` makes Megatron's DDP sum too), the two
+copies of a tied embedding under pipeline parallel are summed, the norm counts tensor-parallel
+shards and pipeline stages once each and replicated parameters once, and the update is AdamW
+with the configured lr, betas, weight decay and clipping.
 """
 
 from __future__ import annotations
@@ -48,12 +50,6 @@ class ModelOptimizer:
         """The bare GPTModel (under the DDP wrapper on CUDA)."""
         return self.model.module if self.megatron else self.model
 
-    def loss_scale(self) -> float:
-        # Megatron's DDP averages gradients over data-parallel ranks; ours sums (see module doc).
-        from megatron.core import parallel_state
-
-        return float(parallel_state.get_data_parallel_world_size()) if self.megatron else 1.0
-
     def zero_grad(self) -> None:
         if self.megatron:
             self.model.zero_grad_buffer()
@@ -63,7 +59,8 @@ class ModelOptimizer:
         if self.megatron:
             from megatron.core.distributed import finalize_model_grads
 
-            # DP reduce-scatter + the TP all-reduce of qk-layernorm grads (as Megatron-LM's schedule does).
+            # DP reduce-scatter (a sum: calculate_per_token_loss), the TP all-reduce of qk-layernorm
+            # grads and, under PP, of the tied embedding's two copies (as Megatron-LM's schedule does).
             finalize_model_grads([self.model])
             lr = self.lr
             _, grad_norm, _ = self.optimizer.step()
@@ -71,6 +68,7 @@ class ModelOptimizer:
             return {"grad_norm": float(grad_norm or 0.0), "lr": lr}
         params = [p for p in self.model.parameters() if p.requires_grad]
         _all_reduce_tensor_parallel_partial_grads(self.model)
+        _all_reduce_tied_embedding_grads(self.model)
         _all_reduce_data_parallel_grads(params)
         grad_norm = _global_grad_norm(params)
         if self.clip_grad and grad_norm > self.clip_grad:
@@ -161,6 +159,18 @@ def _all_reduce_tensor_parallel_partial_grads(model) -> None:
         p.grad.copy_(synced)
 
 
+def _all_reduce_tied_embedding_grads(model) -> None:
+    """Under PP with tied embeddings, sum the gradients of the first stage's embedding and the
+    last stage's copy of it (the output layer), so both copies take the same update."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1 or not parallel_state.is_rank_in_embedding_group():
+        return
+    for p in model.parameters():
+        if getattr(p, "shared_embedding", False) and p.grad is not None:
+            dist.all_reduce(p.grad, group=parallel_state.get_embedding_group())
+
+
 def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
     from megatron.core import parallel_state
 
@@ -175,14 +185,16 @@ def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
 
 
 def _global_grad_norm(params: list[torch.nn.Parameter]) -> float:
-    """L2 norm of the full model's gradient: TP shards summed, TP-replicated params counted once."""
+    """L2 norm of the full model's gradient: TP shards and PP stages summed, TP-replicated params
+    and the last stage's copy of a tied embedding counted once."""
     from megatron.core import parallel_state
+    from megatron.core.transformer.module import param_is_not_shared
     from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
     squared = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
             squared += p.grad.detach().double().pow(2).sum().cpu()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(squared, group=parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_model_parallel_group().size() > 1:  # TP x PP
+        dist.all_reduce(squared, group=parallel_state.get_model_parallel_group())
     return float(squared.sqrt())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,8 @@ class TrainActor:
         if teacher_ckpt_dir is not None:
             self._load_teacher(teacher_ckpt_dir, teacher_step)
         return {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
-                "tp_size": ps.get_tensor_model_parallel_world_size(), "dp_size": ps.get_data_parallel_world_size()}
+                "pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
+                "dp_size": ps.get_data_parallel_world_size(), "pp_size": ps.get_pipeline_model_parallel_world_size()}
 
     @property
     def module(self):
@@ -161,36 +163,37 @@ class TrainActor:
         size = self.train_cfg.micro_batch_size
         return [batch.select(list(range(i, min(i + size, len(batch))))) for i in range(0, len(batch), size)]
 
-    @torch.no_grad()
-    def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
-        from opd_core.megatron.model import token_logprobs
+    def _forward(self, model, batch: TrainBatch, per_sample) -> list:
+        """per_sample(output, micro) over this shard's micro-batches (see megatron.pipeline)."""
+        from opd_core.megatron.pipeline import run_forward
 
-        model.eval()
-        out: list[np.ndarray] = []
-        for micro in self._micro_batches(batch):
-            out += [lp.float().cpu().numpy() for lp in token_logprobs(model, micro.prompt_ids, micro.response_ids)]
-        return out
+        return run_forward(model, self._micro_batches(batch), per_sample)
+
+    def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
+        from opd_core.megatron.model import response_logprobs
+
+        return self._forward(model, batch, lambda logits, micro: [
+            lp.cpu().numpy() for lp in response_logprobs(logits, micro.prompt_ids, micro.response_ids)
+        ])
 
     def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The student's log-prob of every response token (the 'old' log-probs of PPO)."""
         return self._logprobs(self.module, batch)
 
     def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
-        if self.teacher is None:
-            raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
-        return self._logprobs(self.teacher, batch)
+        return self._logprobs(self._teacher(), batch)
 
     def teacher_topk(self, batch: TrainBatch, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(logprobs, topk_ids, topk_logprobs) per sample from the Megatron teacher (top-k OPD)."""
-        from opd_core.megatron.model import token_topk
+        from opd_core.megatron.model import response_topk
 
+        return self._forward(self._teacher(), batch,
+                             lambda logits, micro: response_topk(logits, micro.prompt_ids, micro.response_ids, k))
+
+    def _teacher(self):
         if self.teacher is None:
             raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
-        self.teacher.eval()
-        out = []
-        for micro in self._micro_batches(batch):
-            out += token_topk(self.teacher, micro.prompt_ids, micro.response_ids, k)
-        return out
+        return self.teacher
 
     def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The frozen reference (initial student) log-prob of every response token."""
@@ -198,18 +201,15 @@ class TrainActor:
             raise RuntimeError("no reference model: it is built only with algorithm.use_kl_loss=true")
         return self._logprobs(self.reference, batch)
 
-    @torch.no_grad()
     def compute_values(self, batch: TrainBatch) -> list[np.ndarray]:
         """The critic's V per response token, aligned with the log-probs (empty for an empty response)."""
-        from opd_core.megatron.critic import token_values
+        from opd_core.megatron.critic import response_values
 
         if self.critic is None:
             raise RuntimeError("no critic: it is built only with algorithm.advantage_estimator=ppo")
-        self.critic.eval()
-        out: list[np.ndarray] = []
-        for micro in self._micro_batches(batch):
-            out += [v.cpu().numpy() for v in token_values(self.critic, micro.prompt_ids, micro.response_ids)]
-        return out
+        return self._forward(self.critic, batch, lambda output, micro: [
+            v.cpu().numpy() for v in response_values(output, micro.prompt_ids, micro.response_ids)
+        ])
 
     # ---------------------------------------------------------------------- training
 
@@ -218,35 +218,25 @@ class TrainActor:
         from megatron.core import parallel_state as ps
 
         from opd_core.algorithm.losses import masked_mean, policy_loss, topk_reverse_kl
-        from opd_core.megatron.model import token_logprobs
+        from opd_core.megatron.model import response_entropy, response_logprobs, response_logprobs_of
+        from opd_core.megatron.pipeline import run_forward_backward
 
         if len(batch) and not batch.advantages:
             raise ValueError("TrainBatch.advantages is empty: compute advantages before train_step")
-        model = self.optim.model
-        model.train()
-        masks = batch.loss_masks or [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
-        local_tokens = float(sum(np.asarray(m, dtype=np.float64).sum() for m in masks))
-        global_tokens = _dp_sum(torch.tensor([local_tokens], dtype=torch.float64))[0].item()
+        batch = _with_loss_masks(batch)
+        global_tokens = _global_tokens(batch)
         need_entropy = self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
-        sums = dict.fromkeys(METRIC_KEYS, 0.0)
-        self.optim.zero_grad()
-        start = 0
-        for micro in self._micro_batches(batch):
-            rows = range(start, start + len(micro))
-            start += len(micro)
-            student_topk = None
-            if micro.teacher_topk_ids:  # top-k OPD: also the student's log-probs of the teacher's top-k
-                logprobs, entropy, student_topk = token_logprobs(
-                    model, micro.prompt_ids, micro.response_ids, with_entropy=need_entropy, topk_ids=micro.teacher_topk_ids
-                )
-            elif need_entropy:
-                logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids, with_entropy=True)
-            else:
-                logprobs, entropy = token_logprobs(model, micro.prompt_ids, micro.response_ids), None
+
+        def loss_of(logits, micro: TrainBatch):
+            prompts, responses = micro.prompt_ids, micro.response_ids
+            logprobs = response_logprobs(logits, prompts, responses)
+            entropy = response_entropy(logits, prompts, responses) if need_entropy else None
+            # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
+            student_topk = response_logprobs_of(logits, prompts, responses, micro.teacher_topk_ids) if micro.teacher_topk_ids else None
             width = max(len(r) for r in micro.response_ids)
             logprobs_t = _stack_padded(logprobs, width)
             device = logprobs_t.device
-            mask = _pad([masks[i] for i in rows], width).to(device)
+            mask = _pad(micro.loss_masks, width).to(device)
             # No stored old log-probs = on-policy: the ratio is 1 at this step.
             old = _pad(micro.old_logprobs, width).to(device) if micro.old_logprobs else logprobs_t.detach()
             ref = _pad(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
@@ -260,53 +250,42 @@ class TrainActor:
                 topk_kl = masked_mean(per_token_kl, mask)
                 loss = loss + self.algorithm.opd_kl_coef * topk_kl
                 metrics = {**metrics, "opd_topk_kl": float(topk_kl.detach()), "loss": float(loss.detach())}
-            micro_tokens = float(mask.sum())
-            (loss * (micro_tokens / max(global_tokens, 1.0)) * self.optim.loss_scale()).backward()
-            if micro_tokens:  # token-weighted, so micro-batches and DP shards average exactly
-                for key in METRIC_KEYS:
-                    sums[key] += metrics.get(key, float("nan")) * micro_tokens
+            return _weighted(loss, metrics, mask, global_tokens)
+
+        self.optim.zero_grad()
+        micro_metrics = run_forward_backward(self.optim.model, self._micro_batches(batch), loss_of)
         stats = self.optim.step()
         self.iteration += 1
-        # Same keys in the same order on every rank (an empty shard included): one all-reduce.
-        totals = _dp_sum(torch.tensor([sums[k] for k in METRIC_KEYS], dtype=torch.float64))
-        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(METRIC_KEYS, totals.tolist())}
+        out = _token_mean(micro_metrics, METRIC_KEYS, global_tokens)
         out.update(stats)
         # `returns is not None` holds on every DP shard of a batch that has returns (an empty shard
         # gets []), so all ranks agree on taking the critic step and its collectives.
         if self.critic is not None and batch.returns is not None:
-            out.update(self._critic_step(batch, masks, global_tokens))
+            out.update(self._critic_step(batch, global_tokens))
         out.update(num_tokens=global_tokens, iteration=self.iteration)
         return out
 
-    def _critic_step(self, batch: TrainBatch, masks: list[np.ndarray], global_tokens: float) -> dict:
+    def _critic_step(self, batch: TrainBatch, global_tokens: float) -> dict:
         """One critic optimizer step on the clipped value loss; token-weighted like the policy loss."""
         from opd_core.algorithm.losses import value_loss
-        from opd_core.megatron.critic import token_values
+        from opd_core.megatron.critic import response_values
+        from opd_core.megatron.pipeline import run_forward_backward
 
-        self.critic.train()
-        sums = dict.fromkeys(CRITIC_METRIC_KEYS, 0.0)
-        self.critic_optim.zero_grad()
-        start = 0
-        for micro in self._micro_batches(batch):
-            rows = range(start, start + len(micro))
-            start += len(micro)
-            values = token_values(self.critic, micro.prompt_ids, micro.response_ids)
+        def loss_of(output, micro: TrainBatch):
             width = max(len(r) for r in micro.response_ids)
-            values_t = _stack_padded(values, width)
+            values_t = _stack_padded(response_values(output, micro.prompt_ids, micro.response_ids), width)
             device = values_t.device
-            mask = _pad([masks[i] for i in rows], width).to(device)
+            mask = _pad(micro.loss_masks, width).to(device)
             # No stored old values: the clip is centred on the current ones (no clipping at this step).
             old = _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
             loss, metrics = value_loss(values_t, old, _pad(micro.returns, width).to(device), mask,
                                        self.algorithm.value_clip)
-            micro_tokens = float(mask.sum())
-            (loss * (micro_tokens / max(global_tokens, 1.0)) * self.critic_optim.loss_scale()).backward()
-            if micro_tokens:
-                for key in CRITIC_METRIC_KEYS:
-                    sums[key] += metrics[key] * micro_tokens
+            return _weighted(loss, metrics, mask, global_tokens)
+
+        self.critic_optim.zero_grad()
+        micro_metrics = run_forward_backward(self.critic_optim.model, self._micro_batches(batch), loss_of)
         stats = self.critic_optim.step()
-        totals = _dp_sum(torch.tensor([sums[k] for k in CRITIC_METRIC_KEYS], dtype=torch.float64))
-        out = {k: float(v) / max(global_tokens, 1.0) for k, v in zip(CRITIC_METRIC_KEYS, totals.tolist())}
+        out = _token_mean(micro_metrics, CRITIC_METRIC_KEYS, global_tokens)
         out.update(critic_grad_norm=stats["grad_norm"], critic_lr=stats["lr"])
         return out
 
@@ -368,12 +347,12 @@ class TrainActor:
         from opd_core.megatron.convert import write_hf_dir
 
         hf_config_dir = Path(hf_config_dir or self.hf_config_dir)
-        if ps.get_tensor_model_parallel_world_size() == 1:
+        if ps.get_model_parallel_group().size() == 1:  # no TP or PP: every rank holds the whole model
             if self.rank != 0:
                 return None
             tensors = mapping.model_state_dict_to_megatron(self.module, self.hf_config.num_hidden_layers)
             return str(write_hf_dir(tensors, hf_config_dir, out_dir))
-        # Under TP the full tensors exist only on disk: save, then convert from the files.
+        # Under TP or PP the full tensors exist only on disk: save, then convert from the files.
         tmp_root = Path(out_dir).parent / f".{Path(out_dir).name}.torch_dist"
         checkpoint.save_model(self.module, tmp_root, None)
         result = None
@@ -388,6 +367,41 @@ class TrainActor:
         from opd_core.megatron.parallel import destroy_distributed
 
         destroy_distributed()
+
+
+def _with_loss_masks(batch: TrainBatch) -> TrainBatch:
+    """The batch with explicit loss masks (all response tokens where none are given)."""
+    if batch.loss_masks:
+        return batch
+    return replace(batch, loss_masks=[np.ones(len(r), dtype=np.float32) for r in batch.response_ids])
+
+
+def _global_tokens(batch: TrainBatch) -> float:
+    """Loss tokens in the whole global batch (this shard's, summed over data-parallel ranks)."""
+    local = float(sum(np.asarray(m, dtype=np.float64).sum() for m in batch.loss_masks))
+    return _dp_sum(torch.tensor([local], dtype=torch.float64))[0].item()
+
+
+def _weighted(loss: torch.Tensor, metrics: dict, mask: torch.Tensor, global_tokens: float):
+    """The micro-batch's loss weighted by its share of the global tokens, so gradient accumulation
+    and the sum over DP ranks give exactly the token mean of the global batch; its metrics
+    token-weighted likewise (summed by `_token_mean`)."""
+    tokens = float(mask.sum())
+    weighted = {key: value * tokens for key, value in metrics.items()} if tokens else {}  # {}: nothing to average
+    return loss * (tokens / max(global_tokens, 1.0)), weighted
+
+
+def _token_mean(micro_metrics: list[dict], keys: tuple[str, ...], global_tokens: float) -> dict[str, float]:
+    """Token-weighted means over the global batch: summed over micro-batches, pipeline stages
+    (only the last has any) and DP ranks, in the same order on every rank (an empty shard too)."""
+    from megatron.core import parallel_state as ps
+
+    counted = [m for m in micro_metrics if m]  # NaN where a counted micro-batch did not compute a key
+    sums = torch.tensor([sum(m.get(key, float("nan")) for m in counted) for key in keys], dtype=torch.float64)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    totals = _dp_sum(sums)
+    return {k: float(v) / max(global_tokens, 1.0) for k, v in zip(keys, totals.tolist())}
 
 
 def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:

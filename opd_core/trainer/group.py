@@ -10,9 +10,10 @@
 
 World size = TP x PP x DP; one actor per rank, one placement-group bundle per actor ({"CPU": n}
 on CPU; one GPU each on a cluster). The batch is split into contiguous data-parallel shards;
-every TP rank of a DP group gets the same shard, and results are gathered in sample order
-from TP rank 0 of each DP group. `shutdown()` (also on `__exit__`) kills the actors, removes
-the placement group and stops Ray if this group started it.
+every TP and PP rank of a DP group gets the same shard, and results are gathered in sample
+order from TP rank 0 of the last pipeline stage of each DP group. `shutdown()` (also on
+`__exit__`) kills the actors, removes the placement group and stops Ray if this group
+started it.
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ class TrainerGroup:
         except BaseException:
             self.shutdown()
             raise
-        # Which actor answers for each data-parallel shard (TP rank 0 of that DP group).
-        self.dp_leaders = {info["dp_rank"]: rank for rank, info in enumerate(self.ranks) if info["tp_rank"] == 0}
+        # Which actor answers for each data-parallel shard: TP rank 0 of its last pipeline stage,
+        # where the outputs are.
+        self.dp_leaders = {info["dp_rank"]: rank for rank, info in enumerate(self.ranks)
+                           if info["tp_rank"] == 0 and info["pp_rank"] == info["pp_size"] - 1}
 
     # ------------------------------------------------------------------ fan-out calls
 
