@@ -154,3 +154,14 @@ def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student
     start = len(batch.prompt_ids[sample]) - 1
     expected = [hf_logprobs[start + i, token].item() for i, token in enumerate(batch.response_ids[sample])]
     np.testing.assert_allclose(expected, pp2_logprobs[sample], atol=1e-4)
+
+
+def test_a_layout_that_does_not_fit_the_model_is_refused_before_any_actor_starts(student):
+    from opd_core.trainer.group import TrainerGroup
+
+    hf_dir, ckpt = student  # 2 layers, 4 heads, 2 kv heads
+    with pytest.raises(ValueError, match=r"train.parallel does not fit the student .*pipeline_model_parallel_size 4 "
+                                         r"does not divide num_hidden_layers 2"):
+        TrainerGroup(config(pp=4), hf_dir, ckpt)
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size 4 does not divide num_key_value_heads 2"):
+        TrainerGroup(config(tp=4), hf_dir, ckpt)

@@ -132,6 +132,20 @@ def _layer_spec(config) -> Any:
     return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
 
 
+def check_parallel_layout(hf_config: Any, tp: int, pp: int, what: str | None = None) -> None:
+    """A clear error where TP does not divide the heads or PP the layers (Megatron would assert)."""
+    name = what or getattr(hf_config, "_name_or_path", "") or "the model"
+    problems = [
+        f"tensor_model_parallel_size {tp} does not divide {field} {getattr(hf_config, field)}"
+        for field in ("num_attention_heads", "num_key_value_heads") if getattr(hf_config, field) % tp
+    ]
+    if hf_config.num_hidden_layers % pp:
+        problems.append(f"pipeline_model_parallel_size {pp} does not divide num_hidden_layers "
+                        f"{hf_config.num_hidden_layers} (every stage holds the same number of layers)")
+    if problems:
+        raise ValueError(f"train.parallel does not fit {name}: " + "; ".join(problems))
+
+
 def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: bool = True):
     """This rank's GPTModel (its pipeline stage), matching `hf_config` exactly. Needs parallel state."""
     from megatron.core import parallel_state
@@ -140,9 +154,7 @@ def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: boo
     apply_cpu_shims()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if hf_config.num_hidden_layers % pp:
-        raise ValueError(f"pipeline_model_parallel_size {pp} does not divide the model's "
-                         f"num_hidden_layers {hf_config.num_hidden_layers}: every stage holds the same number of layers")
+    check_parallel_layout(hf_config, tp, pp)
     config = build_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype)
     model = GPTModel(
         config=config,

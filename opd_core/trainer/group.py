@@ -75,6 +75,9 @@ class TrainerGroup:
                 f"train.parallel TP {self.tp} x PP {self.pp} x DP {self.dp} = {self.world_size} ranks, but train.ray "
                 f"gives {ray_cfg.actor_num_nodes} nodes x {gpus} GPUs = {ray_cfg.actor_num_nodes * gpus}"
             )
+        algorithm = cfg.algorithm
+        teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
+        self._check_layout(teacher_ckpt_dir)  # before any actor starts
         cpus = ray_cfg.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
         self._started_ray = False
         self.actors, self.placement_group = [], None
@@ -94,11 +97,9 @@ class TrainerGroup:
                 for rank in range(self.world_size)
             ]
             master_addr, master_port = ray.get(self.actors[0].node_address.remote())
-            algorithm = cfg.algorithm
             # The actors see only the train section: give them the schedule resolved in steps.
             train = cfg.train.model_copy(update={"lr_decay_iters": cfg.lr_decay_iters, "lr_warmup_iters": cfg.lr_warmup_iters,
                                                  "lr_warmup_fraction": None})
-            teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
             self.ranks = ray.get([
                 actor.setup.remote(
                     rank, self.world_size, master_addr, master_port, parallel.model_dump(), str(hf_config_dir),
@@ -115,6 +116,16 @@ class TrainerGroup:
         # where the outputs are.
         self.dp_leaders = {info["dp_rank"]: rank for rank, info in enumerate(self.ranks)
                            if info["tp_rank"] == 0 and info["pp_rank"] == info["pp_size"] - 1}
+
+    def _check_layout(self, teacher_ckpt_dir) -> None:
+        from opd_core.megatron import checkpoint
+        from opd_core.megatron.convert import load_hf_config
+        from opd_core.megatron.model import check_parallel_layout
+
+        check_parallel_layout(load_hf_config(self.hf_config_dir), self.tp, self.pp, f"the student {self.hf_config_dir}")
+        if teacher_ckpt_dir is not None:
+            check_parallel_layout(load_hf_config(checkpoint.stored_hf_config_dir(teacher_ckpt_dir)), self.tp, self.pp,
+                                  f"the teacher {teacher_ckpt_dir}")
 
     # ------------------------------------------------------------------ fan-out calls
 
