@@ -272,7 +272,8 @@ def response_logprobs_of(logits: torch.Tensor, prompt_ids: list[list[int]], resp
     full_logprobs = _full_vocab_logprobs(logits.float())
     out = []
     for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
-        index = torch.as_tensor(np.asarray(token_ids[row]), dtype=torch.long, device=logits.device)
+        # torch.tensor copies: arrays arriving through Ray are read-only.
+        index = torch.tensor(np.asarray(token_ids[row]), dtype=torch.long, device=logits.device)
         out.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
     return out
 

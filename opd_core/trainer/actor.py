@@ -232,7 +232,8 @@ class TrainActor:
             logprobs = response_logprobs(logits, prompts, responses)
             entropy = response_entropy(logits, prompts, responses) if need_entropy else None
             # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
-            student_topk = response_logprobs_of(logits, prompts, responses, micro.teacher_topk_ids) if micro.teacher_topk_ids else None
+            student_topk = (response_logprobs_of(logits, prompts, responses, micro.teacher_topk_ids)
+                            if micro.teacher_topk_ids else None)
             width = max(len(r) for r in micro.response_ids)
             logprobs_t = _stack_padded(logprobs, width)
             device = logprobs_t.device
@@ -245,7 +246,8 @@ class TrainActor:
                 ref_logprobs=ref, entropy=None if entropy is None else _stack_padded(entropy, width),
             )
             if student_topk is not None:
-                teacher_topk = [torch.as_tensor(np.asarray(t), dtype=torch.float32) for t in micro.teacher_topk_logprobs]
+                # torch.tensor copies: arrays arriving through Ray are read-only.
+                teacher_topk = [torch.tensor(np.asarray(t), dtype=torch.float32) for t in micro.teacher_topk_logprobs]
                 per_token_kl = topk_reverse_kl(_stack_padded(student_topk, width), _stack_padded(teacher_topk, width).to(device))
                 topk_kl = masked_mean(per_token_kl, mask)
                 loss = loss + self.algorithm.opd_kl_coef * topk_kl

@@ -76,7 +76,8 @@ class TrainerGroup:
                 f"gives {ray_cfg.actor_num_nodes} nodes x {gpus} GPUs = {ray_cfg.actor_num_nodes * gpus}"
             )
         algorithm = cfg.algorithm
-        teacher_ckpt_dir = teacher_ckpt_dir or (algorithm.opd_teacher_load if algorithm.use_opd and algorithm.opd_type == "megatron" else None)
+        if teacher_ckpt_dir is None and algorithm.use_opd and algorithm.opd_type == "megatron":
+            teacher_ckpt_dir = algorithm.opd_teacher_load
         self._check_layout(teacher_ckpt_dir)  # before any actor starts
         cpus = ray_cfg.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
         self._started_ray = False
