@@ -13,25 +13,15 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig, TeacherConfig
 from opd_core.engine.client import EngineClient
 from opd_core.engine.launcher import launch_server
-from opd_core.hf_utils import make_tiny_qwen3
-from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed
+from tiny_runs import student_and_teacher
 
 pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher_modes")
-    student = make_tiny_qwen3(root / "student", initializer_range=0.1)
-    # A teacher bigger than the student, untied, as a real teacher usually is.
-    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=4,
-                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
-    models = {
-        "root": root, "student": student, "teacher": teacher,
-        "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
-        "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist"),
-    }
+    models = student_and_teacher(tmp_path_factory.mktemp("teacher_modes"))
     destroy_distributed()  # the conversion's one-rank group is not needed by the driver any more
     return models
 

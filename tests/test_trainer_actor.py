@@ -9,24 +9,15 @@ from transformers import AutoModelForCausalLM
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
-from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import free_port
 from opd_core.trainer.actor import TrainActor
+from tiny_runs import student_and_teacher
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("actor")
-    student = make_tiny_qwen3(root / "student", initializer_range=0.1)
-    # A bigger teacher of the same family and vocabulary, as in real OPD (8B student, 32B teacher).
-    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=3,
-                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
-    return {
-        "root": root, "student": student, "teacher": teacher,
-        "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
-        "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=7),
-    }
+    return student_and_teacher(tmp_path_factory.mktemp("actor"), teacher_step=7)
 
 
 def make_actor(models, ckpt=None, step=None, micro_batch_size=8, teacher=False, **train) -> TrainActor:

@@ -17,3 +17,20 @@ SMALL_BATCHES = [
     "train.micro_batch_size=8",
     "train.lr_warmup_iters=0",  # the toy's 10 warmup steps need a run longer than 10 rounds
 ]
+
+
+def student_and_teacher(root, teacher_step: int | None = None) -> dict:
+    """A tiny student and a bigger, untied teacher of the same family and vocabulary, as in real
+    OPD (8B student, 32B teacher): HF dirs and torch_dist checkpoints. 2 and 4 layers, so PP=2
+    splits both."""
+    from opd_core.hf_utils import make_tiny_qwen3
+    from opd_core.megatron.convert import hf_to_torch_dist
+
+    student = make_tiny_qwen3(root / "student", initializer_range=0.1)
+    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=4,
+                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    return {
+        "root": root, "student": student, "teacher": teacher,
+        "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
+        "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=teacher_step),
+    }
