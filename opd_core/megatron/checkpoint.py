@@ -161,7 +161,6 @@ def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, 
 
 
 def _barrier() -> None:
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

@@ -259,21 +259,35 @@ def response_logprobs(logits: torch.Tensor, prompt_ids: list[list[int]], respons
     return [-nll[start:end, row] for row, (start, end) in enumerate(spans)]
 
 
-def response_entropy(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
-    """Entropy of the full next-token distribution at every response position (gradients flow)."""
-    entropy_all = _vocab_parallel_entropy(logits.float())
+def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the whole vocabulary [b, s, vocab] in fp32 (all-gathered under tensor
+    parallel; differentiable). Compute it once per forward for the entropy and top-k terms."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    logits = logits.float()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def response_entropy(
+    full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> list[torch.Tensor]:
+    """Entropy of the next-token distribution at every response position, from
+    `full_vocab_logprobs` (gradients flow)."""
+    entropy_all = -(full_logprobs.exp() * full_logprobs).sum(-1)
     return [entropy_all[row, start:end] for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))]
 
 
-def response_logprobs_of(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]],
+def response_logprobs_of(full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]],
                          token_ids: list) -> list[torch.Tensor]:
-    """Log-probs of given tokens at every response position (top-k OPD: the teacher's top-k ids,
-    per sample a [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
-    full_logprobs = _full_vocab_logprobs(logits.float())
+    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` (top-k
+    OPD: the teacher's top-k ids, per sample a [len(response_i), k] array): list of
+    [len(response_i), k] tensors (gradients flow)."""
     out = []
     for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
         # torch.tensor copies: arrays arriving through Ray are read-only.
-        index = torch.tensor(np.asarray(token_ids[row]), dtype=torch.long, device=logits.device)
+        index = torch.tensor(np.asarray(token_ids[row]), dtype=torch.long, device=full_logprobs.device)
         out.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
     return out
 
@@ -284,7 +298,7 @@ def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_id
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
     triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
     """
-    full_logprobs = _full_vocab_logprobs(logits.float())
+    full_logprobs = full_vocab_logprobs(logits)
     top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
     out = []
     for row, ((start, end), response) in enumerate(zip(response_spans(prompt_ids, response_ids), response_ids)):
@@ -295,23 +309,3 @@ def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_id
             top_logprobs[row, start:end].cpu().numpy(),
         ))
     return out
-
-
-def _full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the whole vocabulary [b, s, vocab] (all-gathered under tensor parallel)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy over the full vocabulary when each TP rank holds a slice of it."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        # All-gather along the vocab dim (differentiable); fine for the entropy bonus.
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    log_p = torch.log_softmax(logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(-1)

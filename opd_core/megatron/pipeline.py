@@ -28,12 +28,6 @@ import torch
 from opd_core.algorithm.batch import TrainBatch
 
 
-def is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage()
-
-
 def _schedule(model, micro_batches: list[TrainBatch], on_output: Callable, forward_only: bool) -> list:
     """What the schedule's loss function returned for each micro-batch (on the last stage)."""
     from functools import partial

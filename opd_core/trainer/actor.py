@@ -218,7 +218,7 @@ class TrainActor:
         from megatron.core import parallel_state as ps
 
         from opd_core.algorithm.losses import masked_mean, policy_loss, topk_reverse_kl
-        from opd_core.megatron.model import response_entropy, response_logprobs, response_logprobs_of
+        from opd_core.megatron.model import full_vocab_logprobs, response_entropy, response_logprobs, response_logprobs_of
         from opd_core.megatron.pipeline import run_forward_backward
 
         if len(batch) and not batch.advantages:
@@ -230,10 +230,12 @@ class TrainActor:
         def loss_of(logits, micro: TrainBatch):
             prompts, responses = micro.prompt_ids, micro.response_ids
             logprobs = response_logprobs(logits, prompts, responses)
-            entropy = response_entropy(logits, prompts, responses) if need_entropy else None
+            # The full-vocabulary log-softmax (gathered under TP), once for entropy and top-k.
+            full = full_vocab_logprobs(logits) if need_entropy or micro.teacher_topk_ids else None
+            entropy = response_entropy(full, prompts, responses) if need_entropy else None
             # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
-            student_topk = (response_logprobs_of(logits, prompts, responses, micro.teacher_topk_ids)
-                            if micro.teacher_topk_ids else None)
+            topk_ids = micro.teacher_topk_ids
+            student_topk = response_logprobs_of(full, prompts, responses, topk_ids) if topk_ids else None
             width = max(len(r) for r in micro.response_ids)
             logprobs_t = _stack_padded(logprobs, width)
             device = logprobs_t.device
