@@ -200,3 +200,21 @@ def test_call_seed_gives_distinct_reproducible_samples(url):
     assert first == again  # reproducible
     assert len(set(first)) > 1  # n samples of one prompt are not copies of each other
     assert first != other
+
+
+def test_opening_clients_freezes_long_lived_objects_once(url, monkeypatch):
+    """Decoding log-prob responses must not rescan the process's old objects (gc_freeze.py):
+    the first client of a process collects and freezes, later ones leave the GC alone."""
+    import gc
+
+    from opd_core.engine import gc_freeze
+
+    assert gc.get_freeze_count() > 0  # frozen for real when this module's server and client started
+    calls: list[str] = []
+    monkeypatch.setattr(gc_freeze, "_frozen", False)
+    monkeypatch.setattr(gc_freeze.gc, "collect", lambda *args: calls.append("collect") or 0)
+    monkeypatch.setattr(gc_freeze.gc, "freeze", lambda: calls.append("freeze"))
+    for _ in range(2):
+        with EngineClient(url):
+            pass
+    assert calls == ["collect", "freeze"]

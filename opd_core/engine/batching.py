@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from opd_core.engine.gc_freeze import freeze_long_lived_objects
 from opd_core.engine.generation import Generator
 from opd_core.engine.sequence import Sequence
 
@@ -55,6 +56,7 @@ class BatchingEngine:
         try:
             self.generator = await self.run(Generator, self.model_path, **self.generator_kwargs)
             logger.info("loaded %s", self.model_path)
+            freeze_long_lived_objects()  # the model and every import: see gc_freeze.py
         except Exception as err:  # reported by /health_generate and /generate, never a crash
             self.load_error = f"{type(err).__name__}: {err}"
             logger.exception("failed to load %s", self.model_path)

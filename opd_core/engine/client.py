@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from opd_core.engine.gc_freeze import freeze_long_lived_objects
 from opd_core.engine.logprob_cache import LogprobCache
 from opd_core.engine.protocol import per_sequence_params
 from opd_core.engine.transport import EngineError, EngineRequestError, FailoverTransport
@@ -56,6 +57,8 @@ class EngineClient:
         self._cache: LogprobCache | None = None
         self._fingerprint: str | None = None
         self._lock = threading.Lock()
+        # Decoding big log-prob responses must not rescan every long-lived object (gc_freeze.py).
+        freeze_long_lived_objects()
 
     @classmethod
     def from_config(cls, urls: str | Sequence[str], cfg, api_key: str | None = None) -> "EngineClient":
