@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 
 import httpx
 import numpy as np
@@ -133,6 +135,8 @@ class Flaky:
         async def proxy(path: str, request: Request):
             self.seen += 1
             if self.seen <= self.failures:
+                if self.mode == "hang":  # longer than the client's timeout
+                    await asyncio.sleep(2)
                 if self.mode == "garbage":
                     return JSONResponse({"not": "a list"})
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
@@ -161,6 +165,20 @@ def test_gives_up_after_max_retries_and_never_retries_4xx(url):
         with pytest.raises(EngineRequestError, match="outside the vocabulary") as err:
             client.generate([[1, 9999]], {"max_new_tokens": 1})
         assert err.value.status_code == 400 and len(sent) == 1
+
+
+def test_a_server_that_hangs_times_out_then_fails_over(url):
+    hanging = Flaky(url, failures=100, mode="hang")
+    with BackgroundServer(hanging.app) as hanging_url:
+        with EngineClient([hanging_url, url], timeout=0.2, batch_size=2, backoff_initial=0.01) as client:
+            started = time.monotonic()
+            scores = client.score(PROMPTS, RESPONSES)
+            assert [len(s) for s in scores] == [len(r) for r in RESPONSES]
+            # One request waited out the timeout on the hanging URL; the rest went to the live one.
+            assert hanging.seen <= 2 and time.monotonic() - started < 1.5
+        with EngineClient(hanging_url, timeout=0.2, max_retries=1, backoff_initial=0.01) as client:
+            with pytest.raises(EngineError, match="failed after 2 attempts.*Timeout"):
+                client.generate([[1]], {"max_new_tokens": 1})
 
 
 def test_api_key_and_from_config(model_dir, tmp_path):
