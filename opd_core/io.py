@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,11 +133,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: str | Path) -> dict[str, str]:
+def sha256_tree(root: str | Path, hash_file: Callable[[Path], str] = sha256_file) -> dict[str, str]:
     """sha256 of every file under `root`, keyed by relative path (sorted, hidden files skipped)."""
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
-    return {str(p.relative_to(root)): sha256_file(p) for p in files}
+    return {str(p.relative_to(root)): hash_file(p) for p in files}
 
 
 def copy_tree(src: str | Path, dst: str | Path) -> Path:

@@ -27,7 +27,8 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from opd_core.io import read_json, sha256_file, sha256_tree, write_json
+from opd_core.hash_memo import file_sha256
+from opd_core.io import read_json, sha256_tree, write_json
 
 STAGES = ("download", "convert", "teacher", "baseline_eval", "train", "final_eval")
 STAGE_MARKER = "_stage.json"
@@ -118,15 +119,16 @@ def hash_inputs(paths: list[Path]) -> dict[str, str]:
     """Content hash of each input (a file, or every file of a directory).
 
     Keyed by position and file name, not by absolute path: a run directory that was moved or
-    copied (e.g. from a cluster to a laptop) keeps its cache hits.
+    copied (e.g. from a cluster to a laptop) keeps its cache hits. Unchanged files are not
+    reread (`hash_memo`): checkpoints of tens of GB are hashed once, not on every run.
     """
     out = {}
     for position, path in enumerate(paths):
         path = Path(path)
         if path.is_dir():
-            digest = hashlib.sha256(json.dumps(sha256_tree(path), sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha256(json.dumps(sha256_tree(path, file_sha256), sort_keys=True).encode()).hexdigest()
         elif path.is_file():
-            digest = sha256_file(path)
+            digest = file_sha256(path)
         else:
             raise FileNotFoundError(f"stage input missing: {path}")
         out[f"{position}:{path.name}"] = digest

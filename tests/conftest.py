@@ -1,12 +1,15 @@
 """Shared test setup: offline defaults, and one Prefect test server for the whole session."""
 
 import os
+import tempfile
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Stage-input hashes are remembered across runs (opd_core/hash_memo.py): not in the real home.
+os.environ.setdefault("OPD_HASH_MEMO", os.path.join(tempfile.mkdtemp(prefix="opd-test-"), "file_hashes.sqlite"))
 
 import pytest  # noqa: E402
 

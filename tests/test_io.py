@@ -1,12 +1,15 @@
 """Atomic writes, Arrow schema checks, the run directory and stage caching."""
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from opd_core.io import ArtifactError, atomic_path, read_arrow, read_json, write_arrow, write_json
-from opd_core.rundir import RunDir, run_cached, stage_key
+from opd_core.io import ArtifactError, atomic_path, read_arrow, read_json, sha256_file, write_arrow, write_json
+from opd_core.rundir import RunDir, hash_inputs, run_cached, stage_key
 from opd_core.schemas import PROMPTS
 
 
@@ -76,3 +79,47 @@ def test_stage_cache_follows_input_content(tmp_path):
     assert run_cached(run.stage("convert"), stage_key("other-config", [data]), build)[1] is False
     with pytest.raises(FileNotFoundError, match="stage input missing"):
         stage_key("cfg", [tmp_path / "missing"])
+
+
+def test_input_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    from opd_core import hash_memo
+
+    monkeypatch.setenv("OPD_HASH_MEMO", str(tmp_path / "memo" / "hashes.sqlite"))
+    monkeypatch.setattr(hash_memo, "SETTLE_SECONDS", 0.2)
+    reads: list[str] = []
+    monkeypatch.setattr(hash_memo, "sha256_file", lambda path: reads.append(Path(path).name) or sha256_file(path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights-v1")
+    data = tmp_path / "train.arrow"
+    data.write_bytes(b"rows")
+
+    assert hash_inputs([model, data]) == hash_inputs([model, data])
+    assert len(reads) == 6  # just written: hashed, but not remembered yet (a same-tick edit could hide)
+    time.sleep(0.3)
+    reads.clear()
+    first = hash_inputs([model, data])
+    assert sorted(reads) == ["config.json", "model.safetensors", "train.arrow"]
+    assert first["1:train.arrow"] == sha256_file(data)  # the memo stores real content hashes
+    reads.clear()
+    assert hash_inputs([model, data]) == first and reads == []  # nothing reread
+
+    # Same size, mtime put back: the ctime in the stamp still catches the edit.
+    stat = (model / "model.safetensors").stat()
+    (model / "model.safetensors").write_bytes(b"weights-v2")
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    changed = hash_inputs([model, data])
+    assert reads == ["model.safetensors"] and changed["0:model"] != first["0:model"]
+    assert changed["0:model"] == hash_inputs([model])["0:model"]
+    assert changed["1:train.arrow"] == first["1:train.arrow"]
+
+
+def test_an_unusable_hash_memo_only_costs_rehashing(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("OPD_HASH_MEMO", str(blocker / "hashes.sqlite"))
+    data = tmp_path / "input.txt"
+    data.write_text("v1")
+    assert hash_inputs([data]) == {"0:input.txt": sha256_file(data)}
+    assert "unusable" in caplog.text
