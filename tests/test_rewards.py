@@ -1,5 +1,6 @@
 """Reward loading: math verifier, zeros, user functions by import path, post-process hooks, errors."""
 
+import asyncio
 import sys
 import textwrap
 
@@ -95,6 +96,12 @@ def test_custom_rm_path_takes_precedence_over_type(user_module):
 
 def test_async_and_numpy_results(user_module):
     assert load_reward_fn(RewardConfig(type="my_rewards:async_reward"))(SAMPLES[:2]) == [0.5, 0.5]
+    reward_fn = load_reward_fn(RewardConfig(type="my_rewards:async_reward"))
+
+    async def from_async_code():  # e.g. a notebook cell: an event loop is already running
+        return reward_fn(SAMPLES[:3])
+
+    assert asyncio.run(from_async_code()) == [0.5, 0.5, 0.5]
     assert load_reward_fn(RewardConfig(type="my_rewards:numpy_reward"))(SAMPLES[:3]) == [0.0, 1.0, 2.0]
 
 

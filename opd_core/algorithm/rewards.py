@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,9 +81,17 @@ def load_function(path: str, what: str = "function") -> Callable:
 
 def _call(fn: Callable, *args: Any) -> Any:
     result = fn(*args)
-    if inspect.isawaitable(result):  # slime-style `async def` reward functions
-        result = asyncio.run(_await(result))
-    return result
+    if not inspect.isawaitable(result):
+        return result
+    # slime-style `async def` reward functions. asyncio.run refuses to start inside a running
+    # loop (a notebook, async code calling the trainer), so there the coroutine gets its own
+    # loop on a helper thread.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_await(result))
+    with ThreadPoolExecutor(1, thread_name_prefix="opd-reward") as pool:
+        return pool.submit(asyncio.run, _await(result)).result()
 
 
 async def _await(awaitable: Any) -> Any:
