@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_jsonable_python
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,9 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     # Unknown keys are errors: a typo like `opd_kl_coeff` must not silently do nothing.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that say where or how patiently a stage runs, not what it computes: left out of
+    # stage cache keys, so e.g. moving training to another Ray cluster reuses the results.
+    NOT_IN_CACHE_KEY: ClassVar[frozenset[str]] = frozenset()
 
 
 # ----------------------------------------------------------------------------- toy task
@@ -180,6 +184,8 @@ class ParallelConfig(Section):
 
 
 class RayConfig(Section):
+    NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout"})
+
     address: str | None = None  # None = start a local cluster
     actor_num_nodes: int = Field(1, ge=1)
     actor_num_gpus_per_node: int = Field(0, ge=0)  # 0 = CPU actors
@@ -306,7 +312,11 @@ class OPDRunConfig(Section):
 
 
 def _dump(value: Any) -> Any:
-    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    """JSON-able form of a config value for cache keys, without NOT_IN_CACHE_KEY fields."""
+    if isinstance(value, Section):
+        skip = type(value).NOT_IN_CACHE_KEY
+        return {name: _dump(getattr(value, name)) for name in type(value).model_fields if name not in skip}
+    return to_jsonable_python(value)
 
 
 # ------------------------------------------------------------------------------ loading

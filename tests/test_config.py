@@ -77,6 +77,14 @@ def test_section_hash_tracks_only_its_sections():
     assert base.section_hash("train") != changed.section_hash("train")
 
 
+def test_where_training_runs_is_not_part_of_its_cache_key():
+    base = load_config(CONFIGS / "toy.yaml")
+    moved = load_config(CONFIGS / "toy.yaml", ["train.ray.address=ray://head:10001", "train.ray.placement_timeout=900"])
+    assert base.section_hash("train") == moved.section_hash("train")
+    on_gpus = load_config(CONFIGS / "toy.yaml", ["train.ray.actor_num_gpus_per_node=1"])  # bf16 there: other results
+    assert base.section_hash("train") != on_gpus.section_hash("train")
+
+
 def test_readme_config_reference_is_current():
     """README's config reference is generated (`python -m opd_core.config_doc`): regenerate it."""
     from opd_core.config_doc import markdown
