@@ -7,7 +7,9 @@ Each returns a small JSON-able dict that the stage marker stores (see rundir.run
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from opd_core.config import OPDRunConfig
@@ -29,7 +31,18 @@ def teacher_checkpoint(cfg: OPDRunConfig, run_dir: RunDir) -> Path | None:
 
 
 def run_convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
-    """HF -> torch_dist for the student (and the teacher in megatron mode), with a parity check."""
+    """HF -> torch_dist for the student (and the teacher in megatron mode), with a parity check.
+
+    Runs in a child process that exits when done: megatron's dist_checkpointing starts a
+    multiprocessing Manager that a killed driver would leave behind, and the driver (the
+    flow's process) should not keep an 8B model's tensors and allocator arenas for the rest
+    of the run. Errors, e.g. a failed parity check, are raised here as in the child.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_convert, cfg, run_dir).result()
+
+
+def _convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
     from opd_core.megatron.convert import check_parity, hf_to_torch_dist
 
     started = time.time()
