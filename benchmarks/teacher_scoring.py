@@ -83,8 +83,10 @@ class InProcessScorer:
     """
 
     def __init__(self, model_dir: Path, prompts, responses, batch_size: int):
-        self.conn, child = mp.get_context("spawn").Pipe()
-        self.process = mp.get_context("spawn").Process(target=_scorer_main, args=(child, str(model_dir), prompts, responses, batch_size), daemon=True)
+        spawn = mp.get_context("spawn")
+        self.conn, child = spawn.Pipe()
+        self.process = spawn.Process(target=_scorer_main, daemon=True,
+                                     args=(child, str(model_dir), prompts, responses, batch_size))
         self.process.start()
         self.conn.recv()  # loaded and warmed up
 
@@ -140,12 +142,16 @@ def main() -> None:
         # Best time of each path over trials x repeats, the paths alternating: every path gets
         # the same number of tries, in the same fresh processes' lifetimes, spread over the
         # same stretch of time.
-        best = {("server", shape): float("inf") for shape in args.shapes} | {"per_sample": float("inf"), "in_process": float("inf")}
+        paths = [("server", shape) for shape in args.shapes] + ["per_sample", "in_process"]
+        best = {path: float("inf") for path in paths}
         for trial in range(args.trials):
             with (launch_server("builtin", model_dir, cfg, Path(tmp) / f"server{trial}.log") as server, ExitStack() as stack,
                   InProcessScorer(model_dir, prompts, responses, args.max_batch) as in_process):
-                clients = {("server", shape): stack.enter_context(EngineClient(server.url, batch_size=shape[0], max_concurrency=shape[1]))
-                           for shape in args.shapes}
+                clients = {
+                    ("server", (batch, concurrency)): stack.enter_context(
+                        EngineClient(server.url, batch_size=batch, max_concurrency=concurrency))
+                    for batch, concurrency in args.shapes
+                }
                 for client in clients.values():  # warm-up: connections, the server's first batches
                     client.score(prompts, responses)
                 for _ in range(args.repeats):

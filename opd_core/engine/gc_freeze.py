@@ -7,9 +7,10 @@ per token), on the server that builds it and on the client that decodes it. Thos
 allocations trigger collections, and the oldest generation's collection walks every object
 the process holds: torch, transformers, FastAPI or Prefect modules, ~10^6 objects. Measured
 on the toy teacher (benchmarks/teacher_scoring.py): single pauses of up to 0.25 s, and a
-quarter of a profiled scoring pass (request and response decoding) went to those walks. `gc.freeze()` moves
-every object alive now to a permanent generation that collections skip (what CPython
-documents for servers); objects created later are collected as usual.
+quarter of a profiled scoring pass (request and response decoding) went to those walks.
+`gc.freeze()` moves every object alive now to a permanent generation that collections skip
+(CPython added it for pre-fork servers; it serves here as well); objects created later are
+collected as usual.
 """
 
 from __future__ import annotations
