@@ -98,3 +98,25 @@ def test_actor_step_on_topk_loss_moves_the_student_towards_the_teacher(tmp_path,
     finally:
         destroy_distributed()
     assert kls[0] > 0 and kls[-1] < 0.7 * kls[0], kls
+
+
+def test_topk_step_takes_a_zero_length_response(tmp_path):
+    """A response cut to 0 tokens (a prompt at the context limit) has [0, k] top-k arrays, as
+    score_topk and the Megatron teacher return them; the step must take it like any other."""
+    student_hf = make_tiny_qwen3(tmp_path / "student", max_position_embeddings=64)
+    cfg = OPDRunConfig.model_validate({"train": {"global_batch_size": 2, "micro_batch_size": 2},
+                                       "algorithm": {"opd_topk": 4}})
+    rng = np.random.default_rng(0)
+    responses = [[5, 6, 7], []]
+    ids = [rng.integers(3, 300, (len(r), 4)).astype(np.int32) for r in responses]
+    values = [np.log(np.full((len(r), 4), 0.2, np.float32)) for r in responses]
+    actor = TrainActor()
+    try:
+        actor.setup(0, 1, "127.0.0.1", free_port(), cfg.train.parallel, student_hf, hf_to_torch_dist(student_hf, tmp_path / "ckpt"),
+                    None, cfg.train, cfg.algorithm)
+        batch = TrainBatch([[1, 2, 3], [1, 2]], responses, advantages=[np.zeros(len(r), np.float32) for r in responses],
+                           teacher_topk_ids=ids, teacher_topk_logprobs=values)
+        metrics = actor.train_step(batch)
+    finally:
+        destroy_distributed()
+    assert np.isfinite(metrics["opd_topk_kl"]) and metrics["opd_topk_kl"] > 0 and metrics["num_tokens"] == 3

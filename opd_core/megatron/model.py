@@ -286,9 +286,10 @@ def response_logprobs_of(full_logprobs: torch.Tensor, prompt_ids: list[list[int]
     [len(response_i), k] tensors (gradients flow)."""
     out = []
     for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
-        # torch.tensor copies: arrays arriving through Ray are read-only.
+        # torch.tensor copies: arrays arriving through Ray are read-only. Already [t, k] (a
+        # reshape to (t, -1) could not size an empty response's [0, k]).
         index = torch.tensor(np.asarray(token_ids[row]), dtype=torch.long, device=full_logprobs.device)
-        out.append(full_logprobs[row, start:end].gather(-1, index.reshape(end - start, -1)))
+        out.append(full_logprobs[row, start:end].gather(-1, index))
     return out
 
 
