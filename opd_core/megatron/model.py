@@ -301,12 +301,10 @@ def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_id
     """
     full_logprobs = full_vocab_logprobs(logits)
     top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
-    out = []
-    for row, ((start, end), response) in enumerate(zip(response_spans(prompt_ids, response_ids), response_ids)):
-        targets = torch.as_tensor(list(response), dtype=torch.long, device=logits.device)
-        out.append((
-            full_logprobs[row, start:end].gather(-1, targets[:, None])[:, 0].cpu().numpy(),
-            top_ids[row, start:end].to(torch.int32).cpu().numpy(),
-            top_logprobs[row, start:end].cpu().numpy(),
-        ))
-    return out
+    sampled = response_logprobs_of(full_logprobs, prompt_ids, response_ids,
+                                   [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids])
+    return [
+        (sampled[row][:, 0].cpu().numpy(), top_ids[row, start:end].to(torch.int32).cpu().numpy(),
+         top_logprobs[row, start:end].cpu().numpy())
+        for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
+    ]
