@@ -41,10 +41,11 @@ def memo_path() -> Path:
 
 
 def _connection() -> sqlite3.Connection | None:
-    """The memo for the current `memo_path()` (reopened when it changes), or None if unusable."""
+    """The memo for the current `memo_path()` (reopened when it changes), or None if unusable:
+    an unusable path is tried, and warned about, once."""
     global _db, _db_path
     path = memo_path()
-    if _db is not None and _db_path == path:
+    if _db_path == path:
         return _db
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,3 +123,6 @@ def test_an_unusable_hash_memo_only_costs_rehashing(tmp_path, monkeypatch, caplo
     data.write_text("v1")
     assert hash_inputs([data]) == {"0:input.txt": sha256_file(data)}
     assert "unusable" in caplog.text
+    caplog.clear()
+    assert hash_inputs([data, data]) == {"0:input.txt": sha256_file(data), "1:input.txt": sha256_file(data)}
+    assert "unusable" not in caplog.text  # tried once, not again for every file
