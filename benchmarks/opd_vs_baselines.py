@@ -56,7 +56,12 @@ TOPK = ["algorithm.use_opd=true", "algorithm.opd_topk=8"]
 METHODS: dict[str, list[str]] = {
     "opd": ["reward.type=none", *TOPK],
     "opd_sampled": ["reward.type=none", "algorithm.use_opd=true", "algorithm.opd_topk=0"],
-    "grpo": ["reward.type=math", "algorithm.use_opd=false", "algorithm.opd_type=null", "algorithm.opd_topk=0"],
+    "grpo": [
+        "reward.type=math",
+        "algorithm.use_opd=false",
+        "algorithm.opd_type=null",
+        "algorithm.opd_topk=0",
+    ],
     "grpo+opd": ["reward.type=math", *TOPK],
     "offpolicy": ["algorithm.opd_topk=0"],  # its own loop below
     "opd_kl0.5": ["reward.type=none", *TOPK, "algorithm.opd_kl_coef=0.5"],
@@ -95,20 +100,36 @@ def offpolicy_distillation(cfg: OPDRunConfig, run: RunDir, teacher: EngineClient
     tokenizer = AutoTokenizer.from_pretrained(run.student_hf)
     prompt_ids = chat_prompt_ids(tokenizer, prompts)
     exports = []
-    with TrainerGroup(cfg, hf_config_dir=run.student_hf, ckpt_dir=run.student_torch_dist) as trainer:
+    with TrainerGroup(
+        cfg, hf_config_dir=run.student_hf, ckpt_dir=run.student_torch_dist
+    ) as trainer:
         for round_index in range(cfg.rollout.num_rollout):
             samples = generate_rollouts(cfg, round_index, prompts, prompt_ids, teacher, tokenizer)
-            batch = TrainBatch(prompt_ids=samples["prompt_ids"], response_ids=samples["response_ids"])
+            batch = TrainBatch(
+                prompt_ids=samples["prompt_ids"], response_ids=samples["response_ids"]
+            )
             batch.old_logprobs = trainer.compute_logprobs(batch)
             batch.advantages = [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
             trainer.train_step(batch)
-            exports.append(Path(trainer.export_hf(run.stage("train") / "checkpoints" / "hf" / f"round_{round_index:04d}")))
+            exports.append(
+                Path(
+                    trainer.export_hf(
+                        run.stage("train") / "checkpoints" / "hf" / f"round_{round_index:04d}"
+                    )
+                )
+            )
     return exports
 
 
 def pass_at_1(model_dir: Path, prompts, num_prompts: int, seed: int) -> float:
     generator = Generator(model_dir)
-    _, summary = evaluate(generator.generate_ids, generator.tokenizer, prompts, EvalConfig(num_prompts=num_prompts, k=1), seed=seed)
+    _, summary = evaluate(
+        generator.generate_ids,
+        generator.tokenizer,
+        prompts,
+        EvalConfig(num_prompts=num_prompts, k=1),
+        seed=seed,
+    )
     return summary["pass_at_1"]
 
 
@@ -120,7 +141,10 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
             exports = offpolicy_distillation(cfg, run, teacher)
     else:
         run_training(cfg, run, [teacher_url] if cfg.algorithm.use_opd else None)
-        exports = [run.stage("train") / "checkpoints" / "hf" / f"round_{r:04d}" for r in range(cfg.rollout.num_rollout)]
+        exports = [
+            run.stage("train") / "checkpoints" / "hf" / f"round_{r:04d}"
+            for r in range(cfg.rollout.num_rollout)
+        ]
     seconds = time.perf_counter() - started
     return {"exports": exports, "seconds": seconds}
 
@@ -133,7 +157,12 @@ def plot(results: dict, out_png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, method in results["methods"].items():
-        ax.plot([0, *method["rounds"]], [results["baseline_pass_at_1"], *method["pass_at_1_by_round"]], marker="o", label=name)
+        ax.plot(
+            [0, *method["rounds"]],
+            [results["baseline_pass_at_1"], *method["pass_at_1_by_round"]],
+            marker="o",
+            label=name,
+        )
     ax.set_xlabel("rounds of training (0 = before)")
     ax.set_ylabel("greedy pass@1 (eval)")
     ax.set_title("toy task: OPD vs baselines at equal samples and steps")
@@ -145,12 +174,18 @@ def plot(results: dict, out_png: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(ROOT / "configs" / "toy.yaml"))
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per method (default: the config's)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per method (default: the config's)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-prompts", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=10, help="evaluate every N rounds' export")
+    parser.add_argument(
+        "--eval-every", type=int, default=10, help="evaluate every N rounds' export"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--out", default=str(ROOT / "artifacts" / "bench-opd-vs-baselines"))
     args = parser.parse_args()
@@ -160,20 +195,45 @@ def main() -> None:
     base_cfg = load_config(args.config, rounds)
     base = prepare_base(base_cfg, root)
     eval_prompts = read_arrow(base.eval_data, PROMPTS)
-    results: dict = {"baseline_pass_at_1": pass_at_1(base.student_hf, eval_prompts, args.eval_prompts, 0), "methods": {}}
+    results: dict = {
+        "baseline_pass_at_1": pass_at_1(base.student_hf, eval_prompts, args.eval_prompts, 0),
+        "methods": {},
+    }
     per_seed: dict[str, list[dict]] = {m: [] for m in args.methods}
-    with launch_server("builtin", base.teacher_hf, base_cfg.teacher.model_copy(update={"port": 0, "tp": 1}), root / "teacher.log") as teacher:
+    with launch_server(
+        "builtin",
+        base.teacher_hf,
+        base_cfg.teacher.model_copy(update={"port": 0, "tp": 1}),
+        root / "teacher.log",
+    ) as teacher:
         for seed in args.seeds:
             for name in args.methods:
                 cfg = load_config(args.config, [*rounds, f"seed={seed}", *METHODS[name]])
                 out = run_method(name, cfg, base, root, teacher.url)
-                evaluated = [r for r in range(len(out["exports"])) if (r + 1) % args.eval_every == 0 or r == len(out["exports"]) - 1]
-                curve = [pass_at_1(out["exports"][r], eval_prompts, args.eval_prompts, seed) for r in evaluated]
-                per_seed[name].append({"pass_at_1_by_round": curve, "rounds": [r + 1 for r in evaluated], "seconds": out["seconds"]})
-                Console().print(f"[bold]{name}[/] seed {seed}: pass@1 by round {['%.3f' % p for p in curve]} ({out['seconds']:.0f} s)")
+                evaluated = [
+                    r
+                    for r in range(len(out["exports"]))
+                    if (r + 1) % args.eval_every == 0 or r == len(out["exports"]) - 1
+                ]
+                curve = [
+                    pass_at_1(out["exports"][r], eval_prompts, args.eval_prompts, seed)
+                    for r in evaluated
+                ]
+                per_seed[name].append(
+                    {
+                        "pass_at_1_by_round": curve,
+                        "rounds": [r + 1 for r in evaluated],
+                        "seconds": out["seconds"],
+                    }
+                )
+                Console().print(
+                    f"[bold]{name}[/] seed {seed}: pass@1 by round {[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
+                )
     for name, runs in per_seed.items():
         results["methods"][name] = {
-            "pass_at_1_by_round": np.mean([r["pass_at_1_by_round"] for r in runs], axis=0).round(4).tolist(),
+            "pass_at_1_by_round": np.mean([r["pass_at_1_by_round"] for r in runs], axis=0)
+            .round(4)
+            .tolist(),
             "rounds": runs[0]["rounds"],  # rounds completed at each pass@1 point
             "seconds": round(float(np.mean([r["seconds"] for r in runs])), 1),
             "seeds": args.seeds,
@@ -182,13 +242,22 @@ def main() -> None:
     write_json(RESULTS / "opd_vs_baselines.json", results)
     plot(results, RESULTS / "opd_vs_baselines.png")
 
-    table = Table(title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts")
+    table = Table(
+        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts"
+    )
     for column in ("method", "final pass@1", "gain over baseline", "train seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    table.add_row("baseline (student before training)", f"{results['baseline_pass_at_1']:.3f}", "", "")
+    table.add_row(
+        "baseline (student before training)", f"{results['baseline_pass_at_1']:.3f}", "", ""
+    )
     for name, method in results["methods"].items():
         final = method["pass_at_1_by_round"][-1]
-        table.add_row(name, f"{final:.3f}", f"{final - results['baseline_pass_at_1']:+.3f}", f"{method['seconds']:.0f}")
+        table.add_row(
+            name,
+            f"{final:.3f}",
+            f"{final - results['baseline_pass_at_1']:+.3f}",
+            f"{method['seconds']:.0f}",
+        )
     Console().print(table)
     print(json.dumps(results, indent=2))
 

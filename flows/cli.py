@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,11 +21,19 @@ from rich.table import Table
 
 from opd_core.megatron.cli import convert_app
 
-app = typer.Typer(help="On-policy distillation as a Prefect pipeline.", no_args_is_help=True, pretty_exceptions_show_locals=False)
-app.add_typer(convert_app, name="convert", help="Convert checkpoints between HF and Megatron torch_dist.")
+app = typer.Typer(
+    help="On-policy distillation as a Prefect pipeline.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(
+    convert_app, name="convert", help="Convert checkpoints between HF and Megatron torch_dist."
+)
 console = Console()
 
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.field=value overrides, e.g. train.lr=1e-3")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="section.field=value overrides, e.g. train.lr=1e-3")
+]
 
 
 def _offline_defaults() -> None:
@@ -37,7 +45,9 @@ def _offline_defaults() -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")] = Path("configs/toy.yaml"),
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")] = Path(
+        "configs/toy.yaml"
+    ),
     overrides: Overrides = None,
 ) -> None:
     """Run the whole pipeline (download -> convert -> teacher -> baseline_eval -> train -> final_eval)."""
@@ -53,8 +63,13 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="download | convert | teacher | baseline_eval | train | final_eval")],
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="a run directory, e.g. artifacts/latest")],
+    name: Annotated[
+        str,
+        typer.Argument(help="download | convert | teacher | baseline_eval | train | final_eval"),
+    ],
+    run_dir: Annotated[
+        Path, typer.Option("--run-dir", help="a run directory, e.g. artifacts/latest")
+    ],
     overrides: Overrides = None,
 ) -> None:
     """Rerun one stage from what is stored in a run directory."""
@@ -70,7 +85,9 @@ def serve(
     model_path: Annotated[Path, typer.Option("--model-path", help="HF model directory")],
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 30000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", help="require Authorization: Bearer KEY")] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="require Authorization: Bearer KEY")
+    ] = None,
 ) -> None:
     """Serve a model over SGLang's HTTP protocol (the built-in engine)."""
     from opd_core.engine.server import serve as serve_model
@@ -85,7 +102,9 @@ def _print_result(result: dict) -> None:
     for column in ("metric", "baseline", "final", "delta"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for row in comparison_rows(result["baseline"], result["final"]):
-        table.add_row(row["metric"], f"{row['baseline']:.3f}", f"{row['final']:.3f}", f"{row['delta']:+.3f}")
+        table.add_row(
+            row["metric"], f"{row['baseline']:.3f}", f"{row['final']:.3f}", f"{row['delta']:+.3f}"
+        )
     console.print(table)
     console.print(f"report: {Path(result['run_dir']) / 'final_eval' / 'report.md'}")
 

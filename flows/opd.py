@@ -19,10 +19,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.teardown import stop_run_servers, teardown_hook
 from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
 from opd_core.io import read_json, write_text
 from opd_core.rundir import STAGES, RunDir
-from flows.teardown import stop_run_servers, teardown_hook
 from tasks.convert import convert
 from tasks.download import download
 from tasks.evaluate import baseline_eval, final_eval
@@ -30,7 +30,9 @@ from tasks.teacher import needs_teacher_server, start_teacher
 from tasks.train import train, train_is_cached
 
 
-def resolve_config(config: OPDRunConfig | None, config_path: str | None, overrides: list[str] | None) -> OPDRunConfig:
+def resolve_config(
+    config: OPDRunConfig | None, config_path: str | None, overrides: list[str] | None
+) -> OPDRunConfig:
     """A config object (UI form), or a YAML path (CLI), plus overrides; validated once here."""
     if config is not None and config_path is not None:
         raise ValueError("give either `config` or `config_path`, not both")
@@ -71,9 +73,13 @@ def _run_name() -> str:
         if isinstance(config, dict):  # parameters as the API stores them
             config = OPDRunConfig.model_validate(config)
         cfg = resolve_config(config, params.get("config_path"), params.get("overrides"))
-    except Exception:  # noqa: BLE001 - the flow itself reports a bad config, with the field named
+    except Exception:
         return f"{Path(params.get('config_path') or 'opd').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return f"{cfg.name}:{cfg.run.run_id}" if cfg.run.run_id else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return (
+        f"{cfg.name}:{cfg.run.run_id}"
+        if cfg.run.run_id
+        else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
 
 
 def _stage_run_name() -> str:
@@ -84,7 +90,13 @@ def _stage_run_name() -> str:
 
 # on_cancellation / on_crashed: stop the run's servers even when the flow-run process was
 # killed before its `finally:` blocks ran (see flows/teardown.py).
-@flow(name="opd", flow_run_name=_run_name, log_prints=True, on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
+@flow(
+    name="opd",
+    flow_run_name=_run_name,
+    log_prints=True,
+    on_cancellation=[teardown_hook],
+    on_crashed=[teardown_hook],
+)
 def opd_flow(
     config: OPDRunConfig | None = None,
     config_path: str | None = None,
@@ -94,7 +106,9 @@ def opd_flow(
     run_dir = open_run(cfg)
     logger = get_run_logger()
     if stale := stop_run_servers(run_dir.root):
-        logger.warning("stopped %d server(s) left running by a killed earlier run: pids %s", len(stale), stale)
+        logger.warning(
+            "stopped %d server(s) left running by a killed earlier run: pids %s", len(stale), stale
+        )
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
     convert(cfg, run_dir)
@@ -106,7 +120,13 @@ def opd_flow(
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
 
-@flow(name="opd-stage", flow_run_name=_stage_run_name, log_prints=True, on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
+@flow(
+    name="opd-stage",
+    flow_run_name=_stage_run_name,
+    log_prints=True,
+    on_cancellation=[teardown_hook],
+    on_crashed=[teardown_hook],
+)
 def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> dict:
     """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides)."""
     if stage not in STAGES:
@@ -124,7 +144,9 @@ def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> 
         return baseline_eval(cfg, rd)
     if stage == "final_eval":
         return final_eval(cfg, rd, read_json(rd.stage("baseline_eval") / "summary.json"))
-    with teacher_server(cfg, rd, skip=stage == "train" and train_is_cached(cfg, rd)) as teacher_urls:
+    with teacher_server(
+        cfg, rd, skip=stage == "train" and train_is_cached(cfg, rd)
+    ) as teacher_urls:
         if stage == "teacher":
             return {"urls": teacher_urls}
         return train(cfg, rd, teacher_urls)

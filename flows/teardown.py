@@ -35,7 +35,10 @@ def run_servers(run_root: str | Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if not any(module in cmdline for module in MODULES.values()) or "--model-path" not in cmdline:
+        if (
+            not any(module in cmdline for module in MODULES.values())
+            or "--model-path" not in cmdline
+        ):
             continue
         position = cmdline.index("--model-path") + 1
         model_path = cmdline[position] if position < len(cmdline) else ""
@@ -89,10 +92,18 @@ def teardown_hook(flow, flow_run, state) -> None:
     logger = get_logger("opd.teardown")
     try:
         run_dir = run_dir_of(dict(flow_run.parameters or {}))
-    except Exception as err:  # noqa: BLE001 - a hook must not raise; say why it did nothing
-        logger.warning("teardown: cannot tell the run directory of flow run %s: %s", flow_run.name, err)
+    except Exception as err:
+        logger.warning(
+            "teardown: cannot tell the run directory of flow run %s: %s", flow_run.name, err
+        )
         return
     if run_dir is None or not run_dir.exists():
         return
     stopped = stop_run_servers(run_dir)
-    logger.info("teardown after %s: stopped %d server(s) of %s %s", state.type.value, len(stopped), run_dir, stopped or "")
+    logger.info(
+        "teardown after %s: stopped %d server(s) of %s %s",
+        state.type.value,
+        len(stopped),
+        run_dir,
+        stopped or "",
+    )

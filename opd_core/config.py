@@ -65,8 +65,12 @@ class ToyConfig(Section):
     # Measured on 2 shared cores (toy defaults): teacher 0.15M params, ~450 steps to >= 95%;
     # the student is the same family at ~half the size, stopped ~250 steps into its SFT, when
     # its accuracy starts to rise (trained on, it reaches ~100% too: weak by training, not size).
-    teacher: ToyModelSpec = ToyModelSpec(hidden_size=64, num_hidden_layers=2, intermediate_size=256, train_steps=1000)
-    student: ToyModelSpec = ToyModelSpec(hidden_size=48, num_hidden_layers=2, intermediate_size=192, train_steps=800, check_every=10)
+    teacher: ToyModelSpec = ToyModelSpec(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=256, train_steps=1000
+    )
+    student: ToyModelSpec = ToyModelSpec(
+        hidden_size=48, num_hidden_layers=2, intermediate_size=192, train_steps=800, check_every=10
+    )
     # The teacher trains until greedy pass@1 on eval >= this (an error if its budget runs out);
     # the student's short SFT stops early once its pass@1 on held-out train lands in the window.
     teacher_min_pass_at_1: float = Field(0.95, ge=0, le=1)
@@ -148,7 +152,9 @@ class RewardConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    advantage_estimator: Literal["grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"] = "grpo"
+    advantage_estimator: Literal[
+        "grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"
+    ] = "grpo"
     use_opd: bool = True
     opd_type: Literal["sglang", "megatron"] | None = "sglang"
     opd_kl_coef: float = 1.0
@@ -169,9 +175,15 @@ class AlgorithmConfig(Section):
     use_rollout_logprobs: bool = False
     gamma: float = Field(1.0, ge=0, le=1)
     lambd: float = Field(1.0, ge=0, le=1)
-    eps_clip_c: float | None = Field(None, gt=1)  # dual-clip PPO lower bound for negative advantages
-    grpo_std_normalization: bool = True  # grpo/gspo: divide the group-centred reward by the group std
-    value_clip: float | None = Field(0.2, gt=0)  # ppo critic: clip values to old_values +- value_clip
+    eps_clip_c: float | None = Field(
+        None, gt=1
+    )  # dual-clip PPO lower bound for negative advantages
+    grpo_std_normalization: bool = (
+        True  # grpo/gspo: divide the group-centred reward by the group std
+    )
+    value_clip: float | None = Field(
+        0.2, gt=0
+    )  # ppo critic: clip values to old_values +- value_clip
     # Per-round metrics go to train/metrics.arrow always; these add live loggers if installed.
     loggers: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str | None = None
@@ -179,7 +191,9 @@ class AlgorithmConfig(Section):
 
 class ParallelConfig(Section):
     tensor_model_parallel_size: int = Field(1, ge=1)  # must divide the heads and kv groups
-    pipeline_model_parallel_size: int = Field(1, ge=1)  # stages, Megatron's 1F1B schedule; must divide the layers
+    pipeline_model_parallel_size: int = Field(
+        1, ge=1
+    )  # stages, Megatron's 1F1B schedule; must divide the layers
     data_parallel_size: int = Field(1, ge=1)  # world size = TP x PP x DP ranks (Ray actors)
 
 
@@ -189,7 +203,9 @@ class RayConfig(Section):
     address: str | None = None  # None = start a local cluster
     actor_num_nodes: int = Field(1, ge=1)
     actor_num_gpus_per_node: int = Field(0, ge=0)  # 0 = CPU actors
-    actor_num_cpus_per_rank: int | None = Field(None, gt=0)  # None = cpu_count // world size (at least 1)
+    actor_num_cpus_per_rank: int | None = Field(
+        None, gt=0
+    )  # None = cpu_count // world size (at least 1)
     placement_timeout: float = Field(300.0, gt=0)  # seconds to wait for the placement group
 
 
@@ -201,9 +217,13 @@ class TrainConfig(Section):
     # lr over lr_warmup_iters optimizer steps, then decay to min_lr by lr_decay_iters
     # (None = the run's last step: num_rollout x optimizer steps per round).
     min_lr: float = Field(0.0, ge=0)  # the lr at the end of the decay
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "constant"  # after warmup
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = (
+        "constant"  # after warmup
+    )
     lr_warmup_iters: int = Field(0, ge=0)  # optimizer steps of linear warmup
-    lr_warmup_fraction: float | None = Field(None, ge=0, lt=1)  # warmup as a fraction of lr_decay_iters (instead)
+    lr_warmup_fraction: float | None = Field(
+        None, ge=0, lt=1
+    )  # warmup as a fraction of lr_decay_iters (instead)
     lr_warmup_init: float = Field(0.0, ge=0)  # the lr warmup starts from
     lr_decay_iters: int | None = Field(None, gt=0)  # the schedule's horizon; None = the whole run
     weight_decay: float = Field(0.0, ge=0)
@@ -212,7 +232,9 @@ class TrainConfig(Section):
     clip_grad: float = Field(1.0, gt=0)
     global_batch_size: int = Field(256, gt=0)  # samples per optimizer step
     micro_batch_size: int = Field(64, gt=0)
-    save_interval: int = Field(1, ge=1)  # rounds between checkpoints (resume points); the last round is always saved
+    save_interval: int = Field(
+        1, ge=1
+    )  # rounds between checkpoints (resume points); the last round is always saved
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     parallel: ParallelConfig = ParallelConfig()
     ray: RayConfig = RayConfig()
@@ -251,15 +273,19 @@ class OPDRunConfig(Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _check_opd(self) -> "OPDRunConfig":
+    def _check_opd(self) -> OPDRunConfig:
         # slime's argument rules for on-policy distillation, with its flag names.
         a = self.algorithm
         if a.use_opd and a.opd_type is None:
-            raise ValueError("algorithm.use_opd is true but algorithm.opd_type is not set (sglang or megatron)")
+            raise ValueError(
+                "algorithm.use_opd is true but algorithm.opd_type is not set (sglang or megatron)"
+            )
         if a.opd_teacher_load and not a.use_opd:
             raise ValueError("algorithm.opd_teacher_load is set but algorithm.use_opd is false")
         if a.use_opd and a.opd_type == "megatron" and not a.opd_teacher_load:
-            raise ValueError("algorithm.opd_type=megatron needs algorithm.opd_teacher_load (a torch_dist checkpoint)")
+            raise ValueError(
+                "algorithm.opd_type=megatron needs algorithm.opd_teacher_load (a torch_dist checkpoint)"
+            )
         if a.use_opd and a.opd_type == "sglang" and a.opd_teacher_load:
             raise ValueError(
                 "algorithm.opd_type=sglang takes the teacher from the teacher server; "
@@ -268,14 +294,18 @@ class OPDRunConfig(Section):
         if a.opd_topk and not a.use_opd:
             raise ValueError("algorithm.opd_topk is set but algorithm.use_opd is false")
         if a.opd_teacher_ckpt_step is not None and not a.opd_teacher_load:
-            raise ValueError("algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not")
+            raise ValueError(
+                "algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not"
+            )
         if self.teacher.backend == "external" and not self.teacher.url:
             raise ValueError("teacher.backend=external needs teacher.url")
         if self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
         t = self.train
         if t.min_lr > t.lr or t.lr_warmup_init > t.lr:
-            raise ValueError(f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) must be <= train.lr ({t.lr})")
+            raise ValueError(
+                f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) must be <= train.lr ({t.lr})"
+            )
         if t.lr_warmup_iters and t.lr_warmup_fraction is not None:
             raise ValueError("set train.lr_warmup_iters or train.lr_warmup_fraction, not both")
         if t.lr_warmup_iters and t.lr_warmup_iters >= self.lr_decay_iters:
@@ -300,7 +330,9 @@ class OPDRunConfig(Section):
     @property
     def lr_decay_iters(self) -> int:
         """The lr schedule's horizon in optimizer steps (train.lr_decay_iters, else the whole run)."""
-        return self.train.lr_decay_iters or max(1, self.rollout.num_rollout * self.optimizer_steps_per_round)
+        return self.train.lr_decay_iters or max(
+            1, self.rollout.num_rollout * self.optimizer_steps_per_round
+        )
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of some sections: the config part of a stage's cache key."""
@@ -315,7 +347,11 @@ def _dump(value: Any) -> Any:
     """JSON-able form of a config value for cache keys, without NOT_IN_CACHE_KEY fields."""
     if isinstance(value, Section):
         skip = type(value).NOT_IN_CACHE_KEY
-        return {name: _dump(getattr(value, name)) for name in type(value).model_fields if name not in skip}
+        return {
+            name: _dump(getattr(value, name))
+            for name in type(value).model_fields
+            if name not in skip
+        }
     return to_jsonable_python(value)
 
 
@@ -362,5 +398,8 @@ def validate_config(tree: dict, source: str = "<dict>") -> OPDRunConfig:
         lines = []
         for e in err.errors():
             field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {field}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and field != "(top level)" else ""))
+            lines.append(
+                f"  {field}: {e['msg']}"
+                + (f" (got {e['input']!r})" if "input" in e and field != "(top level)" else "")
+            )
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

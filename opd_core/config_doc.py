@@ -35,7 +35,11 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
 
 
 def _type_name(annotation) -> str:
-    text = str(annotation) if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+    text = (
+        str(annotation)
+        if typing.get_origin(annotation)
+        else getattr(annotation, "__name__", str(annotation))
+    )
     return text.replace("typing.", "").replace("NoneType", "None").replace("Literal", "one of ")
 
 
@@ -49,14 +53,23 @@ def rows(config: BaseModel | None = None, prefix: str = "") -> list[tuple[str, s
         if isinstance(value, BaseModel):  # a section: its defaults as this tree sets them
             out.extend(rows(value, f"{prefix}{name}."))
         else:
-            out.append((f"{prefix}{name}", _type_name(field.annotation), repr(value), comments.get(name, "")))
+            out.append(
+                (
+                    f"{prefix}{name}",
+                    _type_name(field.annotation),
+                    repr(value),
+                    comments.get(name, ""),
+                )
+            )
     return out
 
 
 def markdown() -> str:
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for field, type_name, default, comment in rows():
-        lines.append(f"| `{field}` | {type_name.replace('|', '&#124;')} | `{default}` | {comment.replace('|', '&#124;')} |")
+        lines.append(
+            f"| `{field}` | {type_name.replace('|', '&#124;')} | `{default}` | {comment.replace('|', '&#124;')} |"
+        )
     return "\n".join(lines)
 
 

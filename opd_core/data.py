@@ -58,7 +58,9 @@ def _toy(split: str, cfg: ToyConfig, limit: int | None) -> pa.Table:
     from opd_core.toy.task import make_toy_splits
 
     if split not in TOY_SPLITS:
-        raise DataError(f"data source 'toy': unknown split {split!r}; use one of {sorted(TOY_SPLITS)}")
+        raise DataError(
+            f"data source 'toy': unknown split {split!r}; use one of {sorted(TOY_SPLITS)}"
+        )
     train, evaluation = make_toy_splits(cfg)
     table = train if TOY_SPLITS[split] == "train" else evaluation
     return table.slice(0, limit) if limit is not None else table
@@ -70,7 +72,9 @@ def _load_hub(dataset_id: str, split: str):
     try:
         return datasets.load_dataset(dataset_id, split=split)
     except Exception as err:  # network, auth, unknown split: all surface as one clear error
-        raise DataError(f"data source hf:{dataset_id} (split {split!r}): could not load: {err}") from err
+        raise DataError(
+            f"data source hf:{dataset_id} (split {split!r}): could not load: {err}"
+        ) from err
 
 
 def _load_local(path: Path):
@@ -83,7 +87,9 @@ def _load_local(path: Path):
         )
     builder = LOCAL_FORMATS.get(path.suffix.lower())
     if path.is_dir() or builder is None:
-        raise DataError(f"data file {path}: unsupported format; expected one of {', '.join(LOCAL_FORMATS)}")
+        raise DataError(
+            f"data file {path}: unsupported format; expected one of {', '.join(LOCAL_FORMATS)}"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"data file {path}: empty file")
     try:
@@ -96,7 +102,9 @@ def _load_local(path: Path):
     return dataset
 
 
-def normalize_rows(rows: Any, source: str, input_key: str = "prompt", label_key: str = "label") -> pa.Table:
+def normalize_rows(
+    rows: Any, source: str, input_key: str = "prompt", label_key: str = "label"
+) -> pa.Table:
     """Validate and convert dataset rows (a `datasets.Dataset` or a list of dicts) to PROMPTS."""
     columns = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
     if len(rows) == 0:
@@ -104,7 +112,9 @@ def normalize_rows(rows: Any, source: str, input_key: str = "prompt", label_key:
     if input_key not in columns:
         raise DataError(f"{source}: no prompt field {input_key!r}; fields are {columns}")
     if label_key not in columns and "reward_model" not in columns:
-        raise DataError(f"{source}: no label field {label_key!r} and no reward_model.ground_truth; fields are {columns}")
+        raise DataError(
+            f"{source}: no label field {label_key!r} and no reward_model.ground_truth; fields are {columns}"
+        )
     wanted = [c for c in (input_key, label_key, "reward_model") if c in columns]
     if hasattr(rows, "select_columns"):
         rows = rows.select_columns(wanted)  # skip large unrelated columns
@@ -112,7 +122,9 @@ def normalize_rows(rows: Any, source: str, input_key: str = "prompt", label_key:
     for row_number, row in enumerate(rows):
         prompts.append(_messages(row.get(input_key), source, row_number, input_key))
         labels.append(_label(row, source, row_number, label_key))
-    return pa.Table.from_pydict({"index": list(range(len(prompts))), "prompt": prompts, "label": labels}, schema=PROMPTS)
+    return pa.Table.from_pydict(
+        {"index": list(range(len(prompts))), "prompt": prompts, "label": labels}, schema=PROMPTS
+    )
 
 
 def _messages(value: Any, source: str, row: int, field: str) -> list[dict[str, str]]:
@@ -123,7 +135,11 @@ def _messages(value: Any, source: str, row: int, field: str) -> list[dict[str, s
     if isinstance(value, list) and value:
         messages = []
         for position, message in enumerate(value):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            if not (
+                isinstance(message, dict)
+                and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)
+            ):
                 raise DataError(
                     f"{source}: row {row}, field {field!r}[{position}] is not a {{role, content}} message (got {message!r:.80})"
                 )
@@ -140,9 +156,13 @@ def _label(row: dict, source: str, row_number: int, label_key: str) -> str:
     if value is None and isinstance(row.get("reward_model"), dict):
         value, field = row["reward_model"].get("ground_truth"), "reward_model.ground_truth"
     if value is None:
-        raise DataError(f"{source}: row {row_number}, missing label (field {label_key!r} or reward_model.ground_truth)")
+        raise DataError(
+            f"{source}: row {row_number}, missing label (field {label_key!r} or reward_model.ground_truth)"
+        )
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(f"{source}: row {row_number}, field {field!r} must be a string or a number (got {value!r:.80})")
+        raise DataError(
+            f"{source}: row {row_number}, field {field!r} must be a string or a number (got {value!r:.80})"
+        )
     text = str(value).strip()
     if not text:
         raise DataError(f"{source}: row {row_number}, field {field!r} is empty")

@@ -31,7 +31,15 @@ __all__ = ["ModelSourceError", "fetch_model", "run_download", "validate_model_di
 MANIFEST = "manifest.json"
 # What a model dir needs for every stage: the config, weights and a tokenizer (no optimizer
 # states, no original/ consolidated checkpoints, no other framework's weights).
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "merges.txt", "vocab.*", "*.model", "*.tiktoken"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "merges.txt",
+    "vocab.*",
+    "*.model",
+    "*.tiktoken",
+]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -43,7 +51,9 @@ def validate_model_dir(path: str | Path, what: str = "model") -> Path:
     """Check an HF model dir has config.json, its weights and a tokenizer; return it."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelSourceError(f"{what}: {path} is not a directory (expected toy, hf:<repo id>, or a local HF model dir)")
+        raise ModelSourceError(
+            f"{what}: {path} is not a directory (expected toy, hf:<repo id>, or a local HF model dir)"
+        )
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{what}: {path / 'config.json'} is missing")
     try:
@@ -56,11 +66,17 @@ def validate_model_dir(path: str | Path, what: str = "model") -> Path:
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing or not shards:
-            raise ModelSourceError(f"{what}: {path} is missing weight shard(s) {missing or ['(index names none)']} listed in {index.name}")
+            raise ModelSourceError(
+                f"{what}: {path} is missing weight shard(s) {missing or ['(index names none)']} listed in {index.name}"
+            )
     elif not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
-        raise ModelSourceError(f"{what}: {path / 'model.safetensors'} is missing (no *.safetensors weights in {path})")
+        raise ModelSourceError(
+            f"{what}: {path / 'model.safetensors'} is missing (no *.safetensors weights in {path})"
+        )
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelSourceError(f"{what}: {path / 'tokenizer.json'} is missing (no tokenizer files in {path})")
+        raise ModelSourceError(
+            f"{what}: {path / 'tokenizer.json'} is missing (no tokenizer files in {path})"
+        )
     return path
 
 
@@ -83,9 +99,16 @@ def fetch_model(source: str, dest: Path, cfg: OPDRunConfig, role: str) -> dict[s
 
         with atomic_path(dest) as tmp:
             try:
-                snapshot_download(repo_id, revision=cfg.models.revision, allow_patterns=HUB_PATTERNS, local_dir=tmp)
+                snapshot_download(
+                    repo_id,
+                    revision=cfg.models.revision,
+                    allow_patterns=HUB_PATTERNS,
+                    local_dir=tmp,
+                )
             except Exception as err:  # offline, unknown repo, gated: one clear error
-                raise ModelSourceError(f"{what}: could not download {repo_id} (revision {cfg.models.revision}): {err}") from err
+                raise ModelSourceError(
+                    f"{what}: could not download {repo_id} (revision {cfg.models.revision}): {err}"
+                ) from err
             shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
             validate_model_dir(tmp, f"{what} ({source})")
         return {"source": source, "revision": cfg.models.revision}

@@ -34,21 +34,30 @@ __all__ = ["GenerateFn", "chat_prompt_ids", "evaluate", "pass_at_k", "write_eval
 GenerateFn = Callable[[list[list[int]], dict[str, Any]], list[dict[str, Any]]]
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: pa.Table | Sequence[list[dict]]) -> list[list[int]]:
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: pa.Table | Sequence[list[dict]]
+) -> list[list[int]]:
     """Token ids of each prompt: the chat template with the assistant turn opened.
 
     Takes a PROMPTS table or a list of message lists. The template itself writes every
     special token, so the tokenizer must not add its own (BOS etc.) on top.
     """
-    messages = prompts.column("prompt").to_pylist() if isinstance(prompts, pa.Table) else list(prompts)
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    messages = (
+        prompts.column("prompt").to_pylist() if isinstance(prompts, pa.Table) else list(prompts)
+    )
+    texts = [
+        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+        for m in messages
+    ]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     """Unbiased pass@k estimate from `num_samples` samples of which `num_correct` are right."""
     if not 0 <= num_correct <= num_samples:
-        raise ValueError(f"pass_at_k: need 0 <= num_correct ({num_correct}) <= num_samples ({num_samples})")
+        raise ValueError(
+            f"pass_at_k: need 0 <= num_correct ({num_correct}) <= num_samples ({num_samples})"
+        )
     if k > num_samples:
         raise ValueError(f"pass_at_k: k={k} is larger than the {num_samples} samples drawn")
     if num_samples - num_correct < k:
@@ -69,7 +78,9 @@ def _generate_in_batches(
             chunk_params["sampling_seed"] = params["sampling_seed"] + start
         out = generate(chunk, chunk_params)
         if len(out) != len(chunk):
-            raise RuntimeError(f"generate returned {len(out)} responses for a batch of {len(chunk)} prompts")
+            raise RuntimeError(
+                f"generate returned {len(out)} responses for a batch of {len(chunk)} prompts"
+            )
         responses.extend(out)
     return responses
 
@@ -100,7 +111,12 @@ def evaluate(
     greedy = _generate_in_batches(generate, prompt_ids, {**base, "temperature": 0.0}, batch_size)
     # k samples per prompt in one request list: prompt i repeated k times, consecutively.
     repeated = [ids for ids in prompt_ids for _ in range(cfg.k)]
-    sampled_params = {**base, "temperature": cfg.temperature, "top_p": cfg.top_p, "sampling_seed": seed}
+    sampled_params = {
+        **base,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "sampling_seed": seed,
+    }
     sampled = _generate_in_batches(generate, repeated, sampled_params, batch_size)
 
     rows: dict[str, list] = {name: [] for name in EVAL_SAMPLES.names}

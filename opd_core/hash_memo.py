@@ -37,7 +37,9 @@ _db_path: Path | None = None
 
 
 def memo_path() -> Path:
-    return Path(os.environ.get("OPD_HASH_MEMO") or Path.home() / ".cache" / "opd" / "file_hashes.sqlite").expanduser()
+    return Path(
+        os.environ.get("OPD_HASH_MEMO") or Path.home() / ".cache" / "opd" / "file_hashes.sqlite"
+    ).expanduser()
 
 
 def _connection() -> sqlite3.Connection | None:
@@ -51,7 +53,9 @@ def _connection() -> sqlite3.Connection | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stamp TEXT NOT NULL, sha256 TEXT NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stamp TEXT NOT NULL, sha256 TEXT NOT NULL)"
+        )
         db.commit()
     except (OSError, sqlite3.Error) as err:
         logger.warning("file-hash memo %s unusable (%s): hashing every input in full", path, err)
@@ -69,7 +73,9 @@ def file_sha256(path: Path) -> str:
         db = _connection()
         if db is not None:
             try:
-                row = db.execute("SELECT sha256 FROM files WHERE path = ? AND stamp = ?", (str(path), stamp)).fetchone()
+                row = db.execute(
+                    "SELECT sha256 FROM files WHERE path = ? AND stamp = ?", (str(path), stamp)
+                ).fetchone()
             except sqlite3.Error:
                 row = None
             if row:
@@ -79,8 +85,13 @@ def file_sha256(path: Path) -> str:
     with _lock:
         if db is not None and settled:
             try:
-                db.execute("INSERT OR REPLACE INTO files (path, stamp, sha256) VALUES (?, ?, ?)", (str(path), stamp, digest))
+                db.execute(
+                    "INSERT OR REPLACE INTO files (path, stamp, sha256) VALUES (?, ?, ?)",
+                    (str(path), stamp, digest),
+                )
                 db.commit()
-            except sqlite3.Error as err:  # a busy or read-only memo costs a rehash next time, nothing else
+            except (
+                sqlite3.Error
+            ) as err:  # a busy or read-only memo costs a rehash next time, nothing else
                 logger.warning("file-hash memo: cannot record %s (%s)", path, err)
     return digest

@@ -43,7 +43,9 @@ def qwen3_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> Qwen3C
     )
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+def save_hf_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
+) -> Path:
     """Write model + tokenizer + generation config (eos = end of the assistant turn)."""
     out_dir = Path(out_dir)
     model.generation_config = GenerationConfig(
@@ -54,7 +56,9 @@ def save_hf_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ou
     return out_dir
 
 
-def make_tiny_qwen3(out_dir: str | Path, seed: int = 0, vocab_size: int = 384, **overrides: Any) -> Path:
+def make_tiny_qwen3(
+    out_dir: str | Path, seed: int = 0, vocab_size: int = 384, **overrides: Any
+) -> Path:
     """A randomly initialised tiny Qwen3 with the toy byte-level tokenizer, saved to `out_dir`."""
     tokenizer = build_tokenizer(vocab_size)
     torch.manual_seed(seed)

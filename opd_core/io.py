@@ -33,7 +33,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    tmp = (
+        Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
+    )
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -57,7 +59,10 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Strict JSON (NaN/inf become null, so any JSON reader can load it), written atomically."""
-    return write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
+    return write_text(
+        path,
+        json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n",
+    )
 
 
 def _finite(obj: Any) -> Any:
@@ -84,9 +89,12 @@ def write_arrow(path: str | Path, table: pa.Table, schema: pa.Schema | None = No
     """Write an Arrow IPC file atomically, cast to `schema` when given."""
     if schema is not None:
         table = conform(table, schema, where=str(path))
-    with atomic_path(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
     return Path(path)
 
 
@@ -136,7 +144,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_tree(root: str | Path, hash_file: Callable[[Path], str] = sha256_file) -> dict[str, str]:
     """sha256 of every file under `root`, keyed by relative path (sorted, hidden files skipped)."""
     root = Path(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
     return {str(p.relative_to(root)): hash_file(p) for p in files}
 
 

@@ -1,7 +1,7 @@
 """The final report: a before/after table and the training curves.
 
-    final_eval/report.md    baseline vs final pass@1 / pass@k, per-round training table
-    final_eval/curves.png   reverse KL to the teacher and rollout accuracy per round
+final_eval/report.md    baseline vs final pass@1 / pass@k, per-round training table
+final_eval/curves.png   reverse KL to the teacher and rollout accuracy per round
 """
 
 from __future__ import annotations
@@ -15,8 +15,20 @@ from opd_core.config import OPDRunConfig
 from opd_core.io import read_arrow, write_text
 from opd_core.rundir import RunDir
 
-COMPARED = (("pass_at_1", "pass@1 (greedy)"), ("pass_at_k", "pass@k"), ("mean_sample_accuracy", "sampled accuracy"))
-ROUND_COLUMNS = ("round", "opd_reverse_kl", "rollout_pass_rate", "reward_mean", "loss", "grad_norm", "seconds")
+COMPARED = (
+    ("pass_at_1", "pass@1 (greedy)"),
+    ("pass_at_k", "pass@k"),
+    ("mean_sample_accuracy", "sampled accuracy"),
+)
+ROUND_COLUMNS = (
+    "round",
+    "opd_reverse_kl",
+    "rollout_pass_rate",
+    "reward_mean",
+    "loss",
+    "grad_norm",
+    "seconds",
+)
 
 
 def comparison_rows(baseline: dict, final: dict) -> list[dict]:
@@ -25,7 +37,14 @@ def comparison_rows(baseline: dict, final: dict) -> list[dict]:
     for key, label in COMPARED:
         if key in baseline and key in final:
             label = label.replace("pass@k", f"pass@{final.get('k', 'k')}")
-            rows.append({"metric": label, "baseline": baseline[key], "final": final[key], "delta": final[key] - baseline[key]})
+            rows.append(
+                {
+                    "metric": label,
+                    "baseline": baseline[key],
+                    "final": final[key],
+                    "delta": final[key] - baseline[key],
+                }
+            )
     return rows
 
 
@@ -42,7 +61,7 @@ def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "_(none)_\n"
     headers = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(row.get(h)) for h in headers) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -56,7 +75,9 @@ def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict
         curves = plot_curves(read_arrow(metrics_path), out_dir / "curves.png")
     a = cfg.algorithm
     opd = f"top-{a.opd_topk} OPD" if a.opd_topk else "OPD"
-    method = f"{a.advantage_estimator}" + (f" + {opd} ({a.opd_type} teacher, opd_kl_coef={a.opd_kl_coef})" if a.use_opd else "")
+    method = f"{a.advantage_estimator}" + (
+        f" + {opd} ({a.opd_type} teacher, opd_kl_coef={a.opd_kl_coef})" if a.use_opd else ""
+    )
     text = (
         f"# OPD run `{run_dir.root.name}` ({cfg.name})\n\n"
         f"Student `{cfg.models.student}`, teacher `{cfg.models.teacher}`, {method}, reward `{cfg.reward.type}`, "

@@ -21,10 +21,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from opd_core.hash_memo import file_sha256
@@ -39,7 +39,7 @@ class RunDir:
     root: Path
 
     @classmethod
-    def create(cls, artifacts_dir: str | Path, run_id: str) -> "RunDir":
+    def create(cls, artifacts_dir: str | Path, run_id: str) -> RunDir:
         root = Path(artifacts_dir) / run_id
         root.mkdir(parents=True, exist_ok=True)
         latest = Path(artifacts_dir) / "latest"
@@ -50,7 +50,7 @@ class RunDir:
         return cls(root.resolve())
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"run directory not found: {root}")
@@ -126,7 +126,9 @@ def hash_inputs(paths: list[Path]) -> dict[str, str]:
     for position, path in enumerate(paths):
         path = Path(path)
         if path.is_dir():
-            digest = hashlib.sha256(json.dumps(sha256_tree(path, file_sha256), sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha256(
+                json.dumps(sha256_tree(path, file_sha256), sort_keys=True).encode()
+            ).hexdigest()
         elif path.is_file():
             digest = file_sha256(path)
         else:
@@ -136,8 +138,15 @@ def hash_inputs(paths: list[Path]) -> dict[str, str]:
 
 
 def stage_key(config_hash: str, inputs: list[Path], extra: Any = None) -> str:
-    payload = {"config": config_hash, "inputs": hash_inputs(inputs), "code": code_version(), "extra": extra}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    payload = {
+        "config": config_hash,
+        "inputs": hash_inputs(inputs),
+        "code": code_version(),
+        "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :24
+    ]
 
 
 def is_done(stage_dir: Path, key: str) -> bool:
@@ -158,7 +167,9 @@ def clear_done(stage_dir: Path) -> None:
     (Path(stage_dir) / STAGE_MARKER).unlink(missing_ok=True)
 
 
-def run_cached(stage_dir: Path, key: str, build: Callable[[], dict], force: bool = False) -> tuple[dict, bool]:
+def run_cached(
+    stage_dir: Path, key: str, build: Callable[[], dict], force: bool = False
+) -> tuple[dict, bool]:
     """Run `build` unless the stage already finished with this key; returns (result, cached).
 
     The result dict is stored in the stage marker, so a cache hit returns what the original

@@ -25,7 +25,9 @@ ROLLOUTS = pa.schema(
         pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),  # chat-templated prompt
         pa.field("response_ids", pa.list_(pa.int32()), nullable=False),  # generated tokens
         pa.field("response_text", pa.string(), nullable=False),
-        pa.field("rollout_logprobs", pa.list_(pa.float32()), nullable=False),  # engine's, per response token
+        pa.field(
+            "rollout_logprobs", pa.list_(pa.float32()), nullable=False
+        ),  # engine's, per response token
         pa.field("finish_reason", pa.string(), nullable=False),  # stop | length | abort
         pa.field("label", pa.string(), nullable=False),
         pa.field("reward", pa.float32(), nullable=False),  # after any post-process hook
@@ -38,7 +40,9 @@ TEACHER_LOGPROBS = pa.schema(
     [
         pa.field("prompt_index", pa.int64(), nullable=False),
         pa.field("sample_index", pa.int32(), nullable=False),
-        pa.field("teacher_logprobs", pa.list_(pa.float32()), nullable=False),  # len == len(response_ids)
+        pa.field(
+            "teacher_logprobs", pa.list_(pa.float32()), nullable=False
+        ),  # len == len(response_ids)
         # algorithm.opd_topk > 0 only (else null): the teacher's k most likely tokens at each
         # response position and their log-probs, [len(response_ids)][k].
         pa.field("teacher_topk_ids", pa.list_(pa.list_(pa.int32())), nullable=True),

@@ -38,7 +38,9 @@ def run_convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
     flow's process) should not keep an 8B model's tensors and allocator arenas for the rest
     of the run. Errors, e.g. a failed parity check, are raised here as in the child.
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         return pool.submit(_convert, cfg, run_dir).result()
 
 
@@ -81,7 +83,9 @@ def run_eval(cfg: OPDRunConfig, run_dir: RunDir, stage: str, model_dir: Path) ->
 
     prompts = read_arrow(run_dir.eval_data, PROMPTS)
     generator = Generator(model_dir)
-    samples, summary = evaluate(generator.generate_ids, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed)
+    samples, summary = evaluate(
+        generator.generate_ids, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed
+    )
     summary["model_dir"] = str(model_dir)
     write_eval(run_dir.stage(stage), samples, summary)
     return summary

@@ -19,7 +19,9 @@ from decimal import Decimal, InvalidOperation
 __all__ = ["extract_answer", "is_correct", "normalize_answer"]
 
 # `Answer:` at the start of a line (case-insensitive), the rest of that line is the answer.
-_ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*\**\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE = re.compile(
+    r"^\s*\**answer\**\s*[:：]\s*\**\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE
+)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Plain integers/decimals, optionally signed and with well-formed thousands groups (1,234,567).
 _NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?$")

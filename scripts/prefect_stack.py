@@ -26,6 +26,7 @@ Settings (environment): OPD_PREFECT_HOME (default `<repo>/.prefect`), OPD_PREFEC
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -45,7 +46,12 @@ SERVICES = ("worker", "server")  # stop order: the worker (and its flow runs) be
 def stack_settings(home: str | Path | None = None, port: int | None = None) -> dict:
     home = Path(home or os.environ.get("OPD_PREFECT_HOME") or REPO / ".prefect").resolve()
     port = int(port or os.environ.get("OPD_PREFECT_PORT") or 4200)
-    return {"home": home, "port": port, "pool": WORK_POOL, "api_url": f"http://127.0.0.1:{port}/api"}
+    return {
+        "home": home,
+        "port": port,
+        "pool": WORK_POOL,
+        "api_url": f"http://127.0.0.1:{port}/api",
+    }
 
 
 def prefect_env(settings: dict) -> dict[str, str]:
@@ -82,7 +88,9 @@ def _pid_file(settings: dict, service: str) -> Path:
 
 def _write_pid(settings: dict, service: str, process: subprocess.Popen) -> None:
     started = psutil.Process(process.pid).create_time()
-    _pid_file(settings, service).write_text(json.dumps({"pid": process.pid, "create_time": started}))
+    _pid_file(settings, service).write_text(
+        json.dumps({"pid": process.pid, "create_time": started})
+    )
 
 
 def recorded_process(settings: dict, service: str) -> psutil.Process | None:
@@ -101,12 +109,17 @@ def recorded_process(settings: dict, service: str) -> psutil.Process | None:
 
 
 def _spawn(settings: dict, service: str, command: list[str]) -> subprocess.Popen:
-    log = open(settings["home"] / f"{service}.log", "ab")
+    log = open(settings["home"] / f"{service}.log", "ab")  # noqa: SIM115 - the child writes it
     # start_new_session: its own process group, so `down` can stop it and its children
     # together, and a Ctrl-C in the shell that ran `make up` does not reach it.
     process = subprocess.Popen(
-        command, cwd=REPO, env=prefect_env(settings), stdout=log, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        command,
+        cwd=REPO,
+        env=prefect_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     log.close()
     _write_pid(settings, service, process)
@@ -116,12 +129,19 @@ def _spawn(settings: dict, service: str, command: list[str]) -> subprocess.Popen
 # ---------------------------------------------------------------------------------- up
 
 
-def wait_healthy(api_url: str, timeout: float = 180.0, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_healthy(
+    api_url: str,
+    timeout: float = 180.0,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.is_file() else ""
-            raise RuntimeError(f"prefect server exited with code {process.returncode} while starting; log {log}:\n{tail}")
+            raise RuntimeError(
+                f"prefect server exited with code {process.returncode} while starting; log {log}:\n{tail}"
+            )
         try:
             if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
                 return
@@ -133,10 +153,18 @@ def wait_healthy(api_url: str, timeout: float = 180.0, process: subprocess.Popen
 
 def _run_cli(settings: dict, args: list[str], log_name: str) -> None:
     with open(settings["home"] / log_name, "ab") as log:
-        done = subprocess.run(_prefect_cli() + args, cwd=REPO, env=prefect_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            _prefect_cli() + args,
+            cwd=REPO,
+            env=prefect_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0:
         tail = (settings["home"] / log_name).read_text()[-3000:]
-        raise RuntimeError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}); {settings['home'] / log_name}:\n{tail}")
+        raise RuntimeError(
+            f"`prefect {' '.join(args)}` failed (exit {done.returncode}); {settings['home'] / log_name}:\n{tail}"
+        )
 
 
 def up(settings: dict, deploy: bool = True) -> None:
@@ -144,32 +172,64 @@ def up(settings: dict, deploy: bool = True) -> None:
     server = recorded_process(settings, "server")
     if server is None:
         if _port_in_use(settings["port"]):
-            raise RuntimeError(f"port {settings['port']} on 127.0.0.1 is in use; set OPD_PREFECT_PORT to a free port")
-        process = _spawn(settings, "server", _prefect_cli() + ["server", "start", "--host", "127.0.0.1", "--port", str(settings["port"])])
-        print(f"prefect server: pid {process.pid}, log {settings['home'] / 'server.log'}", flush=True)
+            raise RuntimeError(
+                f"port {settings['port']} on 127.0.0.1 is in use; set OPD_PREFECT_PORT to a free port"
+            )
+        process = _spawn(
+            settings,
+            "server",
+            _prefect_cli()
+            + ["server", "start", "--host", "127.0.0.1", "--port", str(settings["port"])],
+        )
+        print(
+            f"prefect server: pid {process.pid}, log {settings['home'] / 'server.log'}", flush=True
+        )
         wait_healthy(settings["api_url"], process=process, log=settings["home"] / "server.log")
     else:
         print(f"prefect server already running (pid {server.pid})", flush=True)
         wait_healthy(settings["api_url"])
 
-    _run_cli(settings, ["work-pool", "create", settings["pool"], "--type", "process", "--overwrite"], "setup.log")
+    _run_cli(
+        settings,
+        ["work-pool", "create", settings["pool"], "--type", "process", "--overwrite"],
+        "setup.log",
+    )
 
     if recorded_process(settings, "worker") is None:
         process = _spawn(
-            settings, "worker",
-            _prefect_cli() + ["worker", "start", "--pool", settings["pool"], "--type", "process",
-                              "--name", f"opd-worker-{settings['port']}", "--install-policy", "never"],
+            settings,
+            "worker",
+            _prefect_cli()
+            + [
+                "worker",
+                "start",
+                "--pool",
+                settings["pool"],
+                "--type",
+                "process",
+                "--name",
+                f"opd-worker-{settings['port']}",
+                "--install-policy",
+                "never",
+            ],
         )
-        print(f"prefect worker: pid {process.pid}, log {settings['home'] / 'worker.log'}", flush=True)
+        print(
+            f"prefect worker: pid {process.pid}, log {settings['home'] / 'worker.log'}", flush=True
+        )
     else:
         print("prefect worker already running", flush=True)
 
     if deploy:
         _run_cli(settings, ["--no-prompt", "deploy", "--all"], "deploy.log")
-        print("deployments registered: opd/full, opd-stage/{download,convert,teacher,baseline_eval,train,final_eval}", flush=True)
+        print(
+            "deployments registered: opd/full, opd-stage/{download,convert,teacher,baseline_eval,train,final_eval}",
+            flush=True,
+        )
 
     env_file = settings["home"] / "env.sh"
-    env_file.write_text(f"export PREFECT_API_URL={settings['api_url']}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\n")
+    env_file.write_text(
+        f"export PREFECT_API_URL={settings['api_url']}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\n"
+    )
     print(f"UI: http://127.0.0.1:{settings['port']}   CLI: source {env_file}", flush=True)
 
 
@@ -204,16 +264,12 @@ def stop_tree(root: psutil.Process, grace: float = 20.0) -> list[int]:
     """SIGTERM the tree, wait up to `grace` seconds, SIGKILL what is left; returns the pids."""
     tree = _process_tree(root)
     for process in tree:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(tree, timeout=grace)
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(alive, timeout=5)
     return [p.pid for p in tree]
 
@@ -242,15 +298,19 @@ def status(settings: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "down", "status"))
-    parser.add_argument("--home", help="PREFECT_HOME for the stack (default .prefect/ or $OPD_PREFECT_HOME)")
+    parser.add_argument(
+        "--home", help="PREFECT_HOME for the stack (default .prefect/ or $OPD_PREFECT_HOME)"
+    )
     parser.add_argument("--port", type=int, help="server port (default 4200 or $OPD_PREFECT_PORT)")
-    parser.add_argument("--no-deploy", action="store_true", help="up: do not register the deployments")
+    parser.add_argument(
+        "--no-deploy", action="store_true", help="up: do not register the deployments"
+    )
     args = parser.parse_args(argv)
     settings = stack_settings(args.home, args.port)
     if args.command == "up":
         try:
             up(settings, deploy=not args.no_deploy)
-        except Exception as err:  # noqa: BLE001 - leave nothing half-started behind
+        except Exception as err:
             print(f"make up failed: {err}\nstopping what was started", file=sys.stderr, flush=True)
             down(settings)
             return 1

@@ -26,11 +26,18 @@ def start_teacher(cfg: OPDRunConfig, run_dir: RunDir) -> tuple[list[str], Server
     stage_dir = run_dir.stage("teacher")
     if cfg.teacher.backend == "external":
         urls = [u.strip() for u in cfg.teacher.url.split(",") if u.strip()]
-        info = check_external(urls, api_key=cfg.teacher.api_key, timeout=cfg.teacher.startup_timeout)
+        info = check_external(
+            urls, api_key=cfg.teacher.api_key, timeout=cfg.teacher.startup_timeout
+        )
         server = None
     else:
-        server = launch_server(cfg.teacher.backend, run_dir.teacher_hf, cfg.teacher, stage_dir / "server.log")
+        server = launch_server(
+            cfg.teacher.backend, run_dir.teacher_hf, cfg.teacher, stage_dir / "server.log"
+        )
         urls, info = [server.url], server.model_info()
-    write_json(stage_dir / "endpoint.json", {"urls": urls, "backend": cfg.teacher.backend, "model_info": info})
+    write_json(
+        stage_dir / "endpoint.json",
+        {"urls": urls, "backend": cfg.teacher.backend, "model_info": info},
+    )
     logger.info("teacher (%s) ready at %s", cfg.teacher.backend, ", ".join(urls))
     return urls, server

@@ -25,7 +25,10 @@ def train_inputs(cfg: OPDRunConfig, run_dir: RunDir) -> list:
 def train_is_cached(cfg: OPDRunConfig, run_dir: RunDir) -> bool:
     """True when `train` would be a cache hit (then the flow need not start a teacher)."""
     try:
-        return is_done(run_dir.stage("train"), stage_key(cfg.section_hash(*TRAIN_SECTIONS), train_inputs(cfg, run_dir)))
+        return is_done(
+            run_dir.stage("train"),
+            stage_key(cfg.section_hash(*TRAIN_SECTIONS), train_inputs(cfg, run_dir)),
+        )
     except FileNotFoundError:  # an input is missing: not cached, and train will say which
         return False
 
@@ -40,8 +43,12 @@ def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) ->
         progress.update(round_index + 1, f"round {round_index + 1}/{cfg.rollout.num_rollout}")
         logger.info(
             "round %d: reverse_kl=%.4f rollout_pass_rate=%.3f reward=%.3f loss=%.4f (%.1fs)",
-            round_index, metrics["opd_reverse_kl"], metrics["rollout_pass_rate"], metrics["reward_mean"],
-            metrics.get("loss", float("nan")), metrics["seconds"],
+            round_index,
+            metrics["opd_reverse_kl"],
+            metrics["rollout_pass_rate"],
+            metrics["reward_mean"],
+            metrics.get("loss", float("nan")),
+            metrics["seconds"],
         )
 
     config_hash = cfg.section_hash(*TRAIN_SECTIONS)
@@ -50,7 +57,10 @@ def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) ->
     def build() -> dict:
         # Resume only a run with the same key; a changed config or input starts over.
         if claim_train_dir(run_dir.stage("train"), key):
-            logger.info("train: resuming from %s if a round was checkpointed", run_dir.stage("train") / "state.json")
+            logger.info(
+                "train: resuming from %s if a round was checkpointed",
+                run_dir.stage("train") / "state.json",
+            )
         return run_training(cfg, run_dir, teacher_urls, on_round=on_round)
 
     return cached_stage("train", run_dir, config_hash, inputs, build, key=key)

@@ -9,9 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Stage-input hashes are remembered across runs (opd_core/hash_memo.py): not in the real home.
-os.environ.setdefault("OPD_HASH_MEMO", os.path.join(tempfile.mkdtemp(prefix="opd-test-"), "file_hashes.sqlite"))
+os.environ.setdefault(
+    "OPD_HASH_MEMO", os.path.join(tempfile.mkdtemp(prefix="opd-test-"), "file_hashes.sqlite")
+)
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from opd_core.algorithm.advantages import compute_advantages, discounted_returns, gae, group_normalized_rewards
+from opd_core.algorithm.advantages import (
+    compute_advantages,
+    discounted_returns,
+    gae,
+    group_normalized_rewards,
+)
 from opd_core.config import AlgorithmConfig
 
 SQRT3_2 = math.sqrt(3) / 2  # (r - mean)/std for a group [1, 0, 0, 1] (unbiased std = sqrt(1/3))
@@ -62,7 +67,9 @@ def test_opd_penalty_added_after_grpo():
     old = [lp(-1.0, -2.0), lp(-0.5)]
     teacher = [lp(-1.5, -0.5), lp(-0.5)]
     config = cfg(use_opd=True, opd_kl_coef=0.5)
-    result = compute_advantages(config, np.array([1.0, 0.0]), np.zeros(2), old, teacher_logprobs=teacher)
+    result = compute_advantages(
+        config, np.array([1.0, 0.0]), np.zeros(2), old, teacher_logprobs=teacher
+    )
     base = math.sqrt(0.5)  # group of [1, 0]
     # reverse KL per token: [0.5, -1.5] and [0.0]
     assert result.advantages[0] == approx([base - 0.25, base + 0.75])
@@ -76,13 +83,17 @@ def test_pure_distillation_advantage_is_minus_reverse_kl():
     # Zero rewards: every estimator's base advantage is 0 and OPD alone is the signal.
     old, teacher = [lp(-0.2, -3.0, -1.0)], [lp(-1.2, -1.0, -1.0)]
     for estimator in ("grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
-        result = compute_advantages(cfg(estimator, use_opd=True), np.zeros(1), np.zeros(1), old, teacher_logprobs=teacher)
+        result = compute_advantages(
+            cfg(estimator, use_opd=True), np.zeros(1), np.zeros(1), old, teacher_logprobs=teacher
+        )
         assert result.advantages[0] == approx([-1.0, 2.0, 0.0]), estimator
 
 
 def test_teacher_without_use_opd_only_logs_the_kl():
     old, teacher = [lp(-1.0, -2.0)], [lp(-2.0, -2.0)]
-    result = compute_advantages(cfg(use_opd=False), np.ones(1), np.zeros(1), old, teacher_logprobs=teacher)
+    result = compute_advantages(
+        cfg(use_opd=False), np.ones(1), np.zeros(1), old, teacher_logprobs=teacher
+    )
     assert result.advantages[0] == approx([0.0, 0.0])
     assert result.opd_reverse_kl == pytest.approx(0.5)
 
@@ -90,9 +101,13 @@ def test_teacher_without_use_opd_only_logs_the_kl():
 def test_opd_respects_loss_mask():
     old, teacher = [lp(-1.0, -1.0, -1.0)], [lp(-2.0, -3.0, -4.0)]
     mask = [np.array([1, 0, 1])]
-    result = compute_advantages(cfg(use_opd=True), np.zeros(1), np.zeros(1), old, teacher_logprobs=teacher, loss_masks=mask)
+    result = compute_advantages(
+        cfg(use_opd=True), np.zeros(1), np.zeros(1), old, teacher_logprobs=teacher, loss_masks=mask
+    )
     assert result.advantages[0] == approx([-1.0, 0.0, -3.0])
-    assert result.opd_reverse_kl == pytest.approx(2.0)  # (1 + 3) / 2: the masked token is not counted
+    assert result.opd_reverse_kl == pytest.approx(
+        2.0
+    )  # (1 + 3) / 2: the masked token is not counted
     assert result.teacher_logprob_mean == pytest.approx(-3.0)
 
 
@@ -109,7 +124,9 @@ def test_normalize_advantages_runs_after_opd():
 
 
 def test_use_opd_without_teacher_is_an_error():
-    with pytest.raises(ValueError, match="use_opd is true but compute_advantages got no teacher_logprobs"):
+    with pytest.raises(
+        ValueError, match="use_opd is true but compute_advantages got no teacher_logprobs"
+    ):
         compute_advantages(cfg(use_opd=True), np.ones(1), np.zeros(1), [lp(-1)])
 
 
@@ -133,8 +150,13 @@ def test_ppo_with_opd_and_mask():
     # Third token of sample 0 is outside the loss mask: the reward lands on token 1.
     masks = [np.array([1, 1, 0]), np.array([1])]
     result = compute_advantages(
-        cfg("ppo", use_opd=True), np.array([1.0, 0.0]), np.zeros(2), old,
-        teacher_logprobs=teacher, values=values, loss_masks=masks,
+        cfg("ppo", use_opd=True),
+        np.array([1.0, 0.0]),
+        np.zeros(2),
+        old,
+        teacher_logprobs=teacher,
+        values=values,
+        loss_masks=masks,
     )
     # Sample 0: t2: delta = 0 - 0.7 = -0.7; t1: delta = 1 + 0.7 - 0.2 = 1.5, A = 1.5 - 0.7 = 0.8;
     # t0: delta = 0.2 - 0.5 = -0.3, A = 0.5. OPD: token 0 has KL 0.5.
@@ -160,7 +182,9 @@ def test_discounted_returns():
 
 def test_reinforce_plus_plus_whitens_discounted_returns():
     old = [lp(-1, -1, -1), lp(-1)]
-    result = compute_advantages(cfg("reinforce_plus_plus", gamma=0.5), np.array([1.0, 0.0]), np.zeros(2), old)
+    result = compute_advantages(
+        cfg("reinforce_plus_plus", gamma=0.5), np.array([1.0, 0.0]), np.zeros(2), old
+    )
     raw = np.array([0.25, 0.5, 1.0, 0.0])
     mean = 0.4375  # raw.mean()
     var = (0.1875**2 + 0.0625**2 + 0.5625**2 + 0.4375**2) / 3  # unbiased
@@ -169,7 +193,9 @@ def test_reinforce_plus_plus_whitens_discounted_returns():
 
 def test_reinforce_plus_plus_baseline_subtracts_group_mean_then_whitens():
     old = [lp(-1, -1), lp(-1)]
-    result = compute_advantages(cfg("reinforce_plus_plus_baseline"), np.array([1.0, 0.0]), np.zeros(2), old)
+    result = compute_advantages(
+        cfg("reinforce_plus_plus_baseline"), np.array([1.0, 0.0]), np.zeros(2), old
+    )
     # centred [0.5, 0.5 | -0.5]; mean 1/6; unbiased var 1/3.
     scale = 1 / math.sqrt(1 / 3 + 1e-8)
     assert np.concatenate(result.advantages) == approx(np.array([1 / 3, 1 / 3, -2 / 3]) * scale)
@@ -178,15 +204,21 @@ def test_reinforce_plus_plus_baseline_subtracts_group_mean_then_whitens():
 # ------------------------------------------------------------------------------ edge cases
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize(
+    "estimator", ["grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"]
+)
 @pytest.mark.parametrize("use_opd", [False, True])
 def test_length_one_and_zero_length_responses(estimator, use_opd):
     old = [lp(-1.0), lp(), lp(-1.0, -1.0)]
     teacher = [lp(-2.0), lp(), lp(-1.0, -3.0)]
     values = [np.array([0.5]), np.array([]), np.array([0.1, 0.2])]
     result = compute_advantages(
-        cfg(estimator, use_opd=use_opd), np.array([1.0, 0.0, 0.0]), np.zeros(3), old,
-        teacher_logprobs=teacher, values=values,
+        cfg(estimator, use_opd=use_opd),
+        np.array([1.0, 0.0, 0.0]),
+        np.zeros(3),
+        old,
+        teacher_logprobs=teacher,
+        values=values,
     )
     assert [len(a) for a in result.advantages] == [1, 0, 2]
     assert all(np.all(np.isfinite(a)) for a in result.advantages)
@@ -196,7 +228,9 @@ def test_length_one_and_zero_length_responses(estimator, use_opd):
 
 
 def test_all_responses_empty():
-    result = compute_advantages(cfg(use_opd=True), np.zeros(2), np.zeros(2), [lp(), lp()], teacher_logprobs=[lp(), lp()])
+    result = compute_advantages(
+        cfg(use_opd=True), np.zeros(2), np.zeros(2), [lp(), lp()], teacher_logprobs=[lp(), lp()]
+    )
     assert [len(a) for a in result.advantages] == [0, 0]
     assert math.isnan(result.opd_reverse_kl)
 
@@ -207,8 +241,13 @@ def test_empty_batch():
 
 
 def test_masked_tokens_get_zero_advantage():
-    result = compute_advantages(cfg(), np.array([1.0, 0.0]), np.zeros(2), [lp(-1, -1), lp(-1, -1)],
-                                loss_masks=[np.array([0, 1]), np.array([1, 0])])
+    result = compute_advantages(
+        cfg(),
+        np.array([1.0, 0.0]),
+        np.zeros(2),
+        [lp(-1, -1), lp(-1, -1)],
+        loss_masks=[np.array([0, 1]), np.array([1, 0])],
+    )
     assert result.advantages[0] == approx([0.0, math.sqrt(0.5)])
     assert result.advantages[1] == approx([-math.sqrt(0.5), 0.0])
 
@@ -216,8 +255,14 @@ def test_masked_tokens_get_zero_advantage():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"teacher_logprobs": [lp(-1.0)]}, r"teacher_logprobs\[0\] has 1 values for 2 response tokens"),
-        ({"teacher_logprobs": [lp(-1.0, np.nan)]}, r"teacher_logprobs\[0\] is nan at response token 1"),
+        (
+            {"teacher_logprobs": [lp(-1.0)]},
+            r"teacher_logprobs\[0\] has 1 values for 2 response tokens",
+        ),
+        (
+            {"teacher_logprobs": [lp(-1.0, np.nan)]},
+            r"teacher_logprobs\[0\] is nan at response token 1",
+        ),
         ({"loss_masks": [np.ones(2), np.ones(2)]}, "loss_masks has 2 rows for 1 samples"),
         ({"rewards": np.ones(2)}, "2 rewards and 1 group ids for 1 samples"),
     ],
@@ -225,13 +270,25 @@ def test_masked_tokens_get_zero_advantage():
 def test_bad_input_names_the_field(kwargs, message):
     args = {"rewards": np.ones(1), "teacher_logprobs": None, "loss_masks": None} | kwargs
     with pytest.raises(ValueError, match=message):
-        compute_advantages(cfg(), args["rewards"], np.zeros(1), [lp(-1.0, -1.0)],
-                           teacher_logprobs=args["teacher_logprobs"], loss_masks=args["loss_masks"])
+        compute_advantages(
+            cfg(),
+            args["rewards"],
+            np.zeros(1),
+            [lp(-1.0, -1.0)],
+            teacher_logprobs=args["teacher_logprobs"],
+            loss_masks=args["loss_masks"],
+        )
 
 
 def test_nan_outside_the_mask_is_allowed():
-    result = compute_advantages(cfg(use_opd=True), np.zeros(1), np.zeros(1), [lp(-1.0, -1.0)],
-                                teacher_logprobs=[lp(-2.0, np.nan)], loss_masks=[np.array([1, 0])])
+    result = compute_advantages(
+        cfg(use_opd=True),
+        np.zeros(1),
+        np.zeros(1),
+        [lp(-1.0, -1.0)],
+        teacher_logprobs=[lp(-2.0, np.nan)],
+        loss_masks=[np.array([1, 0])],
+    )
     assert result.advantages[0] == approx([-1.0, 0.0])
 
 
@@ -241,9 +298,17 @@ def test_batched_gae_matches_a_per_sample_loop():
     values = [rng.normal(size=n) for n in lengths]
     masks = [(rng.random(n) > 0.3).astype(float) for n in lengths]
     rewards = rng.normal(size=len(lengths))
-    result = compute_advantages(cfg("ppo", gamma=0.95, lambd=0.9), rewards, np.arange(4), [np.zeros(n) for n in lengths],
-                                values=values, loss_masks=masks)
-    for reward, value, mask, got, got_returns in zip(rewards, values, masks, result.advantages, result.returns):
+    result = compute_advantages(
+        cfg("ppo", gamma=0.95, lambd=0.9),
+        rewards,
+        np.arange(4),
+        [np.zeros(n) for n in lengths],
+        values=values,
+        loss_masks=masks,
+    )
+    for reward, value, mask, got, got_returns in zip(
+        rewards, values, masks, result.advantages, result.returns
+    ):
         token_rewards = np.zeros(len(value))
         if mask.any():
             token_rewards[np.flatnonzero(mask)[-1]] = reward

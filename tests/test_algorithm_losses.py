@@ -31,7 +31,10 @@ def run(logprob_values, advantages, mask=None, old=None, config=None, **kw):
 def test_masked_mean_torch_and_numpy():
     values, mask = t([1.0, 2.0, 100.0]), t([1.0, 1.0, 0.0])
     assert masked_mean(values, mask).item() == pytest.approx(1.5)
-    assert masked_mean(t([1.0, 3.0], [5.0, 7.0]), t([1.0, 1.0], [1.0, 0.0]), dim=-1).tolist() == [2.0, 5.0]
+    assert masked_mean(t([1.0, 3.0], [5.0, 7.0]), t([1.0, 1.0], [1.0, 0.0]), dim=-1).tolist() == [
+        2.0,
+        5.0,
+    ]
     assert masked_mean(np.array([1.0, 2.0, 100.0]), np.array([1, 1, 0])) == pytest.approx(1.5)
     assert masked_mean(t([1.0]), t([0.0])).item() == 0.0  # empty mask: 0, not NaN
     assert masked_mean(np.array([]), np.array([])) == 0.0
@@ -42,7 +45,9 @@ def test_on_policy_loss_is_minus_mean_advantage():
     assert loss.item() == pytest.approx(-1.0)
     assert metrics["pg_loss"] == pytest.approx(-1.0)
     assert metrics["clip_frac"] == 0.0 and metrics["ppo_kl"] == 0.0
-    assert grad[0].tolist() == pytest.approx([-1 / 3, 2 / 3, -4 / 3])  # d/dlogp of -ratio*A/N at ratio 1
+    assert grad[0].tolist() == pytest.approx(
+        [-1 / 3, 2 / 3, -4 / 3]
+    )  # d/dlogp of -ratio*A/N at ratio 1
 
 
 @pytest.mark.parametrize(
@@ -81,7 +86,9 @@ def test_dual_clip_bounds_negative_advantages():
 
 
 def test_mask_excludes_padding():
-    loss, metrics, grad = run([[0.0, 7.0], [0.0, 0.0]], [[2.0, 100.0], [4.0, 6.0]], mask=[[1, 0], [1, 1]])
+    loss, metrics, grad = run(
+        [[0.0, 7.0], [0.0, 0.0]], [[2.0, 100.0], [4.0, 6.0]], mask=[[1, 0], [1, 1]]
+    )
     assert loss.item() == pytest.approx(-(2.0 + 4.0 + 6.0) / 3)
     assert grad[0, 1].item() == 0.0
     assert metrics["ppo_kl"] == 0.0
@@ -95,12 +102,19 @@ def test_fully_masked_batch_is_zero_not_nan():
 
 def test_gspo_uses_one_sequence_ratio():
     logprobs, advantages = [[0.1, 0.3], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]
-    loss, metrics, _ = run(logprobs, advantages, config=cfg(advantage_estimator="gspo", eps_clip=0.5))
+    loss, metrics, _ = run(
+        logprobs, advantages, config=cfg(advantage_estimator="gspo", eps_clip=0.5)
+    )
     # Sequence 0 ratio exp(mean(0.1, 0.3)) = exp(0.2) on both tokens; sequence 1 ratio 1.
     assert loss.item() == pytest.approx(-(2 * math.exp(0.2) + 2) / 4, rel=1e-5)
     assert metrics["ppo_kl"] == pytest.approx(-0.2 / 2, rel=1e-5)
     # The masked token is left out of the sequence mean.
-    loss, _, grad = run(logprobs, advantages, mask=[[1, 0], [1, 1]], config=cfg(advantage_estimator="gspo", eps_clip=0.5))
+    loss, _, grad = run(
+        logprobs,
+        advantages,
+        mask=[[1, 0], [1, 1]],
+        config=cfg(advantage_estimator="gspo", eps_clip=0.5),
+    )
     assert loss.item() == pytest.approx(-(math.exp(0.1) + 2) / 3, rel=1e-5)
     assert grad[0, 1].item() == 0.0
     # Per-token PPO on the same input differs.
@@ -138,8 +152,14 @@ def test_k3_is_non_negative_and_low_var_kl_is_clamped():
 
 def test_kl_loss_and_entropy_bonus_are_added():
     config = cfg(use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="k1", entropy_coef=0.1)
-    loss, metrics, _ = run([[-1.0, -1.0]], [[1.0, 1.0]], old=[[-1.0, -1.0]], config=config,
-                           ref_logprobs=t([-2.0, -1.5]), entropy=t([2.0, 4.0]))
+    loss, metrics, _ = run(
+        [[-1.0, -1.0]],
+        [[1.0, 1.0]],
+        old=[[-1.0, -1.0]],
+        config=config,
+        ref_logprobs=t([-2.0, -1.5]),
+        entropy=t([2.0, 4.0]),
+    )
     pg, kl, entropy = -1.0, (1.0 + 0.5) / 2, 3.0
     assert metrics["pg_loss"] == pytest.approx(pg)
     assert metrics["kl_loss"] == pytest.approx(kl)
@@ -149,7 +169,9 @@ def test_kl_loss_and_entropy_bonus_are_added():
 
 
 def test_kl_to_reference_is_logged_without_use_kl_loss():
-    loss, metrics, _ = run([[-1.0]], [[1.0]], old=[[-1.0]], ref_logprobs=t([-2.0]), config=cfg(kl_loss_type="k1"))
+    loss, metrics, _ = run(
+        [[-1.0]], [[1.0]], old=[[-1.0]], ref_logprobs=t([-2.0]), config=cfg(kl_loss_type="k1")
+    )
     assert metrics["kl_loss"] == pytest.approx(1.0)
     assert loss.item() == pytest.approx(-1.0)
     _, metrics, _ = run([[-1.0]], [[1.0]])
@@ -189,6 +211,8 @@ def test_value_loss_clipping(value, expected_loss, clipped):
 
 def test_value_loss_without_clip_and_with_mask():
     values = t([[1.5, 9.0]])
-    loss, metrics = value_loss(values, t([[1.0, 1.0]]), t([[2.0, 2.0]]), t([[1.0, 0.0]]), value_clip=None)
+    loss, metrics = value_loss(
+        values, t([[1.0, 1.0]]), t([[2.0, 2.0]]), t([[1.0, 0.0]]), value_clip=None
+    )
     assert loss.item() == pytest.approx(0.5 * 0.25)
     assert metrics["value_clip_frac"] == 0.0 and metrics["value_mean"] == pytest.approx(1.5)

@@ -16,8 +16,12 @@ from opd_core.io import read_arrow
 def test_round_metrics_values():
     old = [np.array([-1.0, -2.0]), np.array([-0.5])]
     teacher = [np.array([-1.5, -2.5]), np.array([-2.5])]
-    result = compute_advantages(AlgorithmConfig(), np.array([1.0, 0.0]), np.zeros(2), old, teacher_logprobs=teacher)
-    row = round_metrics([1.0, 0.0], correct=[True, False], response_lengths=[2, 1], advantage_result=result)
+    result = compute_advantages(
+        AlgorithmConfig(), np.array([1.0, 0.0]), np.zeros(2), old, teacher_logprobs=teacher
+    )
+    row = round_metrics(
+        [1.0, 0.0], correct=[True, False], response_lengths=[2, 1], advantage_result=result
+    )
     assert row["reward_mean"] == 0.5
     assert row["rollout_pass_rate"] == 0.5
     assert row["response_length_mean"] == 1.5
@@ -28,13 +32,18 @@ def test_round_metrics_values():
 
 def test_round_metrics_without_teacher_or_samples():
     row = round_metrics([])
-    assert all(math.isnan(row[k]) for k in ("reward_mean", "rollout_pass_rate", "opd_reverse_kl", "response_length_mean"))
+    assert all(
+        math.isnan(row[k])
+        for k in ("reward_mean", "rollout_pass_rate", "opd_reverse_kl", "response_length_mean")
+    )
 
 
 def test_metrics_log_appends_replaces_and_resumes(tmp_path):
     path = tmp_path / "train" / "metrics.arrow"
     with MetricsLog(path) as log:
-        log.append({"round": 0, "opd_reverse_kl": 0.9, "reward_mean": np.float32(0.25), "note": "warmup"})
+        log.append(
+            {"round": 0, "opd_reverse_kl": 0.9, "reward_mean": np.float32(0.25), "note": "warmup"}
+        )
         log.append({"round": 1, "opd_reverse_kl": 0.5, "loss": 1, "flag": True})
     table = read_arrow(path)
     assert table.column("round").to_pylist() == [0, 1]
@@ -65,9 +74,14 @@ def test_unknown_logger_is_an_error(tmp_path):
         MetricsLog(tmp_path / "m.arrow", loggers=["mlflow"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed"
+)
 def test_missing_tensorboard_is_skipped_with_a_warning(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING), MetricsLog(tmp_path / "m.arrow", loggers=["tensorboard", "wandb"]) as log:
+    with (
+        caplog.at_level(logging.WARNING),
+        MetricsLog(tmp_path / "m.arrow", loggers=["tensorboard", "wandb"]) as log,
+    ):
         log.append({"round": 0, "loss": 1.0})
     assert "tensorboard package is not installed" in caplog.text
     assert read_arrow(tmp_path / "m.arrow").num_rows == 1
@@ -83,7 +97,9 @@ def test_tensorboard_writes_events(tmp_path):
 def test_plot_curves(tmp_path):
     with MetricsLog(tmp_path / "metrics.arrow") as log:
         for r, (kl, pass_rate) in enumerate([(0.9, 0.2), (0.5, 0.4), (0.3, 0.6)]):
-            log.append({"round": r, "opd_reverse_kl": kl, "rollout_pass_rate": pass_rate})  # no reward_mean column
+            log.append(
+                {"round": r, "opd_reverse_kl": kl, "rollout_pass_rate": pass_rate}
+            )  # no reward_mean column
     out = plot_curves(tmp_path / "metrics.arrow", tmp_path / "plots" / "curves.png", title="toy")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 5000

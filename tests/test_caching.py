@@ -24,20 +24,30 @@ from tiny_runs import SMALL_BATCHES, TINY_TOY
 REPO = Path(__file__).resolve().parent.parent
 CACHED_STAGES = ("download", "convert", "baseline_eval", "train", "final_eval")
 
-SMALL_RUN = [
-    "rollout.num_rollout=1",
-    "eval.num_prompts=8",
-    "eval.k=2",
-] + SMALL_BATCHES + TINY_TOY  # tests/tiny_runs.py: plumbing, not quality
+SMALL_RUN = (
+    [
+        "rollout.num_rollout=1",
+        "eval.num_prompts=8",
+        "eval.k=2",
+    ]
+    + SMALL_BATCHES
+    + TINY_TOY
+)  # tests/tiny_runs.py: plumbing, not quality
 
 
 def _markers(run_dir: Path) -> dict[str, dict]:
-    return {stage: json.loads((run_dir / stage / "_stage.json").read_text()) for stage in CACHED_STAGES}
+    return {
+        stage: json.loads((run_dir / stage / "_stage.json").read_text()) for stage in CACHED_STAGES
+    }
 
 
 def _rerun_stages(before: dict, after: dict) -> set[str]:
     """Stages whose marker was rewritten (they ran) between two snapshots."""
-    return {stage for stage in CACHED_STAGES if before[stage]["finished_at"] != after[stage]["finished_at"]}
+    return {
+        stage
+        for stage in CACHED_STAGES
+        if before[stage]["finished_at"] != after[stage]["finished_at"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,11 @@ def ray_cluster():
     """One local Ray cluster that every training run joins (saves a Ray start per run)."""
     import ray
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
     try:
         yield
     finally:

@@ -18,12 +18,25 @@ def test_shipped_configs_validate(name):
 def test_qwen3_config_mirrors_slime_example():
     cfg = load_config(CONFIGS / "qwen3-8b-opd.yaml")
     assert cfg.models.student == "hf:Qwen/Qwen3-8B" and cfg.models.teacher == "hf:Qwen/Qwen3-32B"
-    assert (cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt, cfg.train.global_batch_size) == (16, 4, 64)
+    assert (
+        cfg.rollout.rollout_batch_size,
+        cfg.rollout.n_samples_per_prompt,
+        cfg.train.global_batch_size,
+    ) == (16, 4, 64)
     assert cfg.train.lr == 1e-6 and cfg.train.parallel.tensor_model_parallel_size == 2
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(CONFIGS / "toy.yaml", ["train.lr=3e-4", "rollout.num_rollout=2", "train.lr_warmup_iters=0", "algorithm.use_opd=false", "algorithm.opd_topk=0"])
+    cfg = load_config(
+        CONFIGS / "toy.yaml",
+        [
+            "train.lr=3e-4",
+            "rollout.num_rollout=2",
+            "train.lr_warmup_iters=0",
+            "algorithm.use_opd=false",
+            "algorithm.opd_topk=0",
+        ],
+    )
     assert cfg.train.lr == 3e-4 and cfg.rollout.num_rollout == 2 and cfg.algorithm.use_opd is False
 
 
@@ -36,10 +49,22 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("algorithm: {use_opd: true, opd_type: null}", "use_opd is true but algorithm.opd_type is not set"),
-        ("algorithm: {use_opd: true, opd_type: megatron}", "opd_type=megatron needs algorithm.opd_teacher_load"),
-        ("algorithm: {use_opd: true, opd_type: sglang, opd_teacher_load: /ckpt}", "only for opd_type=megatron"),
-        ("algorithm: {use_opd: false, opd_type: null, opd_teacher_load: /ckpt}", "opd_teacher_load is set but algorithm.use_opd is false"),
+        (
+            "algorithm: {use_opd: true, opd_type: null}",
+            "use_opd is true but algorithm.opd_type is not set",
+        ),
+        (
+            "algorithm: {use_opd: true, opd_type: megatron}",
+            "opd_type=megatron needs algorithm.opd_teacher_load",
+        ),
+        (
+            "algorithm: {use_opd: true, opd_type: sglang, opd_teacher_load: /ckpt}",
+            "only for opd_type=megatron",
+        ),
+        (
+            "algorithm: {use_opd: false, opd_type: null, opd_teacher_load: /ckpt}",
+            "opd_teacher_load is set but algorithm.use_opd is false",
+        ),
     ],
 )
 def test_slime_opd_argument_errors(tmp_path, yaml_text, message):
@@ -79,9 +104,14 @@ def test_section_hash_tracks_only_its_sections():
 
 def test_where_training_runs_is_not_part_of_its_cache_key():
     base = load_config(CONFIGS / "toy.yaml")
-    moved = load_config(CONFIGS / "toy.yaml", ["train.ray.address=ray://head:10001", "train.ray.placement_timeout=900"])
+    moved = load_config(
+        CONFIGS / "toy.yaml",
+        ["train.ray.address=ray://head:10001", "train.ray.placement_timeout=900"],
+    )
     assert base.section_hash("train") == moved.section_hash("train")
-    on_gpus = load_config(CONFIGS / "toy.yaml", ["train.ray.actor_num_gpus_per_node=1"])  # bf16 there: other results
+    on_gpus = load_config(
+        CONFIGS / "toy.yaml", ["train.ray.actor_num_gpus_per_node=1"]
+    )  # bf16 there: other results
     assert base.section_hash("train") != on_gpus.section_hash("train")
 
 
@@ -90,20 +120,48 @@ def test_readme_config_reference_is_current():
     from opd_core.config_doc import markdown
 
     readme = (CONFIGS.parent / "README.md").read_text()
-    assert markdown() in readme, "README.md config reference is stale: run `python -m opd_core.config_doc`"
+    assert markdown() in readme, (
+        "README.md config reference is stale: run `python -m opd_core.config_doc`"
+    )
 
 
 def test_lr_schedule_horizon_and_its_errors():
-    cfg = load_config(None, ["rollout.num_rollout=10", "rollout.rollout_batch_size=8", "rollout.n_samples_per_prompt=4",
-                             "train.global_batch_size=16", "train.micro_batch_size=16"])
-    assert cfg.optimizer_steps_per_round == 2 and cfg.lr_decay_iters == 20  # the whole run by default
+    cfg = load_config(
+        None,
+        [
+            "rollout.num_rollout=10",
+            "rollout.rollout_batch_size=8",
+            "rollout.n_samples_per_prompt=4",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=16",
+        ],
+    )
+    assert (
+        cfg.optimizer_steps_per_round == 2 and cfg.lr_decay_iters == 20
+    )  # the whole run by default
     assert load_config(None, ["train.lr_decay_iters=7"]).lr_decay_iters == 7
-    assert load_config(None, ["train.lr_decay_iters=40", "train.lr_warmup_fraction=0.1"]).lr_warmup_iters == 4
+    assert (
+        load_config(
+            None, ["train.lr_decay_iters=40", "train.lr_warmup_fraction=0.1"]
+        ).lr_warmup_iters
+        == 4
+    )
     with pytest.raises(ConfigError, match="lr_warmup_iters or train.lr_warmup_fraction, not both"):
         load_config(None, ["train.lr_warmup_iters=2", "train.lr_warmup_fraction=0.1"])
-    with pytest.raises(ConfigError, match=r"train.lr_warmup_iters \(20\) must be < the decay horizon \(20"):
-        load_config(None, ["rollout.num_rollout=10", "rollout.rollout_batch_size=8", "rollout.n_samples_per_prompt=4",
-                           "train.global_batch_size=16", "train.micro_batch_size=16", "train.lr_warmup_iters=20"])
+    with pytest.raises(
+        ConfigError, match=r"train.lr_warmup_iters \(20\) must be < the decay horizon \(20"
+    ):
+        load_config(
+            None,
+            [
+                "rollout.num_rollout=10",
+                "rollout.rollout_batch_size=8",
+                "rollout.n_samples_per_prompt=4",
+                "train.global_batch_size=16",
+                "train.micro_batch_size=16",
+                "train.lr_warmup_iters=20",
+            ],
+        )
     with pytest.raises(ConfigError, match=r"train.min_lr \(0.1\)"):
         load_config(None, ["train.lr=0.01", "train.min_lr=0.1"])
     with pytest.raises(ConfigError, match="train.lr_decay_style"):

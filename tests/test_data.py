@@ -18,13 +18,19 @@ INSTRUCTION = "Solve: What is 2 + 2?"
 ROWS = [
     {"prompt": [{"role": "user", "content": INSTRUCTION}], "label": "4"},
     {"prompt": "What is 3 + 4?", "label": 7},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
-     "reward_model": {"ground_truth": "2", "style": "rule"}},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+        "reward_model": {"ground_truth": "2", "style": "rule"},
+    },
 ]
 EXPECTED = [
     {"index": 0, "prompt": [{"role": "user", "content": INSTRUCTION}], "label": "4"},
     {"index": 1, "prompt": [{"role": "user", "content": "What is 3 + 4?"}], "label": "7"},
-    {"index": 2, "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}], "label": "2"},
+    {
+        "index": 2,
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+        "label": "2",
+    },
 ]
 
 
@@ -67,17 +73,34 @@ def test_parquet_and_arrow_and_json(tmp_path):
 def test_custom_keys(tmp_path):
     path = write_jsonl(tmp_path / "k.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}])
     table = load_prompts(str(path), input_key="question", label_key="answer")
-    assert table.to_pylist() == [{"index": 0, "prompt": [{"role": "user", "content": "What is 1 + 1?"}], "label": "2"}]
+    assert table.to_pylist() == [
+        {"index": 0, "prompt": [{"role": "user", "content": "What is 1 + 1?"}], "label": "2"}
+    ]
 
 
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"prompt": "a", "label": "1"}, {"prompt": "b", "label": None}], r"row 1, missing label \(field 'label'"),
-        ([{"prompt": [{"role": "user"}], "label": "1"}], r"row 0, field 'prompt'\[0\] is not a \{role, content\} message"),
-        ([{"prompt": "ok", "label": "1"}, {"prompt": 5, "label": "1"}], r"row 1, field 'prompt' must be a list of \{role, content\}"),
-        ([{"question": "a", "label": "1"}], r"no prompt field 'prompt'; fields are \['question', 'label'\]"),
-        ([{"prompt": "a", "answer": "1"}], r"no label field 'label' and no reward_model.ground_truth"),
+        (
+            [{"prompt": "a", "label": "1"}, {"prompt": "b", "label": None}],
+            r"row 1, missing label \(field 'label'",
+        ),
+        (
+            [{"prompt": [{"role": "user"}], "label": "1"}],
+            r"row 0, field 'prompt'\[0\] is not a \{role, content\} message",
+        ),
+        (
+            [{"prompt": "ok", "label": "1"}, {"prompt": 5, "label": "1"}],
+            r"row 1, field 'prompt' must be a list of \{role, content\}",
+        ),
+        (
+            [{"question": "a", "label": "1"}],
+            r"no prompt field 'prompt'; fields are \['question', 'label'\]",
+        ),
+        (
+            [{"prompt": "a", "answer": "1"}],
+            r"no label field 'label' and no reward_model.ground_truth",
+        ),
         ([{"prompt": "a", "label": ""}], r"row 0, field 'label' is empty"),
     ],
 )

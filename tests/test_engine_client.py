@@ -28,7 +28,9 @@ RESPONSES = [[20, 21, 22], [23], [], [24, 25, 26, 27], [28, 2]]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_qwen3(tmp_path_factory.mktemp("engine_client") / "model", max_position_embeddings=64)
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("engine_client") / "model", max_position_embeddings=64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def url(model_dir):
 def counting(client: EngineClient) -> list[str]:
     """Every HTTP request the client sends, seen by an httpx event hook."""
     sent: list[str] = []
-    client.http.event_hooks["request"].append(lambda request: sent.append(f"{request.method} {request.url}"))
+    client.http.event_hooks["request"].append(
+        lambda request: sent.append(f"{request.method} {request.url}")
+    )
     return sent
 
 
@@ -141,24 +145,34 @@ class Flaky:
                     return JSONResponse({"not": "a list"})
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=503)
             async with httpx.AsyncClient() as http:
-                response = await http.request(request.method, f"{self.target}/{path}", content=await request.body(),
-                                              headers={"content-type": "application/json"})
+                response = await http.request(
+                    request.method,
+                    f"{self.target}/{path}",
+                    content=await request.body(),
+                    headers={"content-type": "application/json"},
+                )
             return JSONResponse(response.json(), status_code=response.status_code)
 
 
 @pytest.mark.parametrize("mode", ["503", "garbage"])
 def test_retries_on_5xx_and_malformed_answers(url, mode):
     flaky = Flaky(url, failures=2, mode=mode)
-    with BackgroundServer(flaky.app) as proxy_url, EngineClient(proxy_url, backoff_initial=0.01, max_retries=3) as client:
+    with (
+        BackgroundServer(flaky.app) as proxy_url,
+        EngineClient(proxy_url, backoff_initial=0.01, max_retries=3) as client,
+    ):
         scores = client.score(PROMPTS[:2], RESPONSES[:2])
     assert flaky.seen == 3 and [len(s) for s in scores] == [3, 1]
 
 
 def test_gives_up_after_max_retries_and_never_retries_4xx(url):
     flaky = Flaky(url, failures=100)
-    with BackgroundServer(flaky.app) as proxy_url, EngineClient(proxy_url, backoff_initial=0.01, max_retries=2) as client:
-        with pytest.raises(EngineError, match="failed after 3 attempts.*overloaded"):
-            client.generate([[1]], {"max_new_tokens": 1})
+    with (
+        BackgroundServer(flaky.app) as proxy_url,
+        EngineClient(proxy_url, backoff_initial=0.01, max_retries=2) as client,
+        pytest.raises(EngineError, match="failed after 3 attempts.*overloaded"),
+    ):
+        client.generate([[1]], {"max_new_tokens": 1})
     assert flaky.seen == 3
     with EngineClient(url) as client:
         sent = counting(client)
@@ -170,15 +184,19 @@ def test_gives_up_after_max_retries_and_never_retries_4xx(url):
 def test_a_server_that_hangs_times_out_then_fails_over(url):
     hanging = Flaky(url, failures=100, mode="hang")
     with BackgroundServer(hanging.app) as hanging_url:
-        with EngineClient([hanging_url, url], timeout=0.2, batch_size=2, backoff_initial=0.01) as client:
+        with EngineClient(
+            [hanging_url, url], timeout=0.2, batch_size=2, backoff_initial=0.01
+        ) as client:
             started = time.monotonic()
             scores = client.score(PROMPTS, RESPONSES)
             assert [len(s) for s in scores] == [len(r) for r in RESPONSES]
             # One request waited out the timeout on the hanging URL; the rest went to the live one.
             assert hanging.seen <= 2 and time.monotonic() - started < 1.5
-        with EngineClient(hanging_url, timeout=0.2, max_retries=1, backoff_initial=0.01) as client:
-            with pytest.raises(EngineError, match="failed after 2 attempts.*Timeout"):
-                client.generate([[1]], {"max_new_tokens": 1})
+        with (
+            EngineClient(hanging_url, timeout=0.2, max_retries=1, backoff_initial=0.01) as client,
+            pytest.raises(EngineError, match="failed after 2 attempts.*Timeout"),
+        ):
+            client.generate([[1]], {"max_new_tokens": 1})
 
 
 def test_api_key_and_from_config(model_dir, tmp_path):
@@ -188,7 +206,9 @@ def test_api_key_and_from_config(model_dir, tmp_path):
             with pytest.raises(EngineRequestError) as err:
                 anonymous.score([[1]], [[2]])
             assert err.value.status_code == 401
-        cfg = ClientConfig(timeout=30, max_concurrency=2, batch_size=4, max_retries=1, cache_dir=str(tmp_path))
+        cfg = ClientConfig(
+            timeout=30, max_concurrency=2, batch_size=4, max_retries=1, cache_dir=str(tmp_path)
+        )
         with EngineClient.from_config(secured, cfg, api_key="k1") as client:
             assert client.batch_size == 4 and client.cache is not None
             assert client.score([[1]], [[2]])[0].shape == (1,)
@@ -196,12 +216,17 @@ def test_api_key_and_from_config(model_dir, tmp_path):
 
 
 def test_wait_until_healthy_times_out_on_dead_url():
-    with EngineClient(dead_url()) as client, pytest.raises(TimeoutError, match="no engine became healthy"):
+    with (
+        EngineClient(dead_url()) as client,
+        pytest.raises(TimeoutError, match="no engine became healthy"),
+    ):
         client.wait_until_healthy(timeout=0.5, poll=0.1)
 
 
 def test_scores_to_table():
-    table = scores_to_table([0, 0, 1], [0, 1, 0], [np.array([-1.0, -2.0]), np.zeros(0), np.array([-0.5])])
+    table = scores_to_table(
+        [0, 0, 1], [0, 1, 0], [np.array([-1.0, -2.0]), np.zeros(0), np.array([-0.5])]
+    )
     assert table.schema == TEACHER_LOGPROBS
     assert table.column("teacher_logprobs").to_pylist() == [[-1.0, -2.0], [], [-0.5]]
     assert table.column("teacher_logprobs").type == pa.list_(pa.float32())
@@ -214,7 +239,9 @@ def test_call_seed_gives_distinct_reproducible_samples(url):
     with EngineClient(url, batch_size=3) as client:
         first = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
         again = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
-        other = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, {**params, "seed": 99})]
+        other = [
+            tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, {**params, "seed": 99})
+        ]
     assert first == again  # reproducible
     assert len(set(first)) > 1  # n samples of one prompt are not copies of each other
     assert first != other

@@ -14,7 +14,9 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_qwen3(tmp_path_factory.mktemp("engine_gen") / "model", max_position_embeddings=64)
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("engine_gen") / "model", max_position_embeddings=64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +34,21 @@ def full_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
         return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
 
-PROMPTS = [[5, 17, 200, 33, 9, 41, 7], [3, 4], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110]]
+PROMPTS = [
+    [5, 17, 200, 33, 9, 41, 7],
+    [3, 4],
+    [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110],
+]
 
 
 def test_input_logprobs_match_direct_forward(generator, hf_model):
     requests = [
-        {"input_ids": p, "return_logprob": True, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 0}}
+        {
+            "input_ids": p,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 0},
+        }
         for p in PROMPTS
     ]
     for prompt, out in zip(PROMPTS, generator.generate(requests)):
@@ -47,7 +58,10 @@ def test_input_logprobs_match_direct_forward(generator, hf_model):
         reference = full_logprobs(hf_model, prompt)
         expected = [reference[j - 1, prompt[j]].item() for j in range(1, len(prompt))]
         assert max(abs(a[0] - b) for a, b in zip(entries[1:], expected)) <= TOL
-        assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+        assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {
+            "type": "length",
+            "length": 0,
+        }
         assert out["meta_info"]["output_token_logprobs"] == []
 
 
@@ -55,13 +69,25 @@ def test_logprob_start_len_and_outputs_only(generator, hf_model):
     prompt = PROMPTS[0]
     mid, last = generator.generate(
         [
-            {"input_ids": prompt, "return_logprob": True, "logprob_start_len": 3, "sampling_params": {"max_new_tokens": 0}},
-            {"input_ids": prompt, "return_logprob": True, "logprob_start_len": -1, "sampling_params": {"max_new_tokens": 0}},
+            {
+                "input_ids": prompt,
+                "return_logprob": True,
+                "logprob_start_len": 3,
+                "sampling_params": {"max_new_tokens": 0},
+            },
+            {
+                "input_ids": prompt,
+                "return_logprob": True,
+                "logprob_start_len": -1,
+                "sampling_params": {"max_new_tokens": 0},
+            },
         ]
     )
     reference = full_logprobs(hf_model, prompt)
     entries = mid["meta_info"]["input_token_logprobs"]
-    assert [e[1] for e in entries] == prompt[3:] and entries[0][0] is None  # SGLang pads the first with None
+    assert [e[1] for e in entries] == prompt[3:] and entries[0][
+        0
+    ] is None  # SGLang pads the first with None
     assert abs(entries[1][0] - reference[3, prompt[4]].item()) <= TOL
     assert last["meta_info"]["input_token_logprobs"] == [[None, prompt[-1], None]]
 
@@ -69,7 +95,13 @@ def test_logprob_start_len_and_outputs_only(generator, hf_model):
 def test_greedy_equals_stepwise_argmax_without_cache(generator, hf_model):
     prompt, steps = PROMPTS[0], 6
     [out] = generator.generate(
-        [{"input_ids": prompt, "return_logprob": True, "sampling_params": {"max_new_tokens": steps, "temperature": 0, "ignore_eos": True}}]
+        [
+            {
+                "input_ids": prompt,
+                "return_logprob": True,
+                "sampling_params": {"max_new_tokens": steps, "temperature": 0, "ignore_eos": True},
+            }
+        ]
     )
     ids, expected_tokens, expected_logprobs = list(prompt), [], []
     for _ in range(steps):
@@ -87,11 +119,24 @@ def test_greedy_equals_stepwise_argmax_without_cache(generator, hf_model):
 def test_output_logprobs_are_temperature_scaled(generator, hf_model):
     prompt, temperature = PROMPTS[1], 0.7
     [out] = generator.generate(
-        [{"input_ids": prompt, "return_logprob": True, "top_logprobs_num": 3,
-          "sampling_params": {"max_new_tokens": 3, "temperature": temperature, "seed": 3, "ignore_eos": True}}]
+        [
+            {
+                "input_ids": prompt,
+                "return_logprob": True,
+                "top_logprobs_num": 3,
+                "sampling_params": {
+                    "max_new_tokens": 3,
+                    "temperature": temperature,
+                    "seed": 3,
+                    "ignore_eos": True,
+                },
+            }
+        ]
     )
     ids = list(prompt)
-    for entry, top in zip(out["meta_info"]["output_token_logprobs"], out["meta_info"]["output_top_logprobs"]):
+    for entry, top in zip(
+        out["meta_info"]["output_token_logprobs"], out["meta_info"]["output_top_logprobs"]
+    ):
         with torch.no_grad():
             logits = hf_model(torch.tensor([ids])).logits[0, -1]
         expected = torch.log_softmax(logits / temperature, dim=-1)
@@ -102,13 +147,24 @@ def test_output_logprobs_are_temperature_scaled(generator, hf_model):
 
 def test_batch_equals_single(generator):
     def request(p):
-        return {"input_ids": p, "return_logprob": True, "logprob_start_len": 0,
-                "sampling_params": {"max_new_tokens": 5, "temperature": 0.9, "seed": 11, "ignore_eos": True}}
+        return {
+            "input_ids": p,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "sampling_params": {
+                "max_new_tokens": 5,
+                "temperature": 0.9,
+                "seed": 11,
+                "ignore_eos": True,
+            },
+        }
 
     batched = generator.generate([request(p) for p in PROMPTS])
     for prompt, together in zip(PROMPTS, batched):
         [alone] = generator.generate([request(prompt)])
-        assert alone["output_ids"] == together["output_ids"]  # same seed -> same draw, whatever the batch
+        assert (
+            alone["output_ids"] == together["output_ids"]
+        )  # same seed -> same draw, whatever the batch
         for key in ("input_token_logprobs", "output_token_logprobs"):
             a, b = alone["meta_info"][key], together["meta_info"][key]
             assert [e[1] for e in a] == [e[1] for e in b]
@@ -118,7 +174,9 @@ def test_batch_equals_single(generator):
 def test_stop_conditions(generator):
     prompt = PROMPTS[0]
     seeded = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7}  # seeded: same draws each run
-    [free] = generator.generate([{"input_ids": prompt, "sampling_params": {**seeded, "ignore_eos": True}}])
+    [free] = generator.generate(
+        [{"input_ids": prompt, "sampling_params": {**seeded, "ignore_eos": True}}]
+    )
     ids = free["output_ids"]
     # The first token that did not occur before it: stopping on it ends exactly there.
     k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])
@@ -134,14 +192,21 @@ def test_stop_conditions(generator):
     assert stop_token["text"] == generator.decode(ids[:k])  # ... but not in the text
     assert stop_str["meta_info"]["finish_reason"]["type"] == "stop"
     assert stop_str["meta_info"]["finish_reason"]["matched"] == stop_text
-    assert stop_text not in stop_str["text"] and stop_str["output_ids"] == ids[: len(stop_str["output_ids"])]
+    assert (
+        stop_text not in stop_str["text"]
+        and stop_str["output_ids"] == ids[: len(stop_str["output_ids"])]
+    )
 
 
 def test_eos_stops_generation_unless_ignore_eos(generator):
-    assert generator.tokenizer.eos_token_id in generator.eos_ids  # <|im_end|>, also generation_config's
+    assert (
+        generator.tokenizer.eos_token_id in generator.eos_ids
+    )  # <|im_end|>, also generation_config's
     prompt = PROMPTS[2]
     greedy = {"max_new_tokens": 5, "temperature": 0}
-    [free] = generator.generate([{"input_ids": prompt, "sampling_params": {**greedy, "ignore_eos": True}}])
+    [free] = generator.generate(
+        [{"input_ids": prompt, "sampling_params": {**greedy, "ignore_eos": True}}]
+    )
     token = free["output_ids"][1]
     saved = generator.eos_ids
     generator.eos_ids = frozenset({token})  # pretend the model's eos is the 2nd greedy token
@@ -162,16 +227,30 @@ def test_eos_stops_generation_unless_ignore_eos(generator):
 
 
 def test_text_input_and_seeded_reproducibility(generator):
-    request = {"text": "What is 1 + 2?", "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}}
+    request = {
+        "text": "What is 1 + 2?",
+        "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True},
+    }
     a, b = generator.generate([request, request])
-    assert a["output_ids"] == b["output_ids"] and a["meta_info"]["prompt_tokens"] == len(generator.tokenizer.encode("What is 1 + 2?"))
-    other = generator.generate([{**request, "sampling_params": {**request["sampling_params"], "seed": 6}}])[0]
+    assert a["output_ids"] == b["output_ids"] and a["meta_info"]["prompt_tokens"] == len(
+        generator.tokenizer.encode("What is 1 + 2?")
+    )
+    other = generator.generate(
+        [{**request, "sampling_params": {**request["sampling_params"], "seed": 6}}]
+    )[0]
     assert isinstance(other["text"], str)
 
 
 def test_context_clips_max_new_tokens(generator):
     prompt = list(range(10, 10 + generator.context_length - 2))
-    [out] = generator.generate([{"input_ids": prompt, "sampling_params": {"max_new_tokens": 50, "temperature": 0, "ignore_eos": True}}])
+    [out] = generator.generate(
+        [
+            {
+                "input_ids": prompt,
+                "sampling_params": {"max_new_tokens": 50, "temperature": 0, "ignore_eos": True},
+            }
+        ]
+    )
     assert out["meta_info"]["completion_tokens"] == 2
 
 
@@ -182,11 +261,17 @@ def test_context_clips_max_new_tokens(generator):
         ({"input_ids": [-1]}, "input_ids[0]"),
         ({"input_ids": list(range(65))}, "context length"),
         ({"input_ids": []}, "empty"),
-        ({"input_ids": [1], "sampling_params": {"max_new_tokens": -1}}, "sampling_params.max_new_tokens"),
+        (
+            {"input_ids": [1], "sampling_params": {"max_new_tokens": -1}},
+            "sampling_params.max_new_tokens",
+        ),
         ({"input_ids": [1], "sampling_params": {"temprature": 1}}, "temprature"),
         ({"input_ids": ["1"]}, "input_ids"),
         ({"input_ids": [1], "text": "x"}, "exactly one"),
-        ({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2}, "logprob_start_len"),
+        (
+            {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
+            "logprob_start_len",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(generator, request_, field):
@@ -196,7 +281,12 @@ def test_bad_requests_name_the_field(generator, request_, field):
 
 def test_load_weights_swaps_in_place(generator, model_dir, tmp_path):
     other = make_tiny_qwen3(tmp_path / "other", seed=1, max_position_embeddings=64)
-    request = {"input_ids": PROMPTS[0], "return_logprob": True, "logprob_start_len": 0, "sampling_params": {"max_new_tokens": 0}}
+    request = {
+        "input_ids": PROMPTS[0],
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 0},
+    }
     before = generator.generate([request])[0]["meta_info"]["input_token_logprobs"]
     old_fingerprint = generator.model_info()["weights_fingerprint"]
     try:
@@ -210,27 +300,57 @@ def test_load_weights_swaps_in_place(generator, model_dir, tmp_path):
         assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"] == after
     finally:
         generator.load_weights(model_dir)
-    assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"][1][0] == pytest.approx(before[1][0], abs=TOL)
+    assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"][1][
+        0
+    ] == pytest.approx(before[1][0], abs=TOL)
 
 
 def test_generate_ids_spreads_a_call_seed(generator):
     params = {"max_new_tokens": 5, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True}
     outputs = generator.generate_ids([[5, 6, 7]] * 4, params, return_logprob=True)
     samples = [tuple(o["output_ids"]) for o in outputs]
-    assert len(set(samples)) > 1 and samples == [tuple(o["output_ids"]) for o in generator.generate_ids([[5, 6, 7]] * 4, params)]
+    assert len(set(samples)) > 1 and samples == [
+        tuple(o["output_ids"]) for o in generator.generate_ids([[5, 6, 7]] * 4, params)
+    ]
     assert all(len(o["meta_info"]["output_token_logprobs"]) == 5 for o in outputs)
 
 
 def test_top_k_top_p_restrict_the_draw(generator, hf_model):
     prompt = PROMPTS[0]
-    greedy = generator.generate([{"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}}])[0]
+    greedy = generator.generate(
+        [
+            {
+                "input_ids": prompt,
+                "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+            }
+        ]
+    )[0]
     for restrict in ({"top_k": 1}, {"top_p": 1e-6}):
-        [out] = generator.generate([{"input_ids": prompt, "sampling_params": {"max_new_tokens": 4, "temperature": 1.5, "seed": 0, "ignore_eos": True, **restrict}}])
+        [out] = generator.generate(
+            [
+                {
+                    "input_ids": prompt,
+                    "sampling_params": {
+                        "max_new_tokens": 4,
+                        "temperature": 1.5,
+                        "seed": 0,
+                        "ignore_eos": True,
+                        **restrict,
+                    },
+                }
+            ]
+        )
         assert out["output_ids"] == greedy["output_ids"]
     with torch.no_grad():
         allowed = set(hf_model(torch.tensor([prompt])).logits[0, -1].topk(3).indices.tolist())
     draws = generator.generate(
-        [{"input_ids": prompt, "sampling_params": {"max_new_tokens": 1, "temperature": 2.0, "top_k": 3, "seed": s}} for s in range(40)]
+        [
+            {
+                "input_ids": prompt,
+                "sampling_params": {"max_new_tokens": 1, "temperature": 2.0, "top_k": 3, "seed": s},
+            }
+            for s in range(40)
+        ]
     )
     drawn = {d["output_ids"][0] for d in draws}
     assert drawn <= allowed and len(drawn) > 1

@@ -10,25 +10,50 @@ import pytest
 
 from opd_core.config import TeacherConfig
 from opd_core.engine.client import EngineClient
-from opd_core.engine.launcher import EngineLaunchError, check_external, launch_server, server_command
+from opd_core.engine.launcher import (
+    EngineLaunchError,
+    check_external,
+    launch_server,
+    server_command,
+)
 from opd_core.hf_utils import make_tiny_qwen3
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_qwen3(tmp_path_factory.mktemp("engine_launcher") / "model", max_position_embeddings=64)
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("engine_launcher") / "model", max_position_embeddings=64
+    )
 
 
 def test_sglang_and_builtin_share_flag_names(tmp_path):
-    cfg = TeacherConfig(tp=2, mem_fraction_static=0.7, extra_args=["--context-length", "8192"], api_key="k")
+    cfg = TeacherConfig(
+        tp=2, mem_fraction_static=0.7, extra_args=["--context-length", "8192"], api_key="k"
+    )
     sglang = server_command("sglang", "/m", "0.0.0.0", 30000, cfg)
     builtin = server_command("builtin", "/m", "0.0.0.0", 30000, cfg)
     assert sglang[:3] == [sys.executable, "-m", "sglang.launch_server"]
     assert builtin[:3] == [sys.executable, "-m", "opd_core.engine.server"]
-    assert sglang[3:] == builtin[3:] == [
-        "--model-path", "/m", "--host", "0.0.0.0", "--port", "30000", "--tp-size", "2",
-        "--mem-fraction-static", "0.7", "--api-key", "k", "--context-length", "8192",
-    ]
+    assert (
+        sglang[3:]
+        == builtin[3:]
+        == [
+            "--model-path",
+            "/m",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "30000",
+            "--tp-size",
+            "2",
+            "--mem-fraction-static",
+            "0.7",
+            "--api-key",
+            "k",
+            "--context-length",
+            "8192",
+        ]
+    )
     with pytest.raises(ValueError, match="external"):
         server_command("external", "/m", "h", 1, cfg)
 
@@ -43,7 +68,9 @@ def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
             assert scores.shape == (2,)
         assert server.model_info()["model_path"] == str(model_dir)
         info = check_external([server.url], api_key="secret", timeout=10)
-        assert info["healthy"] == [server.url] and info["model_info"]["model_path"] == str(model_dir)
+        assert info["healthy"] == [server.url] and info["model_info"]["model_path"] == str(
+            model_dir
+        )
         pid = server.pid
     assert not server.alive()
     with pytest.raises(ProcessLookupError):
@@ -54,7 +81,10 @@ def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
 
 def test_dead_server_shows_log_tail(tmp_path):
     cfg = TeacherConfig(tp=2, startup_timeout=60)  # the built-in server refuses tp > 1 and exits
-    with pytest.raises(EngineLaunchError, match=r"exited with code 1(.|\n)*--tp-size: the built-in server runs on one device"):
+    with pytest.raises(
+        EngineLaunchError,
+        match=r"exited with code 1(.|\n)*--tp-size: the built-in server runs on one device",
+    ):
         launch_server("builtin", tmp_path, cfg, tmp_path / "server.log")
 
 
@@ -69,7 +99,9 @@ def test_startup_timeout_stops_the_process(model_dir, tmp_path):
         launch_server("builtin", model_dir, cfg, tmp_path / "server.log")
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("sglang") is not None, reason="sglang is installed")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("sglang") is not None, reason="sglang is installed"
+)
 def test_sglang_backend_without_sglang_is_a_clear_error(tmp_path):
     with pytest.raises(EngineLaunchError, match=r"pip install \.\[sglang\]"):
         launch_server("sglang", tmp_path, TeacherConfig(), tmp_path / "server.log")

@@ -100,9 +100,13 @@ def test_end_to_end_with_a_real_tiny_model(tmp_path):
 
     rows = samples.to_pylist()
     assert len(rows) == 6 * 3
-    assert [r["sample_index"] for r in rows[:3]] == [0, 1, 2] and [r["greedy"] for r in rows[:3]] == [True, False, False]
+    assert [r["sample_index"] for r in rows[:3]] == [0, 1, 2] and [
+        r["greedy"] for r in rows[:3]
+    ] == [True, False, False]
     assert [r["prompt_index"] for r in rows[::3]] == prompts.column("index").to_pylist()
-    assert all(r["label"] == label for r, label in zip(rows[::3], prompts.column("label").to_pylist()))
+    assert all(
+        r["label"] == label for r, label in zip(rows[::3], prompts.column("label").to_pylist())
+    )
     # A random model answers nothing right; the summary agrees with the rows either way.
     greedy_correct = sum(r["correct"] for r in rows if r["greedy"])
     assert summary["pass_at_1"] == greedy_correct / 6

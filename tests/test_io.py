@@ -8,7 +8,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from opd_core.io import ArtifactError, atomic_path, read_arrow, read_json, sha256_file, write_arrow, write_json
+from opd_core.io import (
+    ArtifactError,
+    atomic_path,
+    read_arrow,
+    read_json,
+    sha256_file,
+    write_arrow,
+    write_json,
+)
 from opd_core.rundir import RunDir, hash_inputs, run_cached, stage_key
 from opd_core.schemas import PROMPTS
 
@@ -16,10 +24,9 @@ from opd_core.schemas import PROMPTS
 def test_failed_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "summary.json"
     write_json(target, {"pass_at_1": 0.5})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("{half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("{half")
+        raise RuntimeError("crash mid-write")
     assert read_json(target) == {"pass_at_1": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp leftovers
 
@@ -35,11 +42,19 @@ def test_directory_replaced_whole(tmp_path):
 
 def test_json_is_strict(tmp_path):
     write_json(tmp_path / "m.json", {"kl": float("nan"), "x": [float("inf"), 1.0]})
-    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {"kl": None, "x": [None, 1.0]}
+    assert json.loads(
+        (tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)
+    ) == {"kl": None, "x": [None, 1.0]}
 
 
 def test_arrow_roundtrip_and_errors_name_file_column_row(tmp_path):
-    rows = pa.table({"index": [0, 1], "prompt": [[{"role": "user", "content": "1+1?"}]] * 2, "label": ["2", "3"]})
+    rows = pa.table(
+        {
+            "index": [0, 1],
+            "prompt": [[{"role": "user", "content": "1+1?"}]] * 2,
+            "label": ["2", "3"],
+        }
+    )
     path = write_arrow(tmp_path / "train.arrow", rows, PROMPTS)
     assert read_arrow(path, PROMPTS).column("label").to_pylist() == ["2", "3"]
 
@@ -69,7 +84,7 @@ def test_stage_cache_follows_input_content(tmp_path):
     data = tmp_path / "input.txt"
     data.write_text("v1")
     calls = []
-    build = lambda: calls.append(1) or {"n": len(calls)}  # noqa: E731
+    build = lambda: calls.append(1) or {"n": len(calls)}
 
     key = stage_key("cfg", [data])
     assert run_cached(run.stage("convert"), key, build) == ({"n": 1}, False)
@@ -87,7 +102,9 @@ def test_input_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch)
     monkeypatch.setenv("OPD_HASH_MEMO", str(tmp_path / "memo" / "hashes.sqlite"))
     monkeypatch.setattr(hash_memo, "SETTLE_SECONDS", 0.2)
     reads: list[str] = []
-    monkeypatch.setattr(hash_memo, "sha256_file", lambda path: reads.append(Path(path).name) or sha256_file(path))
+    monkeypatch.setattr(
+        hash_memo, "sha256_file", lambda path: reads.append(Path(path).name) or sha256_file(path)
+    )
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
@@ -96,7 +113,9 @@ def test_input_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch)
     data.write_bytes(b"rows")
 
     assert hash_inputs([model, data]) == hash_inputs([model, data])
-    assert len(reads) == 6  # just written: hashed, but not remembered yet (a same-tick edit could hide)
+    assert (
+        len(reads) == 6
+    )  # just written: hashed, but not remembered yet (a same-tick edit could hide)
     time.sleep(0.3)
     reads.clear()
     first = hash_inputs([model, data])
@@ -124,5 +143,8 @@ def test_an_unusable_hash_memo_only_costs_rehashing(tmp_path, monkeypatch, caplo
     assert hash_inputs([data]) == {"0:input.txt": sha256_file(data)}
     assert "unusable" in caplog.text
     caplog.clear()
-    assert hash_inputs([data, data]) == {"0:input.txt": sha256_file(data), "1:input.txt": sha256_file(data)}
+    assert hash_inputs([data, data]) == {
+        "0:input.txt": sha256_file(data),
+        "1:input.txt": sha256_file(data),
+    }
     assert "unusable" not in caplog.text  # tried once, not again for every file

@@ -15,11 +15,20 @@ from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron import checkpoint
 from opd_core.megatron.convert import (
-    check_parity, hf_to_torch_dist, load_hf_config, read_hf_state_dict, torch_dist_to_hf,
+    check_parity,
+    hf_to_torch_dist,
+    load_hf_config,
+    read_hf_state_dict,
+    torch_dist_to_hf,
 )
 from opd_core.megatron.model import (
-    ConfigMismatchError, UnsupportedModelError, build_gpt_model, check_config_matches, forward_logits,
-    model_family, pad_batch,
+    ConfigMismatchError,
+    UnsupportedModelError,
+    build_gpt_model,
+    check_config_matches,
+    forward_logits,
+    model_family,
+    pad_batch,
 )
 
 # initializer_range 0.2 instead of 0.02: logits of order 10, so a wrong mapping shows clearly.
@@ -27,16 +36,30 @@ VARIANTS = {
     "qwen3_tied": dict(tie_word_embeddings=True),
     "qwen3_untied": dict(tie_word_embeddings=False),
     # GQA 8 query heads / 2 groups and head_dim 16 != hidden 32 / 8 heads, non-default rope base.
-    "qwen3_gqa_head_dim": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
-                               tie_word_embeddings=False),
+    "qwen3_gqa_head_dim": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 def make_tiny_qwen2(out_dir: Path) -> Path:
-    config = Qwen2Config(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    config = Qwen2Config(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # HF initialises biases to zero; random ones test their mapping
@@ -50,7 +73,10 @@ def make_tiny_qwen2(out_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
-    dirs = {name: make_tiny_qwen3(root / name, initializer_range=0.2, **overrides) for name, overrides in VARIANTS.items()}
+    dirs = {
+        name: make_tiny_qwen3(root / name, initializer_range=0.2, **overrides)
+        for name, overrides in VARIANTS.items()
+    }
     dirs["qwen2_bias"] = make_tiny_qwen2(root / "qwen2_bias")
     return root, dirs
 
@@ -95,9 +121,14 @@ def test_reload_into_fresh_model_gives_identical_logits(models):
 
 
 def test_unsupported_architecture_is_named():
-    config = LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64)
+    config = LlamaConfig(
+        hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64
+    )
     config.architectures = ["LlamaForCausalLM"]
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.*supported: Qwen3ForCausalLM.*Qwen2ForCausalLM"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="LlamaForCausalLM.*supported: Qwen3ForCausalLM.*Qwen2ForCausalLM",
+    ):
         model_family(config)
 
 
@@ -106,9 +137,12 @@ def test_config_mismatch_names_the_field(models):
     config = load_hf_config(dirs["qwen3_gqa_head_dim"])
     model = build_gpt_model(config, dtype=torch.float32)
     check_config_matches(config, model)  # the real config matches
-    for field, value, pattern in [("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta"),
-                                  ("head_dim", 8, "head_dim"), ("num_key_value_heads", 4, "num_key_value_heads"),
-                                  ("tie_word_embeddings", True, "tie_word_embeddings")]:
+    for field, value, pattern in [
+        ("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta"),
+        ("head_dim", 8, "head_dim"),
+        ("num_key_value_heads", 4, "num_key_value_heads"),
+        ("tie_word_embeddings", True, "tie_word_embeddings"),
+    ]:
         wrong = AutoConfig.from_pretrained(dirs["qwen3_gqa_head_dim"])
         setattr(wrong, field, value)
         with pytest.raises(ConfigMismatchError, match=pattern):
@@ -120,11 +154,29 @@ def test_cli_export_runs_without_process_group(models, tmp_path):
     root, dirs = models
     hf_dir = dirs["qwen3_tied"]
     ckpt = hf_to_torch_dist(hf_dir, tmp_path / "ckpt", step=3)
-    code = ("import sys, torch.distributed as d; from opd_core.megatron.cli import convert_app; "
-            "convert_app(sys.argv[1:], standalone_mode=False); assert not d.is_initialized(); "
-            "assert 'megatron.core.models' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code, "torch-dist-to-hf", "--ckpt", str(ckpt), "--hf-config", str(hf_dir),
-                    "--out", str(tmp_path / "hf"), "--step", "3"], check=True, cwd=Path(__file__).parents[1])
+    code = (
+        "import sys, torch.distributed as d; from opd_core.megatron.cli import convert_app; "
+        "convert_app(sys.argv[1:], standalone_mode=False); assert not d.is_initialized(); "
+        "assert 'megatron.core.models' not in sys.modules"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "torch-dist-to-hf",
+            "--ckpt",
+            str(ckpt),
+            "--hf-config",
+            str(hf_dir),
+            "--out",
+            str(tmp_path / "hf"),
+            "--step",
+            "3",
+        ],
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
     original, converted = read_hf_state_dict(hf_dir), read_hf_state_dict(tmp_path / "hf")
     assert all(torch.equal(original[k], converted[k]) for k in original)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
@@ -135,16 +187,27 @@ def test_real_width_qwen3_converts_and_matches(tmp_path):
     """Qwen3-0.6B widths (2 layers): hidden 1024, 16 heads, 8 kv heads, head_dim 128, vocab 151936."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=2,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                         max_position_embeddings=40960, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(tmp_path / "hf")
     hf_to_torch_dist(tmp_path / "hf", tmp_path / "ckpt")
     parity = check_parity(tmp_path / "hf", tmp_path / "ckpt", batch_size=2, seq_len=16)
     assert parity["max_abs_logits_diff"] <= 1e-5, parity
-    back = torch_dist_to_hf(tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back", max_shard_size="200MB")
+    back = torch_dist_to_hf(
+        tmp_path / "ckpt", tmp_path / "hf", tmp_path / "back", max_shard_size="200MB"
+    )
     assert len(list(back.glob("*.safetensors"))) > 1  # really sharded, with an index
     original, converted = read_hf_state_dict(tmp_path / "hf"), read_hf_state_dict(back)
     assert all(torch.equal(original[k], converted[k]) for k in original)
@@ -155,7 +218,9 @@ def test_bf16_checkpoint_round_trips_in_bf16(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, dirs = models
-    AutoModelForCausalLM.from_pretrained(dirs["qwen3_untied"], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoModelForCausalLM.from_pretrained(
+        dirs["qwen3_untied"], dtype=torch.bfloat16
+    ).save_pretrained(tmp_path / "bf16")
     ckpt = hf_to_torch_dist(tmp_path / "bf16", tmp_path / "ckpt")
     back = torch_dist_to_hf(ckpt, tmp_path / "bf16", tmp_path / "back")
     original, converted = read_hf_state_dict(tmp_path / "bf16"), read_hf_state_dict(back)
@@ -192,8 +257,12 @@ def test_convert_stage_runs_in_a_child_that_leaves_nothing_behind(tmp_path):
     assert result["parity"]["max_abs_logits_diff"] <= 1e-5
     assert read_json(run_dir.stage("convert") / "parity.json") == result["parity"]
     assert checkpoint.list_steps(run_dir.student_torch_dist) == [0]
-    with pytest.raises(RuntimeError, match=r"convert.parity_tolerance=1e-12\): the conversion is wrong"):
+    with pytest.raises(
+        RuntimeError, match=r"convert.parity_tolerance=1e-12\): the conversion is wrong"
+    ):
         run_convert(load_config(configs / "toy.yaml", ["convert.parity_tolerance=1e-12"]), run_dir)
     # Only multiprocessing's resource tracker stays: it belongs to this process and exits with it.
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
-    assert all("multiprocessing.resource_tracker" in " ".join(p.cmdline()) for p in left), [p.cmdline() for p in left]
+    assert all("multiprocessing.resource_tracker" in " ".join(p.cmdline()) for p in left), [
+        p.cmdline() for p in left
+    ]

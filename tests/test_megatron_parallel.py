@@ -23,7 +23,9 @@ def cluster():
     """A local cluster started as the train stage starts it, under an orchestrator's SIGTERM handler."""
     from opd_core.trainer.group import start_ray
 
-    def orchestrator_sigterm(signum, frame):  # what Prefect installs: a cancel's SIGTERM becomes CANCELLED
+    def orchestrator_sigterm(
+        signum, frame
+    ):  # what Prefect installs: a cancel's SIGTERM becomes CANCELLED
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, orchestrator_sigterm)
@@ -48,17 +50,29 @@ def student(tmp_path_factory):
 
 
 def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> OPDRunConfig:
-    return OPDRunConfig.model_validate({"train": {
-        "global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2,
-        "parallel": {"tensor_model_parallel_size": tp, "data_parallel_size": dp, "pipeline_model_parallel_size": pp},
-        "ray": {"actor_num_cpus_per_rank": 1},
-    }})
+    return OPDRunConfig.model_validate(
+        {
+            "train": {
+                "global_batch_size": 8,
+                "micro_batch_size": micro_batch_size,
+                "lr": 1e-2,
+                "parallel": {
+                    "tensor_model_parallel_size": tp,
+                    "data_parallel_size": dp,
+                    "pipeline_model_parallel_size": pp,
+                },
+                "ray": {"actor_num_cpus_per_rank": 1},
+            }
+        }
+    )
 
 
 def make_batch() -> TrainBatch:
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 300, rng.integers(2, 7)))) for _ in range(8)]
-    responses = [list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)]  # includes empty ones
+    responses = [
+        list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)
+    ]  # includes empty ones
     advantages = [rng.standard_normal(len(r)).astype(np.float32) for r in responses]
     return TrainBatch(prompts, responses, advantages=advantages)
 
@@ -152,7 +166,9 @@ def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student
     with torch.no_grad():
         hf_logprobs = torch.log_softmax(exported(ids).logits[0].float(), -1)
     start = len(batch.prompt_ids[sample]) - 1
-    expected = [hf_logprobs[start + i, token].item() for i, token in enumerate(batch.response_ids[sample])]
+    expected = [
+        hf_logprobs[start + i, token].item() for i, token in enumerate(batch.response_ids[sample])
+    ]
     np.testing.assert_allclose(expected, pp2_logprobs[sample], atol=1e-4)
 
 
@@ -160,8 +176,13 @@ def test_a_layout_that_does_not_fit_the_model_is_refused_before_any_actor_starts
     from opd_core.trainer.group import TrainerGroup
 
     hf_dir, ckpt = student  # 2 layers, 4 heads, 2 kv heads
-    with pytest.raises(ValueError, match=r"train.parallel does not fit the student .*pipeline_model_parallel_size 4 "
-                                         r"does not divide num_hidden_layers 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.parallel does not fit the student .*pipeline_model_parallel_size 4 "
+        r"does not divide num_hidden_layers 2",
+    ):
         TrainerGroup(config(pp=4), hf_dir, ckpt)
-    with pytest.raises(ValueError, match=r"tensor_model_parallel_size 4 does not divide num_key_value_heads 2"):
+    with pytest.raises(
+        ValueError, match=r"tensor_model_parallel_size 4 does not divide num_key_value_heads 2"
+    ):
         TrainerGroup(config(tp=4), hf_dir, ckpt)

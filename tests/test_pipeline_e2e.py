@@ -56,7 +56,9 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
         scores = read_arrow(round_dir / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
         assert len(rollouts) == len(scores) > 0
         lengths = pa.compute.list_value_length(rollouts.column("response_ids")).to_pylist()
-        assert lengths == pa.compute.list_value_length(scores.column("teacher_logprobs")).to_pylist()
+        assert (
+            lengths == pa.compute.list_value_length(scores.column("teacher_logprobs")).to_pylist()
+        )
         metrics = read_json(round_dir / "metrics.json")
         for key in ("opd_reverse_kl", "reward_mean", "loss", "grad_norm", "seconds"):
             assert key in metrics, key
@@ -67,13 +69,18 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
     final = read_json(run / "final_eval" / "summary.json")
     for summary in (baseline, final):
         assert {"pass_at_1", "pass_at_k", "k", "num_prompts"} <= set(summary)
-    assert len(read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)) == final["num_prompts"] * (1 + 2)
+    assert len(read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)) == final[
+        "num_prompts"
+    ] * (1 + 2)
     assert (run / "final_eval" / "report.md").read_text().count("pass@1") >= 1
     assert (run / "final_eval" / "curves.png").stat().st_size > 0
 
     # The point of it all: the student moved towards the teacher (the distillation loss on its
     # own fresh rollouts fell) and got better at the task.
-    kl = [read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"] for r in range(ROUNDS)]
+    kl = [
+        read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"]
+        for r in range(ROUNDS)
+    ]
     assert sum(kl[-8:]) / 8 < 0.9 * sum(kl[:8]) / 8, kl
     assert final["pass_at_1"] >= baseline["pass_at_1"] + IMPROVEMENT, (baseline, final)
 
@@ -86,9 +93,15 @@ def test_toy_pipeline_megatron_teacher_mode(prefect_harness, tmp_path):
     from flows.opd import opd_flow
 
     rounds = ROUNDS
-    overrides = [f"run.artifacts_dir={tmp_path}", "run.run_id=megatron", f"rollout.num_rollout={rounds}",
-                 "train.save_interval=100", "eval.k=1", "algorithm.opd_type=megatron",
-                 "algorithm.opd_teacher_load=convert/teacher_torch_dist"]
+    overrides = [
+        f"run.artifacts_dir={tmp_path}",
+        "run.run_id=megatron",
+        f"rollout.num_rollout={rounds}",
+        "train.save_interval=100",
+        "eval.k=1",
+        "algorithm.opd_type=megatron",
+        "algorithm.opd_teacher_load=convert/teacher_torch_dist",
+    ]
     opd_flow(config_path=str(ROOT / "configs" / "toy.yaml"), overrides=overrides)
     run = tmp_path / "megatron"
     assert (run / "convert" / "teacher_torch_dist" / "latest_checkpointed_iteration.txt").is_file()
@@ -96,7 +109,10 @@ def test_toy_pipeline_megatron_teacher_mode(prefect_harness, tmp_path):
     scores = read_arrow(run / "train" / "round_0000" / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
     topk = scores.column("teacher_topk_logprobs").to_pylist()
     assert all(len(position) == 8 for row in topk for position in row)
-    kl = [read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"] for r in range(rounds)]
+    kl = [
+        read_json(run / "train" / f"round_{r:04d}" / "metrics.json")["opd_topk_kl"]
+        for r in range(rounds)
+    ]
     assert sum(kl[-5:]) / 5 < 0.9 * sum(kl[:5]) / 5, kl
     baseline = read_json(run / "baseline_eval" / "summary.json")
     final = read_json(run / "final_eval" / "summary.json")

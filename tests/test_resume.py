@@ -9,6 +9,7 @@ servers, the Ray cluster and its actors) may be left running after the rerun.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,29 +25,52 @@ from tiny_runs import SMALL_BATCHES, TINY_TOY
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 2
-SMALL_RUN = [
-    f"rollout.num_rollout={ROUNDS}",
-    "train.save_interval=1",
-    "eval.num_prompts=4",
-    "eval.k=1",
-] + SMALL_BATCHES + TINY_TOY  # tests/tiny_runs.py: plumbing, not quality
+SMALL_RUN = (
+    [
+        f"rollout.num_rollout={ROUNDS}",
+        "train.save_interval=1",
+        "eval.num_prompts=4",
+        "eval.k=1",
+    ]
+    + SMALL_BATCHES
+    + TINY_TOY
+)  # tests/tiny_runs.py: plumbing, not quality
 # Wall-clock timings differ between any two runs; everything else must match exactly.
 TIMING_KEYS = {"seconds"}
 
 
 def _opd_run(api_url: str, artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "flows.cli", "run", "--config", "configs/toy.yaml",
-               *SMALL_RUN, f"run.artifacts_dir={artifacts}", f"run.run_id={run_id}", *extra]
-    log = open(artifacts / f"{run_id}.log", "ab")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        "configs/toy.yaml",
+        *SMALL_RUN,
+        f"run.artifacts_dir={artifacts}",
+        f"run.run_id={run_id}",
+        *extra,
+    ]
+    log = open(artifacts / f"{run_id}.log", "ab")  # noqa: SIM115 - the child writes it
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _round_metrics(run_dir: Path) -> list[dict]:
     rounds = []
     for index in range(ROUNDS):
-        metrics = json.loads((run_dir / "train" / f"round_{index:04d}" / "metrics.json").read_text())
-        rounds.append({k: v for k, v in metrics.items() if k not in TIMING_KEYS and not k.startswith("time_")})
+        metrics = json.loads(
+            (run_dir / "train" / f"round_{index:04d}" / "metrics.json").read_text()
+        )
+        rounds.append(
+            {k: v for k, v in metrics.items() if k not in TIMING_KEYS and not k.startswith("time_")}
+        )
     return rounds
 
 
@@ -83,7 +107,11 @@ def ray_cluster():
     of starting their own, and what is left on it (actors, placement groups) can be asked."""
     import ray
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -96,9 +124,16 @@ def _ray_leftovers(timeout: float = 0.0) -> list[str]:
 
     deadline = time.monotonic() + timeout
     while True:
-        actors = [f"actor {a['ActorClassName']} {a['State']}" for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
-        groups = [f"placement group {g['placement_group_id']} {g['state']}" for g in ray.util.placement_group_table().values()
-                  if g["state"] != "REMOVED"]
+        actors = [
+            f"actor {a['ActorClassName']} {a['State']}"
+            for a in ray._private.state.actors().values()
+            if a["State"] != "DEAD"
+        ]
+        groups = [
+            f"placement group {g['placement_group_id']} {g['state']}"
+            for g in ray.util.placement_group_table().values()
+            if g["state"] != "REMOVED"
+        ]
         if not (actors or groups) or time.monotonic() > deadline:
             return actors + groups
         time.sleep(0.5)
@@ -113,7 +148,11 @@ def reference_run(prefect_harness, ray_cluster, tmp_path_factory) -> Path:
     cwd = os.getcwd()
     os.chdir(REPO)  # configs/ and the toy-model cache (.cache/) are repo-relative
     try:
-        overrides = SMALL_RUN + [f"run.artifacts_dir={artifacts}", f"train.ray.address={ray_cluster}", "run.run_id=reference"]
+        overrides = SMALL_RUN + [
+            f"run.artifacts_dir={artifacts}",
+            f"train.ray.address={ray_cluster}",
+            "run.run_id=reference",
+        ]
         result = opd_flow(config_path="configs/toy.yaml", overrides=overrides)
     finally:
         os.chdir(cwd)
@@ -121,7 +160,9 @@ def reference_run(prefect_harness, ray_cluster, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch):
+def test_killed_training_resumes_with_identical_metrics(
+    prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch
+):
     from prefect.settings import PREFECT_API_URL
 
     from flows.opd import opd_flow
@@ -135,7 +176,9 @@ def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_clu
     process = _opd_run(api_url, artifacts, "killed", f"train.ray.address={ray_cluster}")
     deadline = time.monotonic() + 600
     while _checkpointed_round(run_dir) is None:
-        assert process.poll() is None, f"opd run ended before round 0 was checkpointed:\n{(artifacts / 'killed.log').read_text()[-4000:]}"
+        assert process.poll() is None, (
+            f"opd run ended before round 0 was checkpointed:\n{(artifacts / 'killed.log').read_text()[-4000:]}"
+        )
         assert time.monotonic() < deadline, "round 0 never checkpointed"
         time.sleep(0.2)
     started_by_killed_run = psutil.Process(process.pid).children(recursive=True)
@@ -153,23 +196,27 @@ def test_killed_training_resumes_with_identical_metrics(prefect_harness, ray_clu
         # The same config, on the same cluster.
         same = [f"run.artifacts_dir={artifacts}", f"train.ray.address={ray_cluster}"]
         opd_flow(config_path="configs/toy.yaml", overrides=SMALL_RUN + same + ["run.run_id=killed"])
-        assert round0.stat().st_mtime_ns == round0_mtime, "round 0 was redone: the rerun did not resume"
+        assert round0.stat().st_mtime_ns == round0_mtime, (
+            "round 0 was redone: the rerun did not resume"
+        )
         assert _checkpointed_round(run_dir) == ROUNDS - 1
         assert (run_dir / "final_eval" / "summary.json").exists()
 
         # Nothing of the killed run is left: its model servers were stopped by the rerun.
-        assert not _alive(started_by_killed_run), f"left over from the killed run: {_alive(started_by_killed_run)}"
-        assert not _alive(_processes_naming(run_dir)), f"still serving this run: {_alive(_processes_naming(run_dir))}"
+        assert not _alive(started_by_killed_run), (
+            f"left over from the killed run: {_alive(started_by_killed_run)}"
+        )
+        assert not _alive(_processes_naming(run_dir)), (
+            f"still serving this run: {_alive(_processes_naming(run_dir))}"
+        )
         assert not _ray_leftovers(), f"on the cluster after the rerun: {_ray_leftovers()}"
 
         # 3. Same seed, same metrics as the uninterrupted run, round by round.
         assert _round_metrics(run_dir) == _round_metrics(reference_run)
     finally:
         for leftover in started_by_killed_run:  # leave no orphans on the machine if it failed
-            try:
+            with contextlib.suppress(psutil.Error):
                 leftover.kill()
-            except psutil.Error:
-                pass
 
 
 def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
@@ -187,13 +234,19 @@ def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
     servers = []
     try:
         for run in (cancelled_run, other_run):
-            model = make_tiny_qwen3(run / "download" / "models" / "teacher", hidden_size=32, num_hidden_layers=1)
-            servers.append(launch_server("builtin", model, TeacherConfig(), run / "teacher" / "server.log"))
+            model = make_tiny_qwen3(
+                run / "download" / "models" / "teacher", hidden_size=32, num_hidden_layers=1
+            )
+            servers.append(
+                launch_server("builtin", model, TeacherConfig(), run / "teacher" / "server.log")
+            )
         cancelled_server, other_server = servers
         assert [p.pid for p in run_servers(cancelled_run)] == [cancelled_server.pid]
 
         # What Prefect calls after a cancellation killed the flow-run process.
-        flow_run = SimpleNamespace(name="train:cancelled", parameters={"stage": "train", "run_dir": str(cancelled_run)})
+        flow_run = SimpleNamespace(
+            name="train:cancelled", parameters={"stage": "train", "run_dir": str(cancelled_run)}
+        )
         teardown_hook(None, flow_run, Cancelled())
 
         assert cancelled_server.process.wait(timeout=15) is not None
@@ -212,25 +265,39 @@ def reward(samples):
 
 
 @pytest.mark.slow
-def test_run_failing_mid_training_leaves_no_servers_or_ray(prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch):
+def test_run_failing_mid_training_leaves_no_servers_or_ray(
+    prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch
+):
     from flows.opd import opd_flow
 
     monkeypatch.chdir(REPO)
     # A copy of a finished run (download, convert, baseline_eval are cache hits) with a reward
     # function that raises: train starts the teacher, the rollout server and the actors, then fails.
     shutil.copytree(reference_run, tmp_path / "failing", symlinks=True)
-    (tmp_path / "failing" / "teacher" / "endpoint.json").unlink()  # written again once the teacher is up
+    (
+        tmp_path / "failing" / "teacher" / "endpoint.json"
+    ).unlink()  # written again once the teacher is up
     reward_file = tmp_path / "failing_reward.py"
     reward_file.write_text(FAILING_REWARD)
-    overrides = SMALL_RUN + [f"run.artifacts_dir={tmp_path}", "run.run_id=failing", f"train.ray.address={ray_cluster}",
-                             f"reward.type={reward_file}:reward"]
+    overrides = SMALL_RUN + [
+        f"run.artifacts_dir={tmp_path}",
+        "run.run_id=failing",
+        f"train.ray.address={ray_cluster}",
+        f"reward.type={reward_file}:reward",
+    ]
 
     with pytest.raises(Exception, match="reward function failed mid-training"):
         opd_flow(config_path="configs/toy.yaml", overrides=overrides)
 
     run_dir = (tmp_path / "failing").resolve()
     # It failed while training: the teacher and the rollout server had been started.
-    assert (run_dir / "teacher" / "endpoint.json").exists() and (run_dir / "train" / "rollout_server.log").exists()
-    assert not _alive(_processes_naming(run_dir)), "a model server of the failed run is still running"
+    assert (run_dir / "teacher" / "endpoint.json").exists() and (
+        run_dir / "train" / "rollout_server.log"
+    ).exists()
+    assert not _alive(_processes_naming(run_dir)), (
+        "a model server of the failed run is still running"
+    )
     # Its training actors and placement group were removed from the (shared) cluster.
-    assert not _ray_leftovers(timeout=10), f"left on the Ray cluster by the failed run: {_ray_leftovers()}"
+    assert not _ray_leftovers(timeout=10), (
+        f"left on the Ray cluster by the failed run: {_ray_leftovers()}"
+    )

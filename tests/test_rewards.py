@@ -20,7 +20,12 @@ def sample(response_text, label="42", prompt="1+41?"):
     }
 
 
-SAMPLES = [sample("Answer: \\boxed{42}"), sample("Answer: 41"), sample("no idea"), sample("Answer: 7", label="7")]
+SAMPLES = [
+    sample("Answer: \\boxed{42}"),
+    sample("Answer: 41"),
+    sample("no idea"),
+    sample("Answer: 7", label="7"),
+]
 
 
 @pytest.fixture
@@ -102,11 +107,17 @@ def test_async_and_numpy_results(user_module):
         return reward_fn(SAMPLES[:3])
 
     assert asyncio.run(from_async_code()) == [0.5, 0.5, 0.5]
-    assert load_reward_fn(RewardConfig(type="my_rewards:numpy_reward"))(SAMPLES[:3]) == [0.0, 1.0, 2.0]
+    assert load_reward_fn(RewardConfig(type="my_rewards:numpy_reward"))(SAMPLES[:3]) == [
+        0.0,
+        1.0,
+        2.0,
+    ]
 
 
 def test_post_process_hook(user_module):
-    reward_fn = load_reward_fn(RewardConfig(type="math", custom_reward_post_process_path="my_rewards:double"))
+    reward_fn = load_reward_fn(
+        RewardConfig(type="math", custom_reward_post_process_path="my_rewards:double")
+    )
     assert reward_fn(SAMPLES) == [2.0, 0.0, 0.0, 2.0]
 
 
@@ -151,7 +162,9 @@ def test_wrong_rewards_are_rejected(user_module, path, message):
 
 
 def test_post_process_returning_wrong_count_is_rejected(user_module):
-    reward_fn = load_reward_fn(RewardConfig(type="math", custom_reward_post_process_path="my_rewards:drop_one"))
+    reward_fn = load_reward_fn(
+        RewardConfig(type="math", custom_reward_post_process_path="my_rewards:drop_one")
+    )
     with pytest.raises(RewardError, match="'my_rewards:drop_one' returned 3 rewards for 4 samples"):
         reward_fn(SAMPLES)
 

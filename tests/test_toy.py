@@ -27,12 +27,16 @@ def problems(table):
 
 
 def test_toy_rows_have_dapo_shape_and_correct_labels():
-    train, evaluation = make_toy_splits(ToyConfig(num_train=300, num_eval=50, operations=["+", "-"]))
+    train, evaluation = make_toy_splits(
+        ToyConfig(num_train=300, num_eval=50, operations=["+", "-"])
+    )
     assert train.schema.equals(PROMPTS) and (train.num_rows, evaluation.num_rows) == (300, 50)
     row = train.to_pylist()[0]
     assert row["prompt"][0]["role"] == "user" and len(row["prompt"]) == 1
     head, tail = DAPO_INSTRUCTION.split("{problem}")
-    assert row["prompt"][0]["content"].startswith(head) and row["prompt"][0]["content"].endswith(tail)
+    assert row["prompt"][0]["content"].startswith(head) and row["prompt"][0]["content"].endswith(
+        tail
+    )
     for table in (train, evaluation):
         for (a, op, b), label in zip(problems(table), table.column("label").to_pylist()):
             assert len(a) == len(b) == 2  # fixed-width operands
@@ -97,7 +101,15 @@ def test_engine_eval_agrees_with_the_recorded_pass_at_1(toy_models):
     """The saved checkpoints, loaded by the inference engine, score what the build measured."""
     cfg, models = toy_models
     _, evaluation = make_toy_splits(cfg)
-    for model_dir, recorded in ((models.teacher_dir, models.teacher_pass_at_1), (models.student_dir, models.student_pass_at_1)):
+    for model_dir, recorded in (
+        (models.teacher_dir, models.teacher_pass_at_1),
+        (models.student_dir, models.student_pass_at_1),
+    ):
         generator = Generator(model_dir)
-        _, summary = evaluate(generator.generate_ids, generator.tokenizer, evaluation, EvalConfig(k=1, max_new_tokens=12))
+        _, summary = evaluate(
+            generator.generate_ids,
+            generator.tokenizer,
+            evaluation,
+            EvalConfig(k=1, max_new_tokens=12),
+        )
         assert summary["pass_at_1"] == pytest.approx(recorded, abs=0.02), model_dir

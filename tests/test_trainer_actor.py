@@ -5,6 +5,7 @@ micro-batch invariance. ~20 s.
 import numpy as np
 import pytest
 import torch
+from tiny_runs import student_and_teacher
 from transformers import AutoModelForCausalLM
 
 from opd_core.algorithm.batch import TrainBatch
@@ -12,7 +13,6 @@ from opd_core.config import OPDRunConfig
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import free_port
 from opd_core.trainer.actor import TrainActor
-from tiny_runs import student_and_teacher
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,40 @@ def models(tmp_path_factory):
     return student_and_teacher(tmp_path_factory.mktemp("actor"), teacher_step=7)
 
 
-def make_actor(models, ckpt=None, step=None, micro_batch_size=8, teacher=False, **train) -> TrainActor:
-    cfg = OPDRunConfig.model_validate({
-        "train": {"global_batch_size": 8, "micro_batch_size": micro_batch_size, "lr": 1e-2, **train},
-        "algorithm": {"use_opd": True, "opd_type": "megatron", "opd_teacher_load": str(models["teacher_ckpt"]),
-                      "opd_teacher_ckpt_step": 7},
-    })
+def make_actor(
+    models, ckpt=None, step=None, micro_batch_size=8, teacher=False, **train
+) -> TrainActor:
+    cfg = OPDRunConfig.model_validate(
+        {
+            "train": {
+                "global_batch_size": 8,
+                "micro_batch_size": micro_batch_size,
+                "lr": 1e-2,
+                **train,
+            },
+            "algorithm": {
+                "use_opd": True,
+                "opd_type": "megatron",
+                "opd_teacher_load": str(models["teacher_ckpt"]),
+                "opd_teacher_ckpt_step": 7,
+            },
+        }
+    )
     actor = TrainActor()
-    actor.setup(0, 1, "127.0.0.1", free_port(), cfg.train.parallel, models["student"], ckpt or models["student_ckpt"],
-                step, cfg.train, cfg.algorithm,
-                teacher_ckpt_dir=models["teacher_ckpt"] if teacher else None, teacher_step=cfg.algorithm.opd_teacher_ckpt_step)
+    actor.setup(
+        0,
+        1,
+        "127.0.0.1",
+        free_port(),
+        cfg.train.parallel,
+        models["student"],
+        ckpt or models["student_ckpt"],
+        step,
+        cfg.train,
+        cfg.algorithm,
+        teacher_ckpt_dir=models["teacher_ckpt"] if teacher else None,
+        teacher_step=cfg.algorithm.opd_teacher_ckpt_step,
+    )
     return actor
 
 
@@ -48,8 +72,11 @@ def hf_logprobs(hf_dir, batch: TrainBatch) -> list[np.ndarray]:
     for prompt, response in zip(batch.prompt_ids, batch.response_ids):
         logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
         logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-        out.append(logprobs.gather(-1, torch.tensor(response, dtype=torch.long)[:, None])[:, 0].numpy()
-                   if response else np.zeros(0, np.float32))
+        out.append(
+            logprobs.gather(-1, torch.tensor(response, dtype=torch.long)[:, None])[:, 0].numpy()
+            if response
+            else np.zeros(0, np.float32)
+        )
     return out
 
 
@@ -57,12 +84,16 @@ def test_megatron_teacher_logprobs_equal_hf_teacher(models):
     actor = make_actor(models, teacher=True)
     batch = make_batch()
     teacher, student = actor.teacher_logprobs(batch), actor.compute_logprobs(batch)
-    for ours, reference, response in zip(teacher, hf_logprobs(models["teacher"], batch), batch.response_ids):
+    for ours, reference, response in zip(
+        teacher, hf_logprobs(models["teacher"], batch), batch.response_ids
+    ):
         assert ours.shape == (len(response),)
         np.testing.assert_allclose(ours, reference, atol=1e-4)
     for ours, reference in zip(student, hf_logprobs(models["student"], batch)):
         np.testing.assert_allclose(ours, reference, atol=1e-4)
-    assert max(np.abs(t - s).max() for t, s in zip(teacher, student) if len(t)) > 0.1  # really two models
+    assert (
+        max(np.abs(t - s).max() for t, s in zip(teacher, student) if len(t)) > 0.1
+    )  # really two models
 
 
 def test_teacher_of_another_architecture_is_refused(models, tmp_path):
@@ -93,13 +124,23 @@ def test_resume_from_checkpoint_continues_exactly(models):
     expected = actor.train_step(batch)
     expected_after = actor.compute_logprobs(batch)
     lrs += [expected["lr"]] + [actor.train_step(batch)["lr"] for _ in range(3)]
-    np.testing.assert_allclose(lrs, [expected_lr(step) for step in range(7)], rtol=1e-6)  # min_lr after 6
+    np.testing.assert_allclose(
+        lrs, [expected_lr(step) for step in range(7)], rtol=1e-6
+    )  # min_lr after 6
 
-    resumed = make_actor(models, ckpt=root / "run", **SCHEDULE)  # latest = step 3, with optimizer state
+    resumed = make_actor(
+        models, ckpt=root / "run", **SCHEDULE
+    )  # latest = step 3, with optimizer state
     assert resumed.iteration == 3
     got = resumed.train_step(batch)
     assert got["iteration"] == 4
-    for key in ("loss", "grad_norm", "clip_frac", "ppo_kl", "lr"):  # lr: the schedule resumes at step 3 too
+    for key in (
+        "loss",
+        "grad_norm",
+        "clip_frac",
+        "ppo_kl",
+        "lr",
+    ):  # lr: the schedule resumes at step 3 too
         assert got[key] == expected[key], key
     for a, b in zip(resumed.compute_logprobs(batch), expected_after):
         np.testing.assert_array_equal(a, b)

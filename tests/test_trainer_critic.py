@@ -32,13 +32,25 @@ def _fresh_process_group():
 
 
 def make_actor(student, ckpt=None, **algorithm) -> TrainActor:
-    cfg = OPDRunConfig.model_validate({
-        "train": {"global_batch_size": 8, "micro_batch_size": 3, "lr": 1e-2, "critic_lr": 1e-2},
-        "algorithm": {"use_opd": False, "opd_type": None, **algorithm},
-    })
+    cfg = OPDRunConfig.model_validate(
+        {
+            "train": {"global_batch_size": 8, "micro_batch_size": 3, "lr": 1e-2, "critic_lr": 1e-2},
+            "algorithm": {"use_opd": False, "opd_type": None, **algorithm},
+        }
+    )
     actor = TrainActor()
-    actor.setup(0, 1, "127.0.0.1", free_port(), cfg.train.parallel, student["hf"], ckpt or student["ckpt"], None,
-                cfg.train, cfg.algorithm)
+    actor.setup(
+        0,
+        1,
+        "127.0.0.1",
+        free_port(),
+        cfg.train.parallel,
+        student["hf"],
+        ckpt or student["ckpt"],
+        None,
+        cfg.train,
+        cfg.algorithm,
+    )
     return actor
 
 
@@ -58,8 +70,14 @@ def ppo_batch(actor: TrainActor, seed: int = 0) -> TrainBatch:
     batch.old_logprobs = actor.compute_logprobs(batch)
     values = actor.compute_values(batch)
     rewards = np.random.default_rng(seed).choice([0.0, 1.0], size=len(batch)).astype(np.float32)
-    result = compute_advantages(actor.algorithm, rewards=rewards, group_ids=np.arange(len(batch)) // 2,
-                                old_logprobs=batch.old_logprobs, teacher_logprobs=None, values=values)
+    result = compute_advantages(
+        actor.algorithm,
+        rewards=rewards,
+        group_ids=np.arange(len(batch)) // 2,
+        old_logprobs=batch.old_logprobs,
+        teacher_logprobs=None,
+        values=values,
+    )
     batch.advantages, batch.returns, batch.old_values = result.advantages, result.returns, values
     return batch
 
@@ -143,12 +161,17 @@ def test_checkpoint_round_trip_restores_the_critic_exactly(student):
     got = resumed.train_step(batch)
     for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "loss", "grad_norm"):
         assert got[key] == expected[key], key
-    for a, b in zip(resumed.compute_values(batch), expected_values):  # critic optimizer state resumed too
+    for a, b in zip(
+        resumed.compute_values(batch), expected_values
+    ):  # critic optimizer state resumed too
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("parallel", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    "parallel",
+    [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}],
+    ids=["tp2", "pp2"],
+)
 def test_model_parallel_critic_and_reference_match_single_rank(student, parallel):
     """TP=2 or PP=2 (two Ray actors, gloo): the value head (replicated under TP, on the last stage
     under PP) and the reference give the single rank's numbers, grad norms included, and the
@@ -156,12 +179,26 @@ def test_model_parallel_critic_and_reference_match_single_rank(student, parallel
     pytest.importorskip("ray")
     from opd_core.trainer.group import TrainerGroup
 
-    algorithm = {"use_opd": False, "opd_type": None, "advantage_estimator": "ppo", "use_kl_loss": True, "kl_loss_coef": 0.1}
-    cfg = OPDRunConfig.model_validate({
-        "train": {"global_batch_size": 8, "micro_batch_size": 3, "lr": 1e-2, "critic_lr": 1e-2,
-                  "parallel": parallel, "ray": {"actor_num_cpus_per_rank": 1}},
-        "algorithm": algorithm,
-    })
+    algorithm = {
+        "use_opd": False,
+        "opd_type": None,
+        "advantage_estimator": "ppo",
+        "use_kl_loss": True,
+        "kl_loss_coef": 0.1,
+    }
+    cfg = OPDRunConfig.model_validate(
+        {
+            "train": {
+                "global_batch_size": 8,
+                "micro_batch_size": 3,
+                "lr": 1e-2,
+                "critic_lr": 1e-2,
+                "parallel": parallel,
+                "ray": {"actor_num_cpus_per_rank": 1},
+            },
+            "algorithm": algorithm,
+        }
+    )
     single = make_actor(student, **algorithm)
     batch = ppo_batch(single, seed=4)
     batch.ref_logprobs = single.ref_logprobs(batch)
@@ -177,15 +214,28 @@ def test_model_parallel_critic_and_reference_match_single_rank(student, parallel
         run_dir = student["root"] / f"{next(iter(parallel))}_run"
         group.save_checkpoint(run_dir, step=2)
     for a, b in zip(got, expected):
-        for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "loss", "kl_loss", "grad_norm"):
+        for key in (
+            "value_loss",
+            "value_clip_frac",
+            "critic_grad_norm",
+            "loss",
+            "kl_loss",
+            "grad_norm",
+        ):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-    print(f"{parallel} vs one rank: max |value diff|", max(float(np.abs(a - b).max()) for a, b in zip(parallel_values, expected_values) if len(a)),
-          "value_loss", [(a["value_loss"], b["value_loss"]) for a, b in zip(got, expected)])
+    print(
+        f"{parallel} vs one rank: max |value diff|",
+        max(float(np.abs(a - b).max()) for a, b in zip(parallel_values, expected_values) if len(a)),
+        "value_loss",
+        [(a["value_loss"], b["value_loss"]) for a, b in zip(got, expected)],
+    )
     for a, b in zip(parallel_values, expected_values):
         np.testing.assert_allclose(a, b, atol=1e-4)
 
     resharded = make_actor(student, **algorithm)
     info = resharded.load_checkpoint(run_dir)
-    assert info["resumed_critic"] and not info["resumed_optimizer"]  # AdamW state only fits the same layout
+    assert (
+        info["resumed_critic"] and not info["resumed_optimizer"]
+    )  # AdamW state only fits the same layout
     for a, b in zip(resharded.compute_values(batch), parallel_values):
         np.testing.assert_allclose(a, b, atol=1e-5)

@@ -66,7 +66,16 @@ def test_extract_answer_none(text):
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [(" 42 ", "42"), (42, "42"), (12.0, "12"), ("1,000", "1000"), ("1,00", "1,00"), ("3.14000", "3.14"), ("$-3$.", "-3"), ("abc", "abc")],
+    [
+        (" 42 ", "42"),
+        (42, "42"),
+        (12.0, "12"),
+        ("1,000", "1000"),
+        ("1,00", "1,00"),
+        ("3.14000", "3.14"),
+        ("$-3$.", "-3"),
+        ("abc", "abc"),
+    ],
 )
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected

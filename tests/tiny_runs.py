@@ -27,10 +27,20 @@ def student_and_teacher(root, teacher_step: int | None = None) -> dict:
     from opd_core.megatron.convert import hf_to_torch_dist
 
     student = make_tiny_qwen3(root / "student", initializer_range=0.1)
-    teacher = make_tiny_qwen3(root / "teacher", seed=1, initializer_range=0.1, hidden_size=48, num_hidden_layers=4,
-                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)
+    teacher = make_tiny_qwen3(
+        root / "teacher",
+        seed=1,
+        initializer_range=0.1,
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return {
-        "root": root, "student": student, "teacher": teacher,
+        "root": root,
+        "student": student,
+        "teacher": teacher,
         "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
         "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=teacher_step),
     }

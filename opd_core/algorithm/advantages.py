@@ -59,7 +59,9 @@ class AdvantageResult:
     metrics: dict[str, float] = field(default_factory=dict)  # advantage mean/std/abs, reward mean
 
 
-def group_normalized_rewards(rewards: np.ndarray, group_ids: np.ndarray, divide_by_std: bool = True) -> np.ndarray:
+def group_normalized_rewards(
+    rewards: np.ndarray, group_ids: np.ndarray, divide_by_std: bool = True
+) -> np.ndarray:
     """Each reward minus its group's mean, divided by the group's unbiased std + 1e-6 if asked.
 
     A group of one sample has no baseline to compare with: its score is 0.
@@ -91,18 +93,26 @@ def discounted_returns(reward: float, mask: np.ndarray, gamma: float) -> np.ndar
     return returns
 
 
-def gae(reward: float, values: np.ndarray, mask: np.ndarray, gamma: float, lambd: float) -> tuple[np.ndarray, np.ndarray]:
+def gae(
+    reward: float, values: np.ndarray, mask: np.ndarray, gamma: float, lambd: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation of one sample with the reward on the last trained token.
 
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last token = 0),
     A_t = delta_t + gamma * lambd * A_{t+1}; returns = A + V.
     """
-    advantages, returns = gae_batch(np.array([reward]), [np.asarray(values)], [np.asarray(mask)], gamma, lambd)
+    advantages, returns = gae_batch(
+        np.array([reward]), [np.asarray(values)], [np.asarray(mask)], gamma, lambd
+    )
     return advantages[0], returns[0]
 
 
 def gae_batch(
-    rewards: np.ndarray, values: list[np.ndarray], masks: list[np.ndarray], gamma: float, lambd: float
+    rewards: np.ndarray,
+    values: list[np.ndarray],
+    masks: list[np.ndarray],
+    gamma: float,
+    lambd: float,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`gae` for a ragged batch: one backward pass over time, vectorised over samples.
 
@@ -125,7 +135,9 @@ def gae_batch(
         running = delta + gamma * lambd * running
         advantages[:, t] = running
     returns = advantages + padded_values[:, :width]
-    return [advantages[i, :n] for i, n in enumerate(lengths)], [returns[i, :n] for i, n in enumerate(lengths)]
+    return [advantages[i, :n] for i, n in enumerate(lengths)], [
+        returns[i, :n] for i, n in enumerate(lengths)
+    ]
 
 
 def masked_whiten(arrays: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
@@ -144,7 +156,9 @@ def masked_whiten(arrays: list[np.ndarray], masks: list[np.ndarray]) -> list[np.
     return [(a - mean) * scale for a in arrays]
 
 
-def _as_float_arrays(name: str, arrays: Sequence | None, lengths: list[int]) -> list[np.ndarray] | None:
+def _as_float_arrays(
+    name: str, arrays: Sequence | None, lengths: list[int]
+) -> list[np.ndarray] | None:
     if arrays is None:
         return None
     if len(arrays) != len(lengths):
@@ -158,12 +172,16 @@ def _as_float_arrays(name: str, arrays: Sequence | None, lengths: list[int]) -> 
     return out
 
 
-def _finite_where_trained(name: str, arrays: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+def _finite_where_trained(
+    name: str, arrays: list[np.ndarray], masks: list[np.ndarray]
+) -> list[np.ndarray]:
     """Raise on a non-finite value of a trained token; zero untrained ones (NaN * 0 is still NaN)."""
     for row, (array, mask) in enumerate(zip(arrays, masks)):
         bad = np.flatnonzero(~np.isfinite(array) & (mask > 0))
         if len(bad):
-            raise ValueError(f"{name}[{row}] is {array[bad[0]]} at response token {bad[0]} (must be finite)")
+            raise ValueError(
+                f"{name}[{row}] is {array[bad[0]]} at response token {bad[0]} (must be finite)"
+            )
     return [np.where(mask > 0, array, 0.0) for array, mask in zip(arrays, masks)]
 
 
@@ -182,7 +200,9 @@ def compute_advantages(
     rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
     group_ids = np.asarray(group_ids).reshape(-1)
     if len(rewards) != num_samples or len(group_ids) != num_samples:
-        raise ValueError(f"{len(rewards)} rewards and {len(group_ids)} group ids for {num_samples} samples")
+        raise ValueError(
+            f"{len(rewards)} rewards and {len(group_ids)} group ids for {num_samples} samples"
+        )
     if not np.all(np.isfinite(rewards)):
         raise ValueError(f"reward {int(np.flatnonzero(~np.isfinite(rewards))[0])} is not finite")
     old = _as_float_arrays("old_logprobs", old_logprobs, lengths)
@@ -200,13 +220,17 @@ def compute_advantages(
 
     estimator, returns = cfg.advantage_estimator, None
     if estimator in ("grpo", "gspo"):
-        scores = group_normalized_rewards(rewards, group_ids, divide_by_std=cfg.grpo_std_normalization)
+        scores = group_normalized_rewards(
+            rewards, group_ids, divide_by_std=cfg.grpo_std_normalization
+        )
         advantages = [np.full(n, score) for n, score in zip(lengths, scores)]
     elif estimator == "reinforce_plus_plus_baseline":
         scores = group_normalized_rewards(rewards, group_ids, divide_by_std=False)
         advantages = masked_whiten([np.full(n, score) for n, score in zip(lengths, scores)], masks)
     elif estimator == "reinforce_plus_plus":
-        advantages = masked_whiten([discounted_returns(r, m, cfg.gamma) for r, m in zip(rewards, masks)], masks)
+        advantages = masked_whiten(
+            [discounted_returns(r, m, cfg.gamma) for r, m in zip(rewards, masks)], masks
+        )
     elif estimator == "ppo":
         if critic is None:
             raise ValueError("advantage_estimator=ppo needs critic values per response token")
@@ -222,7 +246,9 @@ def compute_advantages(
             opd_reverse_kl = masked_mean(np.concatenate(reverse_kl), np.concatenate(masks))
             teacher_mean = masked_mean(np.concatenate(teacher), np.concatenate(masks))
         if cfg.use_opd:
-            advantages = [a - cfg.opd_kl_coef * kl * m for a, kl, m in zip(advantages, reverse_kl, masks)]
+            advantages = [
+                a - cfg.opd_kl_coef * kl * m for a, kl, m in zip(advantages, reverse_kl, masks)
+            ]
     if cfg.normalize_advantages:
         advantages = masked_whiten(advantages, masks)
     advantages = [(a * m).astype(np.float32) for a, m in zip(advantages, masks)]

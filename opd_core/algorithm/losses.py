@@ -77,10 +77,19 @@ def policy_loss(
 
     `old_logprobs`, `advantages` and `ref_logprobs` are treated as constants.
     """
-    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask,
-                  ref_logprobs=ref_logprobs, entropy=entropy)
+    _check_shapes(
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+        ref_logprobs=ref_logprobs,
+        entropy=entropy,
+    )
     mask = mask.to(logprobs.dtype)
-    old_logprobs, advantages = old_logprobs.detach().to(logprobs.dtype), advantages.detach().to(logprobs.dtype)
+    old_logprobs, advantages = (
+        old_logprobs.detach().to(logprobs.dtype),
+        advantages.detach().to(logprobs.dtype),
+    )
 
     log_ratio = logprobs - old_logprobs
     if cfg.advantage_estimator == "gspo":
@@ -115,7 +124,9 @@ def policy_loss(
             loss = loss - cfg.entropy_coef * entropy_mean
     if cfg.use_kl_loss and ref_logprobs is None:
         raise ValueError("algorithm.use_kl_loss is true but policy_loss got no ref_logprobs")
-    if ref_logprobs is not None:  # logged whenever a reference is given, optimised only with use_kl_loss
+    if (
+        ref_logprobs is not None
+    ):  # logged whenever a reference is given, optimised only with use_kl_loss
         kl_loss = masked_mean(approx_kl(logprobs, ref_logprobs.detach(), cfg.kl_loss_type), mask)
         metrics["kl_loss"] = kl_loss.item()
         if cfg.use_kl_loss:
@@ -151,7 +162,9 @@ def value_loss(
     return loss, metrics
 
 
-def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def topk_reverse_kl(
+    student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """Reverse KL(student || teacher) per token over the teacher's top-k support plus "the rest".
 
     Both distributions are coarsened to k + 1 outcomes: the teacher's k most likely tokens and
@@ -165,5 +178,8 @@ def topk_reverse_kl(student_topk_logprobs: torch.Tensor, teacher_topk_logprobs: 
         rest = torch.log(torch.clamp(-torch.expm1(torch.clamp(covered, max=0.0)), min=eps))
         return torch.cat([logprobs, rest], dim=-1)
 
-    student, teacher = with_rest(student_topk_logprobs.float()), with_rest(teacher_topk_logprobs.float())
+    student, teacher = (
+        with_rest(student_topk_logprobs.float()),
+        with_rest(teacher_topk_logprobs.float()),
+    )
     return (student.exp() * (student - teacher)).sum(-1)

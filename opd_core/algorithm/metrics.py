@@ -59,8 +59,12 @@ def round_metrics(
     row = {
         "num_samples": float(len(rewards)),
         "reward_mean": float(rewards.mean()) if len(rewards) else nan,
-        "rollout_pass_rate": float(np.mean(correct)) if correct is not None and len(correct) else nan,
-        "response_length_mean": float(np.mean(response_lengths)) if response_lengths is not None and len(response_lengths) else nan,
+        "rollout_pass_rate": float(np.mean(correct))
+        if correct is not None and len(correct)
+        else nan,
+        "response_length_mean": float(np.mean(response_lengths))
+        if response_lengths is not None and len(response_lengths)
+        else nan,
         "opd_reverse_kl": nan,
         "teacher_logprob_mean": nan,
     }
@@ -95,7 +99,9 @@ class MetricsLog:
         run_name: str | None = None,
     ):
         self.path = Path(path)
-        self.rows: list[dict[str, Any]] = read_arrow(self.path).to_pylist() if self.path.is_file() else []
+        self.rows: list[dict[str, Any]] = (
+            read_arrow(self.path).to_pylist() if self.path.is_file() else []
+        )
         self._tensorboard = self._wandb = None
         for name in loggers:
             if name == "tensorboard":
@@ -107,7 +113,9 @@ class MetricsLog:
 
     def _open_tensorboard(self):
         if importlib.util.find_spec("tensorboard") is None:
-            log.warning("logger tensorboard requested but the tensorboard package is not installed; skipping it")
+            log.warning(
+                "logger tensorboard requested but the tensorboard package is not installed; skipping it"
+            )
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -115,11 +123,15 @@ class MetricsLog:
 
     def _open_wandb(self, project: str | None, run_name: str | None):
         if importlib.util.find_spec("wandb") is None:
-            log.warning("logger wandb requested but the wandb package is not installed; skipping it")
+            log.warning(
+                "logger wandb requested but the wandb package is not installed; skipping it"
+            )
             return None
         import wandb
 
-        return wandb.init(project=project or "opd", name=run_name, dir=str(self.path.parent), resume="allow")
+        return wandb.init(
+            project=project or "opd", name=run_name, dir=str(self.path.parent), resume="allow"
+        )
 
     def append(self, metrics: dict[str, Any]) -> None:
         """Add (or replace) the row of `metrics["round"]`, rewrite the file, forward to loggers."""
@@ -146,7 +158,11 @@ class MetricsLog:
         data = {}
         for name in columns:
             values = [row.get(name) for row in self.rows]
-            kind = pa.int64() if name == "round" else (pa.string() if any(isinstance(v, str) for v in values) else pa.float64())
+            kind = (
+                pa.int64()
+                if name == "round"
+                else (pa.string() if any(isinstance(v, str) for v in values) else pa.float64())
+            )
             if kind == pa.string():
                 values = [None if v is None else str(v) for v in values]
             data[name] = pa.array(values, type=kind)
@@ -159,14 +175,16 @@ class MetricsLog:
             self._wandb.finish()
         self._tensorboard = self._wandb = None
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def plot_curves(metrics_table: pa.Table | str | Path, out_png: str | Path, title: str | None = None) -> Path:
+def plot_curves(
+    metrics_table: pa.Table | str | Path, out_png: str | Path, title: str | None = None
+) -> Path:
     """Reverse KL, rollout pass rate, reward and lr per round, side by side, as a PNG."""
     import matplotlib
 
@@ -175,7 +193,11 @@ def plot_curves(metrics_table: pa.Table | str | Path, out_png: str | Path, title
     from matplotlib.ticker import MaxNLocator
 
     table = read_arrow(metrics_table) if isinstance(metrics_table, (str, Path)) else metrics_table
-    rounds = table.column("round").to_pylist() if "round" in table.column_names else list(range(table.num_rows))
+    rounds = (
+        table.column("round").to_pylist()
+        if "round" in table.column_names
+        else list(range(table.num_rows))
+    )
     figure, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     for axis, (column, label) in zip(axes, CURVES):
         values = table.column(column).to_pylist() if column in table.column_names else []
@@ -183,7 +205,15 @@ def plot_curves(metrics_table: pa.Table | str | Path, out_png: str | Path, title
         if points:
             axis.plot(*zip(*points), marker="o")
         else:
-            axis.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axis.transAxes, color="gray")
+            axis.text(
+                0.5,
+                0.5,
+                "not recorded",
+                ha="center",
+                va="center",
+                transform=axis.transAxes,
+                color="gray",
+            )
         axis.set_title(label)
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

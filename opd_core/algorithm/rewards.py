@@ -29,7 +29,14 @@ from typing import Any, Protocol
 from opd_core.config import RewardConfig
 from opd_core.verifier import is_correct
 
-__all__ = ["RewardError", "RewardFn", "load_function", "load_reward_fn", "math_reward", "zero_reward"]
+__all__ = [
+    "RewardError",
+    "RewardFn",
+    "load_function",
+    "load_reward_fn",
+    "math_reward",
+    "zero_reward",
+]
 
 
 class RewardError(ValueError):
@@ -42,7 +49,10 @@ class RewardFn(Protocol):
 
 def math_reward(samples: list[dict[str, Any]]) -> list[float]:
     """1.0 when the response's final answer equals the label (see opd_core.verifier), else 0.0."""
-    return [1.0 if is_correct(sample.get("response_text"), sample.get("label")) else 0.0 for sample in samples]
+    return [
+        1.0 if is_correct(sample.get("response_text"), sample.get("label")) else 0.0
+        for sample in samples
+    ]
 
 
 def zero_reward(samples: list[dict[str, Any]]) -> list[float]:
@@ -57,7 +67,9 @@ def load_function(path: str, what: str = "function") -> Callable:
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise RewardError(f"{what} {path!r}: not an import path (expected 'package.module:function')")
+        raise RewardError(
+            f"{what} {path!r}: not an import path (expected 'package.module:function')"
+        )
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
@@ -69,11 +81,15 @@ def load_function(path: str, what: str = "function") -> Callable:
         else:
             module = importlib.import_module(module_name)
     except Exception as err:  # any import-time failure of user code, reported with its cause
-        raise RewardError(f"{what} {path!r}: cannot import {module_name!r}: {type(err).__name__}: {err}") from err
+        raise RewardError(
+            f"{what} {path!r}: cannot import {module_name!r}: {type(err).__name__}: {err}"
+        ) from err
     try:
         fn = getattr(module, attr)
     except AttributeError:
-        raise RewardError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}") from None
+        raise RewardError(
+            f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}"
+        ) from None
     if not callable(fn):
         raise RewardError(f"{what} {path!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
@@ -102,15 +118,21 @@ def _check_rewards(rewards: Any, num_samples: int, name: str) -> list[float]:
     if hasattr(rewards, "tolist"):  # numpy array or torch tensor
         rewards = rewards.tolist()
     if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)):
-        raise RewardError(f"reward function {name!r} returned a {type(rewards).__name__}, expected a list of floats")
+        raise RewardError(
+            f"reward function {name!r} returned a {type(rewards).__name__}, expected a list of floats"
+        )
     if len(rewards) != num_samples:
-        raise RewardError(f"reward function {name!r} returned {len(rewards)} rewards for {num_samples} samples")
+        raise RewardError(
+            f"reward function {name!r} returned {len(rewards)} rewards for {num_samples} samples"
+        )
     checked = []
     for index, value in enumerate(rewards):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise RewardError(f"reward function {name!r}: reward {index} is {value!r}, not a number") from None
+            raise RewardError(
+                f"reward function {name!r}: reward {index} is {value!r}, not a number"
+            ) from None
         if not math.isfinite(number):
             raise RewardError(f"reward function {name!r}: reward {index} is {number}, not finite")
         checked.append(number)
@@ -120,14 +142,22 @@ def _check_rewards(rewards: Any, num_samples: int, name: str) -> list[float]:
 class LoadedReward:
     """The configured reward function, its post-process hook, and the checks on what they return."""
 
-    def __init__(self, fn: Callable, name: str, post_process: Callable | None = None, post_process_name: str | None = None):
+    def __init__(
+        self,
+        fn: Callable,
+        name: str,
+        post_process: Callable | None = None,
+        post_process_name: str | None = None,
+    ):
         self.fn, self.name = fn, name
         self.post_process, self.post_process_name = post_process, post_process_name
 
     def __call__(self, samples: list[dict[str, Any]]) -> list[float]:
         rewards = _check_rewards(_call(self.fn, samples), len(samples), self.name)
         if self.post_process is not None:
-            rewards = _check_rewards(_call(self.post_process, samples, rewards), len(samples), self.post_process_name)
+            rewards = _check_rewards(
+                _call(self.post_process, samples, rewards), len(samples), self.post_process_name
+            )
         return rewards
 
     def __repr__(self) -> str:
@@ -144,7 +174,9 @@ def load_reward_fn(cfg: RewardConfig) -> LoadedReward:
     elif cfg.type == "none":
         fn, name = zero_reward, "none"
     elif ":" not in cfg.type and "." not in cfg.type:
-        raise RewardError(f"reward.type {cfg.type!r}: expected 'math', 'none' or an import path 'package.module:function'")
+        raise RewardError(
+            f"reward.type {cfg.type!r}: expected 'math', 'none' or an import path 'package.module:function'"
+        )
     else:
         fn, name = load_function(cfg.type, "reward.type"), cfg.type
     post_path = cfg.custom_reward_post_process_path

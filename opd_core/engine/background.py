@@ -22,7 +22,9 @@ class BackgroundServer:
         self.sock.bind((host, port))  # port 0: the OS picks a free one, no race with others
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
         self.startup_timeout = startup_timeout
 
     def start(self) -> str:

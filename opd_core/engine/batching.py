@@ -41,7 +41,9 @@ class _Work:
 class BatchingEngine:
     """The model, its one compute thread, and the batching queue."""
 
-    def __init__(self, model_path: str, batch_window_ms: float, max_batch_size: int, generator_kwargs: dict):
+    def __init__(
+        self, model_path: str, batch_window_ms: float, max_batch_size: int, generator_kwargs: dict
+    ):
         self.model_path = model_path
         self.window = batch_window_ms / 1000
         self.max_batch_size = max_batch_size
@@ -63,7 +65,9 @@ class BatchingEngine:
 
     async def run(self, fn, *args, **kwargs):
         """Run `fn` on the compute thread (serialised with every forward)."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: fn(*args, **kwargs)
+        )
 
     async def batch_loop(self) -> None:
         while True:
@@ -91,8 +95,12 @@ class BatchingEngine:
                 chunk = owners[start : start + self.max_batch_size]
                 seqs = [work.seqs[i] for work, i in chunk]
                 started = time.perf_counter()
-                outputs = await self.run(self.generator.generate, seqs, self._stream_callback(chunk))
-                logger.debug("batch of %d sequences in %.3fs", len(seqs), time.perf_counter() - started)
+                outputs = await self.run(
+                    self.generator.generate, seqs, self._stream_callback(chunk)
+                )
+                logger.debug(
+                    "batch of %d sequences in %.3fs", len(seqs), time.perf_counter() - started
+                )
                 for (work, i), output in zip(chunk, outputs):
                     work.results[i] = output
             for work in batch:

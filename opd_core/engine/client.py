@@ -36,6 +36,7 @@ from opd_core.schemas import TEACHER_LOGPROBS
 
 __all__ = ["EngineClient", "EngineError", "EngineRequestError", "scores_to_table"]
 
+
 class EngineClient:
     def __init__(
         self,
@@ -49,8 +50,14 @@ class EngineClient:
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
     ):
-        self.transport = FailoverTransport(urls, timeout, max_concurrency, max_retries, api_key, backoff_initial, backoff_max)
-        self.urls, self.http, self.request = self.transport.urls, self.transport.http, self.transport.request
+        self.transport = FailoverTransport(
+            urls, timeout, max_concurrency, max_retries, api_key, backoff_initial, backoff_max
+        )
+        self.urls, self.http, self.request = (
+            self.transport.urls,
+            self.transport.http,
+            self.transport.request,
+        )
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
         self.cache_dir = cache_dir
@@ -61,10 +68,19 @@ class EngineClient:
         freeze_long_lived_objects()
 
     @classmethod
-    def from_config(cls, urls: str | Sequence[str], cfg, api_key: str | None = None) -> "EngineClient":
+    def from_config(
+        cls, urls: str | Sequence[str], cfg, api_key: str | None = None
+    ) -> EngineClient:
         """From an `opd_core.config.ClientConfig`."""
-        return cls(urls, timeout=cfg.timeout, max_concurrency=cfg.max_concurrency, batch_size=cfg.batch_size,
-                   max_retries=cfg.max_retries, api_key=api_key, cache_dir=cfg.cache_dir)
+        return cls(
+            urls,
+            timeout=cfg.timeout,
+            max_concurrency=cfg.max_concurrency,
+            batch_size=cfg.batch_size,
+            max_retries=cfg.max_retries,
+            api_key=api_key,
+            cache_dir=cfg.cache_dir,
+        )
 
     # ------------------------------------------------------------------- generation
 
@@ -86,7 +102,9 @@ class EngineClient:
         """
         per_sequence = isinstance(sampling_params, list)
         if per_sequence and len(sampling_params) != len(input_ids):
-            raise ValueError(f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences")
+            raise ValueError(
+                f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences"
+            )
         sampling_params = per_sequence_params(sampling_params, len(input_ids))
         per_sequence = isinstance(sampling_params, list)
 
@@ -108,7 +126,11 @@ class EngineClient:
             size = span[1] - span[0]
 
             def check(answer: Any) -> None:
-                if not isinstance(answer, list) or len(answer) != size or not all(isinstance(a, dict) and "meta_info" in a for a in answer):
+                if (
+                    not isinstance(answer, list)
+                    or len(answer) != size
+                    or not all(isinstance(a, dict) and "meta_info" in a for a in answer)
+                ):
                     raise ValueError(f"expected a list of {size} responses with meta_info")
 
             answer = self.request("POST", "/generate", make_payload(*span), check=check)
@@ -140,15 +162,24 @@ class EngineClient:
                 self._fingerprint = f"{info.get('model_path', '?')}|{version}"
             return self._fingerprint
 
-    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], progress: str | None = None) -> list[np.ndarray]:
+    def score(
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        progress: str | None = None,
+    ) -> list[np.ndarray]:
         """The teacher's log-prob of every response token (float32 arrays, len == len(response))."""
         if len(prompt_ids) != len(response_ids):
-            raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
+            raise ValueError(
+                f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}"
+            )
         results: list[np.ndarray | None] = [None] * len(prompt_ids)
         todo = []
         for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
             if len(prompt) == 0:
-                raise ValueError(f"prompt_ids[{i}] is empty: the teacher needs at least one prompt token")
+                raise ValueError(
+                    f"prompt_ids[{i}] is empty: the teacher needs at least one prompt token"
+                )
             if len(response) == 0:  # not `[-0:]`, which would be the whole sequence
                 results[i] = np.zeros(0, dtype=np.float32)
             else:
@@ -164,18 +195,27 @@ class EngineClient:
             todo = [i for i in todo if results[i] is None]
 
         def payload(start: int, stop: int) -> dict:
-            return _score_payload([prompt_ids[i] for i in todo[start:stop]], [response_ids[i] for i in todo[start:stop]])
+            return _score_payload(
+                [prompt_ids[i] for i in todo[start:stop]],
+                [response_ids[i] for i in todo[start:stop]],
+            )
 
         outputs = self._batched(len(todo), payload, progress)
         fresh = {}
         for i, output in zip(todo, outputs):
-            results[i] = fresh[i] = _response_logprobs(output, response_ids[i], where=f"sequence {i}")
+            results[i] = fresh[i] = _response_logprobs(
+                output, response_ids[i], where=f"sequence {i}"
+            )
         if self.cache is not None and fresh:
             self.cache.put_many({keys[i]: v for i, v in fresh.items()})
         return results  # type: ignore[return-value]
 
     def score_topk(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int, progress: str | None = None
+        self,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        k: int,
+        progress: str | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """`score` plus the teacher's k most likely tokens at every response position.
 
@@ -193,15 +233,22 @@ class EngineClient:
             rows = todo[start:stop]
             # Entries from the last prompt token on: the top-k of prompt positions would be
             # thrown away, and at k entries a position they are most of the response's bytes.
-            return {**_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
-                    "logprob_start_len": [len(prompt_ids[i]) - 1 for i in rows], "top_logprobs_num": k}
+            return {
+                **_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
+                "logprob_start_len": [len(prompt_ids[i]) - 1 for i in rows],
+                "top_logprobs_num": k,
+            }
 
         for i, output in zip(todo, self._batched(len(todo), payload, progress)):
             where = f"sequence {i}"
             tops = output["meta_info"].get("input_top_logprobs") or []
             tail = tops[-len(response_ids[i]) :]
-            if len(tail) != len(response_ids[i]) or any(top is None or len(top) != k for top in tail):
-                raise EngineError(f"{where}: the engine did not return {k} input_top_logprobs per response token")
+            if len(tail) != len(response_ids[i]) or any(
+                top is None or len(top) != k for top in tail
+            ):
+                raise EngineError(
+                    f"{where}: the engine did not return {k} input_top_logprobs per response token"
+                )
             results[i] = (
                 _response_logprobs(output, response_ids[i], where),
                 np.asarray([[entry[1] for entry in top] for top in tail], dtype=np.int32),
@@ -228,7 +275,10 @@ class EngineClient:
             healthy = []
             for url in self.urls:
                 try:
-                    response = self.http.get(f"{url}/health_generate", timeout=max(min(30.0, deadline - time.monotonic()), 1.0))
+                    response = self.http.get(
+                        f"{url}/health_generate",
+                        timeout=max(min(30.0, deadline - time.monotonic()), 1.0),
+                    )
                     last[url] = f"HTTP {response.status_code} {response.text[:200]}"
                     if response.status_code == 200:
                         healthy.append(url)
@@ -243,18 +293,30 @@ class EngineClient:
     def model_info(self) -> dict:
         return self.request("GET", "/get_model_info")
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> list[dict]:
+    def update_weights_from_disk(
+        self, model_path: str, weight_version: str | None = None
+    ) -> list[dict]:
         """Reload weights on EVERY server (each rollout engine must hold the same policy)."""
-        body = {"model_path": str(model_path), **({"weight_version": weight_version} if weight_version else {})}
+        body = {
+            "model_path": str(model_path),
+            **({"weight_version": weight_version} if weight_version else {}),
+        }
         answers = []
         for url in self.urls:
             try:
-                response = self.http.post(f"{url}/update_weights_from_disk", json=body, timeout=None)
+                response = self.http.post(
+                    f"{url}/update_weights_from_disk", json=body, timeout=None
+                )
             except httpx.TransportError as err:
-                raise EngineError(f"{url}/update_weights_from_disk: {type(err).__name__}: {err}") from err
+                raise EngineError(
+                    f"{url}/update_weights_from_disk: {type(err).__name__}: {err}"
+                ) from err
             answer = response.json()
             if response.status_code != 200 or not answer.get("success"):
-                raise EngineRequestError(f"{url}/update_weights_from_disk: {answer.get('message', response.text)}", response.status_code)
+                raise EngineRequestError(
+                    f"{url}/update_weights_from_disk: {answer.get('message', response.text)}",
+                    response.status_code,
+                )
             answers.append(answer)
         with self._lock:
             self._fingerprint = None  # new weights, new cache namespace
@@ -270,7 +332,7 @@ class EngineClient:
         if self._cache is not None:
             self._cache.close()
 
-    def __enter__(self) -> "EngineClient":
+    def __enter__(self) -> EngineClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -280,7 +342,9 @@ class EngineClient:
 def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
     """slime's teacher scoring request: prompt+response, no new tokens, log-probs from position 0."""
     return {
-        "input_ids": [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)],
+        "input_ids": [
+            list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)
+        ],
         "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
         "return_logprob": True,
         "logprob_start_len": 0,
@@ -292,8 +356,12 @@ def _response_logprobs(output: dict, response: list[int], where: str) -> np.ndar
     entries = output["meta_info"]["input_token_logprobs"][1:]
     tail = entries[-len(response) :]
     # SGLang reports ids >= vocab_size - 1 as 0 (its multimodal padding clip): tolerate that.
-    if len(tail) != len(response) or any(int(e[1]) not in (int(t), 0) for e, t in zip(tail, response)):
-        raise EngineError(f"{where}: the engine's input_token_logprobs do not end with the response tokens")
+    if len(tail) != len(response) or any(
+        int(e[1]) not in (int(t), 0) for e, t in zip(tail, response)
+    ):
+        raise EngineError(
+            f"{where}: the engine's input_token_logprobs do not end with the response tokens"
+        )
     if any(e[0] is None for e in tail):
         raise EngineError(f"{where}: the engine returned a null log-prob inside the response")
     return np.asarray([e[0] for e in tail], dtype=np.float32)
@@ -311,14 +379,22 @@ def scores_to_table(
         raise ValueError(
             f"prompt_index ({len(prompt_index)}), sample_index ({len(sample_index)}) and logprobs ({len(logprobs)}) differ in length"
         )
-    nested = lambda rows, dtype: [None] * len(logprobs) if rows is None else [np.asarray(r, dtype).tolist() for r in rows]  # noqa: E731
+    nested = lambda rows, dtype: (
+        [None] * len(logprobs) if rows is None else [np.asarray(r, dtype).tolist() for r in rows]
+    )
     return pa.table(
         {
             "prompt_index": pa.array(prompt_index, pa.int64()),
             "sample_index": pa.array(sample_index, pa.int32()),
-            "teacher_logprobs": pa.array([np.asarray(v, dtype=np.float32) for v in logprobs], pa.list_(pa.float32())),
-            "teacher_topk_ids": pa.array(nested(topk_ids, np.int32), pa.list_(pa.list_(pa.int32()))),
-            "teacher_topk_logprobs": pa.array(nested(topk_logprobs, np.float32), pa.list_(pa.list_(pa.float32()))),
+            "teacher_logprobs": pa.array(
+                [np.asarray(v, dtype=np.float32) for v in logprobs], pa.list_(pa.float32())
+            ),
+            "teacher_topk_ids": pa.array(
+                nested(topk_ids, np.int32), pa.list_(pa.list_(pa.int32()))
+            ),
+            "teacher_topk_logprobs": pa.array(
+                nested(topk_logprobs, np.float32), pa.list_(pa.list_(pa.float32()))
+            ),
         },
         schema=TEACHER_LOGPROBS,
     )

@@ -28,7 +28,6 @@ from opd_core.engine.protocol import SingleRequest, per_sequence_params, validat
 from opd_core.engine.sampling import output_logprobs, sample_tokens, top_logprobs
 from opd_core.engine.sequence import Sequence
 
-
 # SGLang clamps log-probs to the dtype's lowest finite value: -inf is not valid JSON.
 _LOGPROB_FLOOR = torch.finfo(torch.float32).min
 
@@ -68,16 +67,28 @@ class Generator:
         self.model_path = str(model_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+            dtype = {
+                "float32": torch.float32,
+                "fp32": torch.float32,
+                "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16,
+                "float16": torch.float16,
+                "fp16": torch.float16,
+            }[dtype]
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = self._load_model(self.model_path)
         config = self.model.config
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
-        self.context_length = int(context_length or getattr(config, "max_position_embeddings", 1 << 30))
+        self.context_length = int(
+            context_length or getattr(config, "max_position_embeddings", 1 << 30)
+        )
         self.eos_ids = frozenset(self._eos_ids())
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else min(self.eos_ids, default=0)
+        )
         self.weight_version = "default"
         self.fingerprint = weights_fingerprint(self.model_path)
         # Without a per-request seed, rollouts are still reproducible when the server has one.
@@ -89,7 +100,9 @@ class Generator:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         except (OSError, ValueError) as err:
-            raise RequestError(f"model_path: cannot load an HF causal LM from {model_path}: {err}") from err
+            raise RequestError(
+                f"model_path: cannot load an HF causal LM from {model_path}: {err}"
+            ) from err
         return model.to(self.device).eval()
 
     def _eos_ids(self) -> Iterable[int]:
@@ -113,7 +126,9 @@ class Generator:
         if set(new_state) != set(current):
             missing = sorted(set(current) - set(new_state))[:3]
             extra = sorted(set(new_state) - set(current))[:3]
-            raise RequestError(f"model_path: {model_path} has different parameters (missing {missing}, extra {extra})")
+            raise RequestError(
+                f"model_path: {model_path} has different parameters (missing {missing}, extra {extra})"
+            )
         for name, tensor in new_state.items():
             if tensor.shape != current[name].shape:
                 raise RequestError(
@@ -122,7 +137,9 @@ class Generator:
         self.model.load_state_dict(new_state)
         self.model_path = model_path
         self.fingerprint = weights_fingerprint(model_path)
-        self.weight_version = weight_version or str(int(self.weight_version) + 1 if self.weight_version.isdigit() else 1)
+        self.weight_version = weight_version or str(
+            int(self.weight_version) + 1 if self.weight_version.isdigit() else 1
+        )
         return f"Succeeded to update model weights from {model_path}."
 
     def model_info(self) -> dict[str, Any]:
@@ -153,22 +170,32 @@ class Generator:
                 raise RequestError(validation_message(err)) from None
         if request.input_ids is not None:
             prompt = list(request.input_ids)
-            if prompt and (min(prompt) < 0 or max(prompt) >= self.vocab_size):  # fast path: C-level min/max
+            if prompt and (
+                min(prompt) < 0 or max(prompt) >= self.vocab_size
+            ):  # fast path: C-level min/max
                 pos = next(p for p, t in enumerate(prompt) if not 0 <= t < self.vocab_size)
-                raise RequestError(f"input_ids[{pos}]: token id {prompt[pos]} is outside the vocabulary [0, {self.vocab_size})")
+                raise RequestError(
+                    f"input_ids[{pos}]: token id {prompt[pos]} is outside the vocabulary [0, {self.vocab_size})"
+                )
         else:
             prompt = self.tokenizer.encode(request.text)
         field = "input_ids" if request.input_ids is not None else "text"
         if not prompt:
             raise RequestError(f"{field}: the prompt is empty (need at least one token)")
         if len(prompt) > self.context_length:
-            raise RequestError(f"{field}: the prompt has {len(prompt)} tokens, longer than the model's context length {self.context_length}")
+            raise RequestError(
+                f"{field}: the prompt has {len(prompt)} tokens, longer than the model's context length {self.context_length}"
+            )
         if request.return_logprob and request.logprob_start_len >= len(prompt):
-            raise RequestError(f"logprob_start_len: {request.logprob_start_len} is not below the prompt length {len(prompt)}")
+            raise RequestError(
+                f"logprob_start_len: {request.logprob_start_len} is not below the prompt length {len(prompt)}"
+            )
         params = request.sampling_params
         for token in params.stop_token_ids or []:
             if not 0 <= token < self.vocab_size:
-                raise RequestError(f"sampling_params.stop_token_ids: {token} is outside the vocabulary [0, {self.vocab_size})")
+                raise RequestError(
+                    f"sampling_params.stop_token_ids: {token} is outside the vocabulary [0, {self.vocab_size})"
+                )
         seed = params.effective_seed
         if seed is None and self._seed_source is not None:
             seed = int(torch.randint(0, 2**62, (), generator=self._seed_source))
@@ -203,14 +230,22 @@ class Generator:
         return [s.response(self.decode, self.token_text) for s in seqs]
 
     def generate_ids(
-        self, input_ids: list[list[int]], sampling_params: dict | list[dict], return_logprob: bool = False, **fields: Any
+        self,
+        input_ids: list[list[int]],
+        sampling_params: dict | list[dict],
+        return_logprob: bool = False,
+        **fields: Any,
     ) -> list[dict[str, Any]]:
         """`EngineClient.generate`'s signature, in process (same call-wide seed rule)."""
         params = per_sequence_params(sampling_params, len(input_ids))
         return self.generate(
             [
-                {"input_ids": list(ids), "sampling_params": params[i] if isinstance(params, list) else params,
-                 "return_logprob": return_logprob, **fields}
+                {
+                    "input_ids": list(ids),
+                    "sampling_params": params[i] if isinstance(params, list) else params,
+                    "return_logprob": return_logprob,
+                    **fields,
+                }
                 for i, ids in enumerate(input_ids)
             ]
         )
@@ -223,7 +258,9 @@ class Generator:
             input_ids[i, longest - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
             attention_mask[i, longest - len(seq.prompt_ids) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
+        input_ids, attention_mask, position_ids = (
+            t.to(self.device) for t in (input_ids, attention_mask, position_ids)
+        )
 
         decoding = any(s.max_new_tokens > 0 for s in seqs)
         wants_input = [s.request.return_logprob for s in seqs]
@@ -239,7 +276,11 @@ class Generator:
         )
         logits = out.logits
         if any(wants_input):
-            self._input_logprobs([s for s, w in zip(seqs, wants_input) if w], logits[wants_input], input_ids[wants_input])
+            self._input_logprobs(
+                [s for s, w in zip(seqs, wants_input) if w],
+                logits[wants_input],
+                input_ids[wants_input],
+            )
         for seq in seqs:
             if seq.max_new_tokens <= 0:
                 seq.finish_without_decoding()
@@ -255,7 +296,11 @@ class Generator:
                 if seq.finished:
                     continue
                 want = seq.request.return_logprob
-                top = top_logprobs(logprobs[i : i + 1], seq.request.top_logprobs_num) if want and seq.request.top_logprobs_num else None
+                top = (
+                    top_logprobs(logprobs[i : i + 1], seq.request.top_logprobs_num)
+                    if want and seq.request.top_logprobs_num
+                    else None
+                )
                 seq.append(
                     tokens[i],
                     max(float(logprobs[i, tokens[i]]), _LOGPROB_FLOOR) if want else None,
@@ -268,7 +313,10 @@ class Generator:
                 break
             # Finished rows keep riding along (fed padding, outputs ignored): cheaper than
             # reshaping the cache for a toy batch, and it keeps the batch a single tensor.
-            feed = torch.tensor([[self.pad_id if s.finished else t] for s, t in zip(seqs, tokens)], device=self.device)
+            feed = torch.tensor(
+                [[self.pad_id if s.finished else t] for s, t in zip(seqs, tokens)],
+                device=self.device,
+            )
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
             out = self.model(
@@ -280,7 +328,9 @@ class Generator:
             )
             next_logits = out.logits[:, -1]
 
-    def _input_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor) -> None:
+    def _input_logprobs(
+        self, seqs: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor
+    ) -> None:
         """Prompt log-probs at temperature 1 for positions logprob_start..end, first one None.
 
         One gather and one logsumexp for the whole (left-padded) batch: the logits in column
@@ -288,14 +338,25 @@ class Generator:
         """
         targets = input_ids[:, 1:].unsqueeze(2)
         shifted = logits[:, :-1]
-        token_logprobs = shifted.gather(2, targets).squeeze(2).float() - torch.logsumexp(shifted.float(), dim=-1)
+        token_logprobs = shifted.gather(2, targets).squeeze(2).float() - torch.logsumexp(
+            shifted.float(), dim=-1
+        )
         token_logprobs = token_logprobs.clamp(min=_LOGPROB_FLOOR).cpu()
         longest = input_ids.shape[1]
         for row, seq in enumerate(seqs):
-            pad, start, length = longest - len(seq.prompt_ids), seq.logprob_start, len(seq.prompt_ids)
+            pad, start, length = (
+                longest - len(seq.prompt_ids),
+                seq.logprob_start,
+                len(seq.prompt_ids),
+            )
             # Entry for prompt token j (j > start) comes from column pad + j - 1.
-            seq.input_logprobs = [None, *token_logprobs[row, pad + start : pad + length - 1].tolist()]
+            seq.input_logprobs = [
+                None,
+                *token_logprobs[row, pad + start : pad + length - 1].tolist(),
+            ]
             if seq.request.top_logprobs_num:
-                window = torch.log_softmax(logits[row, pad + start : pad + length - 1].float(), dim=-1)
+                window = torch.log_softmax(
+                    logits[row, pad + start : pad + length - 1].float(), dim=-1
+                )
                 top_values, top_ids = top_logprobs(window, seq.request.top_logprobs_num)
                 seq.input_top = [None, *zip(top_values, top_ids)]

@@ -16,6 +16,7 @@ tail of its log.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -50,12 +51,27 @@ def log_tail(path: str | Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def server_command(backend: str, model_path: str | Path, host: str, port: int, cfg: Any) -> list[str]:
+def server_command(
+    backend: str, model_path: str | Path, host: str, port: int, cfg: Any
+) -> list[str]:
     """The command line of a server: sglang.launch_server's flags for both backends."""
     if backend not in MODULES:
-        raise ValueError(f"teacher.backend: {backend!r} cannot be launched (builtin or sglang; external is only checked)")
-    command = [sys.executable, "-m", MODULES[backend], "--model-path", str(model_path),
-               "--host", host, "--port", str(port), "--tp-size", str(cfg.tp)]
+        raise ValueError(
+            f"teacher.backend: {backend!r} cannot be launched (builtin or sglang; external is only checked)"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        MODULES[backend],
+        "--model-path",
+        str(model_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tp-size",
+        str(cfg.tp),
+    ]
     if cfg.mem_fraction_static is not None:
         command += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.api_key:
@@ -66,8 +82,22 @@ def server_command(backend: str, model_path: str | Path, host: str, port: int, c
 class ServerProcess:
     """A running server; a context manager that stops its whole process group on exit."""
 
-    def __init__(self, process: subprocess.Popen, url: str, backend: str, log_path: Path, command: list[str], api_key: str | None = None):
-        self.process, self.url, self.backend, self.log_path, self.command = process, url, backend, log_path, command
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        url: str,
+        backend: str,
+        log_path: Path,
+        command: list[str],
+        api_key: str | None = None,
+    ):
+        self.process, self.url, self.backend, self.log_path, self.command = (
+            process,
+            url,
+            backend,
+            log_path,
+            command,
+        )
         self.api_key = api_key
 
     @property
@@ -80,18 +110,12 @@ class ServerProcess:
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the process group, SIGKILL whatever is left after `grace` seconds."""
         group = self.process.pid  # start_new_session: the group id is the leader's pid
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(group, signal.SIGKILL)  # the leader's children too, if any survived it
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # the leader's children, if any survived
+            os.killpg(group, signal.SIGKILL)
         self.process.wait(timeout=10)
 
     def model_info(self) -> dict[str, Any]:
@@ -102,19 +126,29 @@ class ServerProcess:
         return response.json()
 
     def endpoint(self) -> dict[str, Any]:
-        return {"url": self.url, "backend": self.backend, "pid": self.pid, "log_path": str(self.log_path), "command": self.command}
+        return {
+            "url": self.url,
+            "backend": self.backend,
+            "pid": self.pid,
+            "log_path": str(self.log_path),
+            "command": self.command,
+        }
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def launch_server(backend: str, model_path: str | Path, cfg: Any, log_path: str | Path, env: dict | None = None) -> ServerProcess:
+def launch_server(
+    backend: str, model_path: str | Path, cfg: Any, log_path: str | Path, env: dict | None = None
+) -> ServerProcess:
     """Start a server from an `opd_core.config.TeacherConfig` and wait until it generates."""
     if backend == "sglang" and importlib.util.find_spec("sglang") is None:
-        raise EngineLaunchError("teacher.backend=sglang but sglang is not installed: `pip install .[sglang]` on a GPU machine")
+        raise EngineLaunchError(
+            "teacher.backend=sglang but sglang is not installed: `pip install .[sglang]` on a GPU machine"
+        )
     port = cfg.port or free_port(cfg.host)
     command = server_command(backend, model_path, cfg.host, port, cfg)
     log_path = Path(log_path)
@@ -122,10 +156,16 @@ def launch_server(backend: str, model_path: str | Path, cfg: Any, log_path: str 
     process_env = {**os.environ, **(env or {})}
     # `python -m opd_core...` must import this checkout even when it is not pip-installed.
     root = str(Path(opd_core.__file__).resolve().parent.parent)
-    process_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, process_env.get("PYTHONPATH")) if p)
+    process_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, process_env.get("PYTHONPATH")) if p
+    )
     with log_path.open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=process_env, start_new_session=True)
-    server = ServerProcess(process, f"http://{cfg.host}:{port}", backend, log_path, command, api_key=cfg.api_key)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=process_env, start_new_session=True
+        )
+    server = ServerProcess(
+        process, f"http://{cfg.host}:{port}", backend, log_path, command, api_key=cfg.api_key
+    )
     try:
         _wait_until_generating(server, cfg.startup_timeout, cfg.api_key)
     except BaseException:
@@ -160,7 +200,9 @@ def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str |
             time.sleep(0.25)
 
 
-def check_external(url: str | list[str], api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+def check_external(
+    url: str | list[str], api_key: str | None = None, timeout: float = 60.0
+) -> dict[str, Any]:
     """backend=external: check that the given server(s) answer; nothing is started or stopped.
 
     `url` may list several servers separated by commas (failover); at least one must be

@@ -25,7 +25,9 @@ class LogprobCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS logprobs (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS logprobs (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+        )
         self._db.commit()
 
     @staticmethod
@@ -42,7 +44,8 @@ class LogprobCache:
             for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
                 chunk = keys[start : start + 500]
                 rows = self._db.execute(
-                    f"SELECT key, value FROM logprobs WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                    f"SELECT key, value FROM logprobs WHERE key IN ({','.join('?' * len(chunk))})",
+                    chunk,
                 ).fetchall()
                 found.update({k: np.frombuffer(v, dtype=np.float32).copy() for k, v in rows})
         return found

@@ -67,7 +67,7 @@ class SingleRequest(BaseModel):
     rid: str | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "SingleRequest":
+    def _one_input(self) -> SingleRequest:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of `text` or `input_ids`")
         return self
@@ -89,7 +89,7 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerateRequest":
+    def _one_input(self) -> GenerateRequest:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of `text` or `input_ids`")
         return self
@@ -105,10 +105,18 @@ class GenerateRequest(BaseModel):
         if not self.is_batch:
             return [SingleRequest(**self._pick(None))]
         size = len(self.text if self.text is not None else self.input_ids)
-        for name in ("sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num", "rid"):
+        for name in (
+            "sampling_params",
+            "return_logprob",
+            "logprob_start_len",
+            "top_logprobs_num",
+            "rid",
+        ):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) != size:
-                raise ValueError(f"{name}: has {len(value)} entries but the batch has {size} sequences")
+                raise ValueError(
+                    f"{name}: has {len(value)} entries but the batch has {size} sequences"
+                )
         return [SingleRequest(**self._pick(i)) for i in range(size)]
 
     def _pick(self, i: int | None) -> dict[str, Any]:
@@ -117,7 +125,9 @@ class GenerateRequest(BaseModel):
 
         fields = {
             "text": item(self.text),
-            "input_ids": self.input_ids[i] if i is not None and self.input_ids is not None else self.input_ids,
+            "input_ids": self.input_ids[i]
+            if i is not None and self.input_ids is not None
+            else self.input_ids,
             "sampling_params": item(self.sampling_params) or SamplingParams(),
             "return_logprob": item(self.return_logprob),
             "logprob_start_len": item(self.logprob_start_len),
@@ -126,7 +136,13 @@ class GenerateRequest(BaseModel):
             "rid": item(self.rid),
         }
         if i is None:
-            for name in ("return_logprob", "logprob_start_len", "top_logprobs_num", "rid", "sampling_params"):
+            for name in (
+                "return_logprob",
+                "logprob_start_len",
+                "top_logprobs_num",
+                "rid",
+                "sampling_params",
+            ):
                 if isinstance(getattr(self, name), list):
                     raise ValueError(f"{name}: a list is only allowed for a batch request")
         return fields
@@ -166,10 +182,16 @@ def validation_message(err: ValidationError) -> str:
     for e in err.errors():
         loc = [str(p) for p in e["loc"] if not _is_branch_label(p)]
         errors.append((".".join(loc) or "(body)", e["msg"], e["type"]))
-    specific = [e for e in errors if e[2] not in ("list_type", "model_type", "dict_type", "model_attributes_type")]
+    specific = [
+        e
+        for e in errors
+        if e[2] not in ("list_type", "model_type", "dict_type", "model_attributes_type")
+    ]
     chosen = specific or errors
     return "; ".join(dict.fromkeys(f"{field}: {msg}" for field, msg, _ in chosen))
 
 
 def _is_branch_label(part) -> bool:
-    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("bool", "int", "float", "str", "none"))
+    return isinstance(part, str) and (
+        "[" in part or part[:1].isupper() or part in ("bool", "int", "float", "str", "none")
+    )

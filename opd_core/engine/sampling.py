@@ -46,7 +46,9 @@ def output_logprobs(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tens
     logits = logits.float()
     if _return_original_logprob():
         return torch.log_softmax(logits, dim=-1)
-    temperatures = torch.tensor([1.0 if r.greedy else r.temperature for r in rows], dtype=logits.dtype)
+    temperatures = torch.tensor(
+        [1.0 if r.greedy else r.temperature for r in rows], dtype=logits.dtype
+    )
     return torch.log_softmax(logits / temperatures.to(logits.device).unsqueeze(1), dim=-1)
 
 
@@ -66,13 +68,17 @@ def sample_tokens(
     if not sampled:
         return next_tokens
     index = torch.tensor(sampled, device=logits.device)
-    temperatures = torch.tensor([rows[i].temperature for i in sampled], device=logits.device).unsqueeze(1)
+    temperatures = torch.tensor(
+        [rows[i].temperature for i in sampled], device=logits.device
+    ).unsqueeze(1)
     probs = torch.softmax(logits[index] / temperatures, dim=-1)
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[-1]
     # Same order of filters as SGLang's torch fallback: top-k, top-p (on the untruncated
     # cumulative mass), then min-p relative to the most likely token.
-    top_k = torch.tensor([rows[i].top_k if rows[i].top_k > 0 else vocab for i in sampled], device=logits.device)
+    top_k = torch.tensor(
+        [rows[i].top_k if rows[i].top_k > 0 else vocab for i in sampled], device=logits.device
+    )
     top_p = torch.tensor([rows[i].top_p for i in sampled], device=logits.device)
     min_p = torch.tensor([rows[i].min_p for i in sampled], device=logits.device)
     cumulative = sorted_probs.cumsum(dim=-1)

@@ -65,7 +65,9 @@ class Sequence:
         start = self.request.logprob_start_len
         return len(self.prompt_ids) - 1 if start < 0 else start
 
-    def append(self, token: int, logprob: float | None, top: tuple[list[float], list[int]] | None, decode) -> None:
+    def append(
+        self, token: int, logprob: float | None, top: tuple[list[float], list[int]] | None, decode
+    ) -> None:
         """Record one generated token and check whether the sequence is done."""
         self.output_ids.append(token)
         if logprob is not None:
@@ -75,10 +77,10 @@ class Sequence:
         if len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = {"type": "length", "length": self.max_new_tokens}
             return
-        if not self.params.ignore_eos:
-            if token in self.eos_ids or token in (self.params.stop_token_ids or ()):
-                self.finish_reason = {"type": "stop", "matched": token}
-                return
+        stop_ids = self.params.stop_token_ids or ()
+        if not self.params.ignore_eos and (token in self.eos_ids or token in stop_ids):
+            self.finish_reason = {"type": "stop", "matched": token}
+            return
         stops = self.params.stop_strings
         if stops:
             text = decode(self.output_ids, self.params.skip_special_tokens)
@@ -114,13 +116,18 @@ class Sequence:
         if req.return_logprob:
             text_of = token_text if req.return_text_in_logprobs else (lambda _id: None)
             input_ids = self.prompt_ids[self.logprob_start :]
-            meta["input_token_logprobs"] = [[lp, t, text_of(t)] for lp, t in zip(self.input_logprobs or [], input_ids)]
+            meta["input_token_logprobs"] = [
+                [lp, t, text_of(t)] for lp, t in zip(self.input_logprobs or [], input_ids)
+            ]
             meta["output_token_logprobs"] = [
                 [lp, t, text_of(t)] for lp, t in zip(self.output_logprobs, self.output_ids)
             ]
             if req.top_logprobs_num > 0:
                 meta["input_top_logprobs"] = [
-                    None if top is None else [[v, i, text_of(i)] for v, i in zip(*top)] for top in self.input_top or []
+                    None if top is None else [[v, i, text_of(i)] for v, i in zip(*top)]
+                    for top in self.input_top or []
                 ]
-                meta["output_top_logprobs"] = [[[v, i, text_of(i)] for v, i in zip(*top)] for top in self.output_top]
+                meta["output_top_logprobs"] = [
+                    [[v, i, text_of(i)] for v, i in zip(*top)] for top in self.output_top
+                ]
         return {"text": self.text(decode), "output_ids": list(self.output_ids), "meta_info": meta}

@@ -85,13 +85,20 @@ def create_app(
         @app.middleware("http")
         async def check_api_key(request: Request, call_next):
             # Like SGLang: /health* stays open so orchestrators can probe without the key.
-            if not request.url.path.startswith("/health") and request.headers.get("Authorization") != f"Bearer {api_key}":
+            if (
+                not request.url.path.startswith("/health")
+                and request.headers.get("Authorization") != f"Bearer {api_key}"
+            ):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
             return await call_next(request)
 
     def not_ready() -> JSONResponse | None:
         if engine.generator is None:
-            detail = f"model failed to load: {engine.load_error}" if engine.load_error else "model is loading"
+            detail = (
+                f"model failed to load: {engine.load_error}"
+                if engine.load_error
+                else "model is loading"
+            )
             return _error(503, detail)
         return None
 
@@ -104,7 +111,12 @@ def create_app(
         if (busy := not_ready()) is not None:
             return busy
         try:
-            seq = engine.generator.prepare({"input_ids": [engine.generator.pad_id], "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+            seq = engine.generator.prepare(
+                {
+                    "input_ids": [engine.generator.pad_id],
+                    "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                }
+            )
             work = await engine.submit([seq])
             await work.future
         except Exception as err:
@@ -126,10 +138,14 @@ def create_app(
             return busy
         try:
             body = UpdateWeightsRequest.model_validate(await _json(request))
-            message = await engine.run(engine.generator.load_weights, body.model_path, body.weight_version)
+            message = await engine.run(
+                engine.generator.load_weights, body.model_path, body.weight_version
+            )
         except (ValidationError, RequestError, ValueError) as err:
             text = validation_message(err) if isinstance(err, ValidationError) else str(err)
-            return JSONResponse({"success": False, "message": text, "num_paused_requests": 0}, status_code=400)
+            return JSONResponse(
+                {"success": False, "message": text, "num_paused_requests": 0}, status_code=400
+            )
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
 
     @app.post("/generate")
@@ -151,7 +167,9 @@ def create_app(
                 return _error(400, f"{f'[{i}] ' if body.is_batch else ''}{err}")
         work = await engine.submit(seqs, stream=body.stream)
         if body.stream:
-            return StreamingResponse(sse_events(work, body.is_batch, _dumps), media_type="text/event-stream")
+            return StreamingResponse(
+                sse_events(work, body.is_batch, _dumps), media_type="text/event-stream"
+            )
         try:
             outputs = await work.future
         except Exception as err:
@@ -182,26 +200,46 @@ def serve(
     """Run the server in the foreground until interrupted (what `opd serve` calls)."""
     import uvicorn
 
-    uvicorn.run(create_app(model_path, api_key=api_key, **app_kwargs), host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        create_app(model_path, api_key=api_key, **app_kwargs),
+        host=host,
+        port=port,
+        log_level=log_level,
+    )
 
 
 def build_parser():
     import argparse
 
     # sglang.launch_server's flag names, so one launcher command line drives both servers.
-    parser = argparse.ArgumentParser(prog="python -m opd_core.engine.server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m opd_core.engine.server", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--api-key", default=None)
-    parser.add_argument("--tp-size", type=int, default=1, help="must be 1: the built-in server runs on one device")
-    parser.add_argument("--mem-fraction-static", type=float, default=None, help="accepted for sglang compatibility; unused")
+    parser.add_argument(
+        "--tp-size", type=int, default=1, help="must be 1: the built-in server runs on one device"
+    )
+    parser.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=None,
+        help="accepted for sglang compatibility; unused",
+    )
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--random-seed", type=int, default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default=None)
-    parser.add_argument("--max-running-requests", type=int, default=64, help="most sequences in one batch")
-    parser.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to gather a batch")
+    parser.add_argument(
+        "--max-running-requests", type=int, default=64, help="most sequences in one batch"
+    )
+    parser.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long to gather a batch"
+    )
     parser.add_argument("--log-level", default="info")
     return parser
 
@@ -209,8 +247,12 @@ def build_parser():
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.tp_size != 1:
-        raise SystemExit("--tp-size: the built-in server runs on one device; use backend sglang for tensor parallelism")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        raise SystemExit(
+            "--tp-size: the built-in server runs on one device; use backend sglang for tensor parallelism"
+        )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     serve(
         args.model_path,
         host=args.host,

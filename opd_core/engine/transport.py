@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 try:  # orjson (a Prefect dependency) decodes the big logprob lists several times faster
     from orjson import loads as _loads
@@ -61,12 +67,18 @@ class FailoverTransport:
         self.urls = [u.strip().rstrip("/") for u in urls if u.strip()]
         if not self.urls:
             raise ValueError("urls: give at least one engine URL")
-        self.max_retries, self.backoff_initial, self.backoff_max = max_retries, backoff_initial, backoff_max
+        self.max_retries, self.backoff_initial, self.backoff_max = (
+            max_retries,
+            backoff_initial,
+            backoff_max,
+        )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(
             timeout=timeout,
             headers=headers,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            limits=httpx.Limits(
+                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+            ),
         )
         self._offset = itertools.count()
         self._failed_at: dict[str, float] = {}
@@ -93,7 +105,10 @@ class FailoverTransport:
                 errors.append(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
                 continue
             if response.status_code >= 400:
-                raise EngineRequestError(f"{url}{path}: HTTP {response.status_code}: {response.text[:1000]}", response.status_code)
+                raise EngineRequestError(
+                    f"{url}{path}: HTTP {response.status_code}: {response.text[:1000]}",
+                    response.status_code,
+                )
             return response
         raise _Retryable("; ".join(errors))
 
@@ -113,7 +128,11 @@ class FailoverTransport:
                 with attempt:
                     response = self._once(method, path, payload)
                     try:
-                        answer = _loads(response.content) if "json" in response.headers.get("content-type", "") else response.text
+                        answer = (
+                            _loads(response.content)
+                            if "json" in response.headers.get("content-type", "")
+                            else response.text
+                        )
                         if check is not None:
                             check(answer)
                     except ValueError as err:
@@ -121,7 +140,9 @@ class FailoverTransport:
                     return answer
         except RetryError as err:
             cause = err.last_attempt.exception()
-            raise EngineError(f"{method} {path} failed after {self.max_retries + 1} attempts on {self.urls}: {cause}") from None
+            raise EngineError(
+                f"{method} {path} failed after {self.max_retries + 1} attempts on {self.urls}: {cause}"
+            ) from None
 
     def close(self) -> None:
         self.http.close()

@@ -49,8 +49,12 @@ def resolve_iteration_dir(root: str | Path, step: int | None = None) -> Path:
         step = None if text == "release" else int(text)
     path = root / iteration_dir_name(step)
     if not (path / "metadata.json").is_file():
-        available = sorted(p.name for p in root.iterdir() if p.name.startswith(("iter_", "release")))
-        raise ArtifactError(f"no torch_dist checkpoint at {path} (available: {available or 'none'})")
+        available = sorted(
+            p.name for p in root.iterdir() if p.name.startswith(("iter_", "release"))
+        )
+        raise ArtifactError(
+            f"no torch_dist checkpoint at {path} (available: {available or 'none'})"
+        )
     return path
 
 
@@ -58,8 +62,13 @@ def list_steps(root: str | Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in Path(root).glob("iter_*") if p.name[5:].isdigit())
 
 
-def save_model(model, root: str | Path, step: int | None, extra: Callable[[Path], None] | None = None,
-               sharded_extra: dict | None = None) -> Path:
+def save_model(
+    model,
+    root: str | Path,
+    step: int | None,
+    extra: Callable[[Path], None] | None = None,
+    sharded_extra: dict | None = None,
+) -> Path:
     """Collective: every rank writes its shards. The iteration dir appears only when complete.
 
     `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
@@ -101,14 +110,16 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
     _check_same_tensors(sharded, path)
     try:
         state = dist_checkpointing.load(sharded, str(path))
-    except Exception as err:  # noqa: BLE001 - re-raised with the path and a hint
+    except Exception as err:
         raise ArtifactError(
             f"cannot load {path} into this model (different architecture or sizes?): {type(err).__name__}: {err}"
         ) from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise ArtifactError(f"{path}: missing parameters {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArtifactError(
+            f"{path}: missing parameters {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return path
 
 
@@ -122,8 +133,13 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    stored = {name: tuple(meta.size) for name, meta in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
-              if isinstance(meta, TensorStorageMetadata) and not name.startswith("optimizer")}
+    stored = {
+        name: tuple(meta.size)
+        for name, meta in dcp.FileSystemReader(str(path))
+        .read_metadata()
+        .state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not name.startswith("optimizer")
+    }
     wanted = {}
     for item in sharded.values():
         if type(item).__name__ == "ShardedTensor":
@@ -131,16 +147,27 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
         elif type(item).__name__ == "ShardedTensorFactory":
             wanted.setdefault(item.key, None)
     whole_model = set(wanted)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # under PP a rank asks only for its stage's tensors
+    if (
+        dist.is_initialized() and dist.get_world_size() > 1
+    ):  # under PP a rank asks only for its stage's tensors
         stages: list = [None] * dist.get_world_size()
         dist.all_gather_object(stages, sorted(wanted))
         whole_model = set().union(*stages)
-    problems = [f"{name}: in the checkpoint, not in the model" for name in sorted(set(stored) - whole_model)]
-    problems += [f"{name}: in the model, not in the checkpoint" for name in sorted(set(wanted) - set(stored))]
-    problems += [f"{name}: checkpoint shape {stored[name]}, model shape {shape}" for name, shape in wanted.items()
-                 if shape is not None and name in stored and stored[name] != shape]
+    problems = [
+        f"{name}: in the checkpoint, not in the model" for name in sorted(set(stored) - whole_model)
+    ]
+    problems += [
+        f"{name}: in the model, not in the checkpoint" for name in sorted(set(wanted) - set(stored))
+    ]
+    problems += [
+        f"{name}: checkpoint shape {stored[name]}, model shape {shape}"
+        for name, shape in wanted.items()
+        if shape is not None and name in stored and stored[name] != shape
+    ]
     if problems:
-        raise ArtifactError(f"{path} does not hold this model (wrong HF config?):\n  " + "\n  ".join(problems[:8]))
+        raise ArtifactError(
+            f"{path} does not hold this model (wrong HF config?):\n  " + "\n  ".join(problems[:8])
+        )
 
 
 def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -179,6 +206,8 @@ def store_hf_config(root: str | Path, hf_dir: str | Path) -> None:
 def stored_hf_config_dir(root: str | Path) -> Path:
     path = Path(root) / HF_CONFIG_DIR
     if not (path / "config.json").is_file():
-        raise ArtifactError(f"{path / 'config.json'} is missing: convert the checkpoint with hf_to_torch_dist "
-                            "(it stores the HF config next to the weights)")
+        raise ArtifactError(
+            f"{path / 'config.json'} is missing: convert the checkpoint with hf_to_torch_dist "
+            "(it stores the HF config next to the weights)"
+        )
     return path

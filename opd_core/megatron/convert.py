@@ -24,8 +24,15 @@ from opd_core.megatron import checkpoint, mapping
 
 # Tokenizer and generation files copied next to exported weights.
 HF_SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
 )
 
 
@@ -64,7 +71,9 @@ def _ensure_process_group() -> None:
         raise RuntimeError("conversion runs on one rank; call it outside a multi-rank job")
 
 
-def load_hf_into_model(model, hf_dir: str | Path, hf_config: Any, hf_state: dict | None = None) -> None:
+def load_hf_into_model(
+    model, hf_dir: str | Path, hf_config: Any, hf_state: dict | None = None
+) -> None:
     """Copy HF weights into a TP=1 GPTModel."""
     megatron_tensors = mapping.hf_to_megatron(hf_state or read_hf_state_dict(hf_dir), hf_config)
     state = mapping.megatron_to_model_state_dict(megatron_tensors, model)
@@ -75,7 +84,9 @@ def load_hf_into_model(model, hf_dir: str | Path, hf_config: Any, hf_state: dict
         raise ArtifactError(f"{hf_dir}: no HF tensor for Megatron parameters {missing[:5]}")
 
 
-def hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, step: int | None = 0, dtype: torch.dtype | None = None) -> Path:
+def hf_to_torch_dist(
+    hf_dir: str | Path, out_dir: str | Path, step: int | None = 0, dtype: torch.dtype | None = None
+) -> Path:
     """Convert an HF Qwen3/Qwen2 dir to Megatron-LM layout under out_dir (step None = release/).
 
     `dtype` None keeps the HF weights' dtype.
@@ -98,15 +109,24 @@ def hf_to_torch_dist(hf_dir: str | Path, out_dir: str | Path, step: int | None =
 
 
 def torch_dist_to_hf(
-    ckpt_dir: str | Path, hf_config_dir: str | Path, out_dir: str | Path, step: int | None = None,
+    ckpt_dir: str | Path,
+    hf_config_dir: str | Path,
+    out_dir: str | Path,
+    step: int | None = None,
     max_shard_size: str | int = "5GB",
 ) -> Path:
     """Write HF safetensors (sharded + index) from a torch_dist checkpoint; copy config/tokenizer."""
-    return write_hf_dir(checkpoint.read_global_tensors(ckpt_dir, step), hf_config_dir, out_dir, max_shard_size)
+    return write_hf_dir(
+        checkpoint.read_global_tensors(ckpt_dir, step), hf_config_dir, out_dir, max_shard_size
+    )
 
 
-def write_hf_dir(megatron_tensors: dict[str, torch.Tensor], hf_config_dir: str | Path, out_dir: str | Path,
-                 max_shard_size: str | int = "5GB") -> Path:
+def write_hf_dir(
+    megatron_tensors: dict[str, torch.Tensor],
+    hf_config_dir: str | Path,
+    out_dir: str | Path,
+    max_shard_size: str | int = "5GB",
+) -> Path:
     """Megatron global tensors -> an HF model dir (safetensors shards + index, config, tokenizer)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -121,10 +141,20 @@ def write_hf_dir(megatron_tensors: dict[str, torch.Tensor], hf_config_dir: str |
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for filename, names in split.filename_to_tensors.items():
-            save_file({n: hf_state[n].contiguous() for n in names}, tmp / filename, metadata={"format": "pt"})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf_state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            save_file(
+                {n: hf_state[n].contiguous() for n in names},
+                tmp / filename,
+                metadata={"format": "pt"},
+            )
+        index = {
+            "metadata": {
+                "total_size": sum(t.numel() * t.element_size() for t in hf_state.values())
+            },
+            "weight_map": split.tensor_to_filename,
+        }
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True)
+        )
         for name in HF_SIDE_FILES:
             if (Path(hf_config_dir) / name).is_file():
                 shutil.copy2(Path(hf_config_dir) / name, tmp / name)
@@ -141,8 +171,14 @@ def _check_shapes(hf_state: dict[str, torch.Tensor], hf_config: Any, where: Any)
 
 
 @torch.no_grad()
-def check_parity(hf_dir: str | Path, ckpt_dir: str | Path, batch_size: int = 2, seq_len: int = 16, seed: int = 0,
-                 step: int | None = None) -> dict:
+def check_parity(
+    hf_dir: str | Path,
+    ckpt_dir: str | Path,
+    batch_size: int = 2,
+    seq_len: int = 16,
+    seed: int = 0,
+    step: int | None = None,
+) -> dict:
     """Max |logits| difference between the HF model (fp32) and the converted Megatron model."""
     from transformers import AutoModelForCausalLM
 

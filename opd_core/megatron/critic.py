@@ -38,7 +38,7 @@ class ValueHead(torch.nn.Linear):
 
     sequence_parallel = False  # GPTModel reads this attribute of its output layer
 
-    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):  # noqa: ARG002
+    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         # GPTModel passes the (tied) embedding as `weight` when sharing; the critic never shares.
         return super().forward(hidden_states), None
 
@@ -52,7 +52,9 @@ def build_critic_model(hf_config: Any, dtype: torch.dtype | None = None):
     model = build_gpt_model(untied, dtype=dtype)
     if model.post_process:  # the last pipeline stage holds the head
         reference = model.output_layer.weight
-        head = ValueHead(hf_config.hidden_size, 1, bias=True, device=reference.device, dtype=reference.dtype)
+        head = ValueHead(
+            hf_config.hidden_size, 1, bias=True, device=reference.device, dtype=reference.dtype
+        )
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
         model.output_layer = head  # frees the [vocab/tp, hidden] output layer
@@ -67,9 +69,13 @@ def copy_trunk_from_student(critic, student) -> None:
     """
     trunk = {k: v for k, v in student.state_dict().items() if not k.startswith(VALUE_HEAD_PREFIX)}
     missing, unexpected = critic.load_state_dict(trunk, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(VALUE_HEAD_PREFIX)]
+    missing = [
+        k for k in missing if not k.endswith("_extra_state") and not k.startswith(VALUE_HEAD_PREFIX)
+    ]
     if missing or unexpected:
-        raise ValueError(f"critic and student trunks differ: critic lacks {unexpected[:5]}, student lacks {missing[:5]}")
+        raise ValueError(
+            f"critic and student trunks differ: critic lacks {unexpected[:5]}, student lacks {missing[:5]}"
+        )
 
 
 def save_critic(critic, directory: str | Path) -> None:
@@ -89,13 +95,20 @@ def load_critic(critic, directory: str | Path) -> None:
     """Load a critic written by `save_critic` (any TP size: the head is replicated)."""
     from opd_core.megatron import checkpoint
 
-    checkpoint.load_model(critic, directory)  # a bare dist_checkpointing dir; checks names and shapes
+    checkpoint.load_model(
+        critic, directory
+    )  # a bare dist_checkpointing dir; checks names and shapes
 
 
-def response_values(output: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
+def response_values(
+    output: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> list[torch.Tensor]:
     """V at every response position from the critic's last-stage output [b, s, 1]: list of
     [len(response_i)] fp32 tensors (gradients flow)."""
     from opd_core.megatron.model import response_spans
 
     values_all = output[..., 0].float()  # [b, s]
-    return [values_all[row, start:end] for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))]
+    return [
+        values_all[row, start:end]
+        for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
+    ]

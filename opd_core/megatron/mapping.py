@@ -53,7 +53,12 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Any) -> tor
     groups, q_per_group, dim = _heads(cfg)
     rest = q.shape[1:]
     fused = torch.cat(
-        [q.reshape(groups, q_per_group * dim, *rest), k.reshape(groups, dim, *rest), v.reshape(groups, dim, *rest)], dim=1
+        [
+            q.reshape(groups, q_per_group * dim, *rest),
+            k.reshape(groups, dim, *rest),
+            v.reshape(groups, dim, *rest),
+        ],
+        dim=1,
     )
     return fused.reshape(groups * (q_per_group + 2) * dim, *rest)
 
@@ -75,25 +80,36 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
     family = model_family(cfg)
     missing = [name for name in _expected_hf_names(cfg) if name not in hf]
     if missing:
-        raise KeyError(f"HF checkpoint is missing {len(missing)} tensors for {family}, e.g. {missing[:3]}")
+        raise KeyError(
+            f"HF checkpoint is missing {len(missing)} tensors for {family}, e.g. {missing[:3]}"
+        )
     layers = range(cfg.num_hidden_layers)
-    stack = lambda fn: torch.stack([fn(i) for i in layers])  # noqa: E731
-    attn = lambda i, name: hf[f"model.layers.{i}.self_attn.{name}"]  # noqa: E731
+    stack = lambda fn: torch.stack([fn(i) for i in layers])
+    attn = lambda i, name: hf[f"model.layers.{i}.self_attn.{name}"]
     out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
     for mg_name, hf_name in DIRECT_LAYER_NAMES.items():
-        out[LAYERS + mg_name] = stack(lambda i: hf[f"model.layers.{i}.{hf_name}"])
+        out[LAYERS + mg_name] = stack(lambda i: hf[f"model.layers.{i}.{hf_name}"])  # noqa: B023 - called at once
     out[LAYERS + "self_attention.linear_qkv.weight"] = stack(
-        lambda i: fuse_qkv(attn(i, "q_proj.weight"), attn(i, "k_proj.weight"), attn(i, "v_proj.weight"), cfg)
+        lambda i: fuse_qkv(
+            attn(i, "q_proj.weight"), attn(i, "k_proj.weight"), attn(i, "v_proj.weight"), cfg
+        )
     )
     if family == "qwen2":
         out[LAYERS + "self_attention.linear_qkv.bias"] = stack(
-            lambda i: fuse_qkv(attn(i, "q_proj.bias"), attn(i, "k_proj.bias"), attn(i, "v_proj.bias"), cfg)
+            lambda i: fuse_qkv(
+                attn(i, "q_proj.bias"), attn(i, "k_proj.bias"), attn(i, "v_proj.bias"), cfg
+            )
         )
     if family == "qwen3":
         for mg_name, hf_name in QK_NORM_NAMES.items():
-            out[LAYERS + mg_name] = stack(lambda i: hf[f"model.layers.{i}.{hf_name}"])
+            out[LAYERS + mg_name] = stack(lambda i: hf[f"model.layers.{i}.{hf_name}"])  # noqa: B023 - called at once
     out[LAYERS + "mlp.linear_fc1.weight"] = stack(
-        lambda i: torch.cat([hf[f"model.layers.{i}.mlp.gate_proj.weight"], hf[f"model.layers.{i}.mlp.up_proj.weight"]])
+        lambda i: torch.cat(
+            [
+                hf[f"model.layers.{i}.mlp.gate_proj.weight"],
+                hf[f"model.layers.{i}.mlp.up_proj.weight"],
+            ]
+        )
     )
     out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
     if not cfg.tie_word_embeddings:
@@ -107,19 +123,34 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
     hf = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        layer = lambda name: mg[LAYERS + name][i]  # noqa: E731
+        layer = lambda name: mg[LAYERS + name][i]  # noqa: B023 - used in this iteration only
         for mg_name, hf_name in DIRECT_LAYER_NAMES.items():
             hf[prefix + hf_name] = layer(mg_name).contiguous()
         q, k, v = split_qkv(layer("self_attention.linear_qkv.weight"), cfg)
-        hf.update({prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k, prefix + "self_attn.v_proj.weight": v})
+        hf.update(
+            {
+                prefix + "self_attn.q_proj.weight": q,
+                prefix + "self_attn.k_proj.weight": k,
+                prefix + "self_attn.v_proj.weight": v,
+            }
+        )
         if family == "qwen2":
             q, k, v = split_qkv(layer("self_attention.linear_qkv.bias"), cfg)
-            hf.update({prefix + "self_attn.q_proj.bias": q, prefix + "self_attn.k_proj.bias": k, prefix + "self_attn.v_proj.bias": v})
+            hf.update(
+                {
+                    prefix + "self_attn.q_proj.bias": q,
+                    prefix + "self_attn.k_proj.bias": k,
+                    prefix + "self_attn.v_proj.bias": v,
+                }
+            )
         if family == "qwen3":
             for mg_name, hf_name in QK_NORM_NAMES.items():
                 hf[prefix + hf_name] = layer(mg_name).contiguous()
         gate, up = torch.chunk(layer("mlp.linear_fc1.weight"), 2, dim=0)
-        hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        hf[prefix + "mlp.gate_proj.weight"], hf[prefix + "mlp.up_proj.weight"] = (
+            gate.contiguous(),
+            up.contiguous(),
+        )
     hf["model.norm.weight"] = mg["decoder.final_layernorm.weight"]
     if not cfg.tie_word_embeddings:
         hf["lm_head.weight"] = mg["output_layer.weight"]
@@ -128,11 +159,19 @@ def megatron_to_hf(mg: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Ten
 
 def _expected_hf_names(cfg: Any) -> list[str]:
     family = model_family(cfg)
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + (
+        [] if cfg.tie_word_embeddings else ["lm_head.weight"]
+    )
     per_layer = list(DIRECT_LAYER_NAMES.values()) + [f"self_attn.{p}_proj.weight" for p in "qkv"]
     per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up")]
-    per_layer += [f"self_attn.{p}_proj.bias" for p in "qkv"] if family == "qwen2" else list(QK_NORM_NAMES.values())
-    return names + [f"model.layers.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in per_layer]
+    per_layer += (
+        [f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if family == "qwen2"
+        else list(QK_NORM_NAMES.values())
+    )
+    return names + [
+        f"model.layers.{i}.{n}" for i in range(cfg.num_hidden_layers) for n in per_layer
+    ]
 
 
 def megatron_to_model_state_dict(mg: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
@@ -143,7 +182,7 @@ def megatron_to_model_state_dict(mg: dict[str, torch.Tensor], model) -> dict[str
         if not name.startswith(LAYERS):
             out[name] = tensor
             continue
-        sub = name[len(LAYERS):]
+        sub = name[len(LAYERS) :]
         for i in range(tensor.shape[0]):
             key = f"{LAYERS}{i}.{sub}"
             if key not in model_keys and sub in LOCAL_SPEC_ALIASES:
@@ -166,7 +205,7 @@ def model_state_dict_to_megatron(model, num_layers: int) -> dict[str, torch.Tens
         if not key.startswith(LAYERS):
             out[key] = tensor.detach()
             continue
-        index, sub = key[len(LAYERS):].split(".", 1)
+        index, sub = key[len(LAYERS) :].split(".", 1)
         sub = reverse_alias.get(sub, sub)
         per_layer.setdefault(sub, [None] * num_layers)[int(index)] = tensor.detach()
     out.update({LAYERS + sub: torch.stack(tensors) for sub, tensors in per_layer.items()})

@@ -36,7 +36,9 @@ def model_family(hf_config: Any) -> str:
     """'qwen3' or 'qwen2'; a clear error for anything else."""
     archs = list(getattr(hf_config, "architectures", None) or [])
     model_type = getattr(hf_config, "model_type", None)
-    supported = ", ".join(f"{a} (dense)" if a.startswith("Qwen3") else f"{a}" for a in SUPPORTED_ARCHITECTURES)
+    supported = ", ".join(
+        f"{a} (dense)" if a.startswith("Qwen3") else f"{a}" for a in SUPPORTED_ARCHITECTURES
+    )
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             family = SUPPORTED_ARCHITECTURES[arch]
@@ -48,19 +50,32 @@ def model_family(hf_config: Any) -> str:
             name = archs[0] if archs else f"model_type={model_type!r}"
             raise UnsupportedModelError(f"unsupported architecture {name}; supported: {supported}")
     if getattr(hf_config, "num_experts", 0) or getattr(hf_config, "num_local_experts", 0):
-        raise UnsupportedModelError(f"mixture-of-experts models are not supported; supported: {supported}")
-    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        raise UnsupportedModelError(
+            f"mixture-of-experts models are not supported; supported: {supported}"
+        )
+    rope = (
+        getattr(hf_config, "rope_parameters", None)
+        or getattr(hf_config, "rope_scaling", None)
+        or {}
+    )
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise UnsupportedModelError(f"rope scaling {rope!r} is not supported (only the default rope)")
+        raise UnsupportedModelError(
+            f"rope scaling {rope!r} is not supported (only the default rope)"
+        )
     if getattr(hf_config, "use_sliding_window", False):
-        raise UnsupportedModelError("sliding-window attention (use_sliding_window=true) is not supported")
+        raise UnsupportedModelError(
+            "sliding-window attention (use_sliding_window=true) is not supported"
+        )
     if family == "qwen3" and getattr(hf_config, "attention_bias", False):
         raise UnsupportedModelError("Qwen3 with attention_bias=true is not supported")
     return family
 
 
 def hf_head_dim(hf_config: Any) -> int:
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return (
+        getattr(hf_config, "head_dim", None)
+        or hf_config.hidden_size // hf_config.num_attention_heads
+    )
 
 
 def hf_rope_theta(hf_config: Any) -> float:
@@ -69,7 +84,9 @@ def hf_rope_theta(hf_config: Any) -> float:
     return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
-def build_transformer_config(hf_config: Any, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None):
+def build_transformer_config(
+    hf_config: Any, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None
+):
     from megatron.core.transformer import TransformerConfig
 
     family = model_family(hf_config)
@@ -122,9 +139,10 @@ def _layer_spec(config) -> Any:
 
     if torch.cuda.is_available():
         try:  # TE kernels when present; the state-dict names are identical (TE naming).
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
             import transformer_engine  # noqa: F401
+            from megatron.core.models.gpt.gpt_layer_specs import (
+                get_gpt_layer_with_transformer_engine_spec,
+            )
 
             return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         except ImportError:
@@ -137,11 +155,14 @@ def check_parallel_layout(hf_config: Any, tp: int, pp: int, what: str | None = N
     name = what or getattr(hf_config, "_name_or_path", "") or "the model"
     problems = [
         f"tensor_model_parallel_size {tp} does not divide {field} {getattr(hf_config, field)}"
-        for field in ("num_attention_heads", "num_key_value_heads") if getattr(hf_config, field) % tp
+        for field in ("num_attention_heads", "num_key_value_heads")
+        if getattr(hf_config, field) % tp
     ]
     if hf_config.num_hidden_layers % pp:
-        problems.append(f"pipeline_model_parallel_size {pp} does not divide num_hidden_layers "
-                        f"{hf_config.num_hidden_layers} (every stage holds the same number of layers)")
+        problems.append(
+            f"pipeline_model_parallel_size {pp} does not divide num_hidden_layers "
+            f"{hf_config.num_hidden_layers} (every stage holds the same number of layers)"
+        )
     if problems:
         raise ValueError(f"train.parallel does not fit {name}: " + "; ".join(problems))
 
@@ -192,16 +213,28 @@ def check_config_matches(hf_config: Any, model) -> None:
         "num_key_value_heads": (hf_config.num_key_value_heads, config.num_query_groups),
         "head_dim": (hf_head_dim(hf_config), config.kv_channels),
         "rms_norm_eps": (hf_config.rms_norm_eps, config.layernorm_epsilon),
-        "tie_word_embeddings": (bool(hf_config.tie_word_embeddings), model.share_embeddings_and_output_weights),
+        "tie_word_embeddings": (
+            bool(hf_config.tie_word_embeddings),
+            model.share_embeddings_and_output_weights,
+        ),
         "qk_norm (Qwen3)": (model_family(hf_config) == "qwen3", config.qk_layernorm),
         "qkv bias (Qwen2)": (model_family(hf_config) == "qwen2", config.add_qkv_bias),
     }
     if built_theta is not None:
         theta = hf_rope_theta(hf_config)
-        expected["rope_theta"] = (theta, theta if abs(built_theta - theta) <= 1e-3 * theta else built_theta)
-    wrong = [f"{name}: HF config has {hf}, Megatron model has {built}" for name, (hf, built) in expected.items() if hf != built]
+        expected["rope_theta"] = (
+            theta,
+            theta if abs(built_theta - theta) <= 1e-3 * theta else built_theta,
+        )
+    wrong = [
+        f"{name}: HF config has {hf}, Megatron model has {built}"
+        for name, (hf, built) in expected.items()
+        if hf != built
+    ]
     if wrong:
-        raise ConfigMismatchError("Megatron model does not match the HF config:\n  " + "\n  ".join(wrong))
+        raise ConfigMismatchError(
+            "Megatron model does not match the HF config:\n  " + "\n  ".join(wrong)
+        )
 
 
 # ------------------------------------------------------------------------------ forward
@@ -230,17 +263,23 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return model(input_ids=ids, position_ids=positions, attention_mask=mask)
 
 
-def response_spans(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[tuple[int, int]]:
+def response_spans(
+    prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> list[tuple[int, int]]:
     """(start, end) of each sample's response in the output positions: position t predicts token t+1."""
     spans = []
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         if len(prompt) == 0:
-            raise ValueError(f"sample {row}: empty prompt (the first response token needs a prefix)")
+            raise ValueError(
+                f"sample {row}: empty prompt (the first response token needs a prefix)"
+            )
         spans.append((len(prompt) - 1, len(prompt) + len(response) - 1))
     return spans
 
 
-def response_logprobs(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[torch.Tensor]:
+def response_logprobs(
+    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> list[torch.Tensor]:
     """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
 
     `logits` is the last stage's output for `pad_batch(prompt_ids, response_ids)`. Gradients
@@ -251,11 +290,15 @@ def response_logprobs(logits: torch.Tensor, prompt_ids: list[list[int]], respons
 
     logits = logits.float()  # [b, s, v/tp]
     spans = response_spans(prompt_ids, response_ids)
-    targets = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)  # outside the spans: unused
+    targets = torch.zeros(
+        logits.shape[:2], dtype=torch.long, device=logits.device
+    )  # outside the spans: unused
     for row, ((start, end), response) in enumerate(zip(spans, response_ids)):
         targets[row, start:end] = torch.as_tensor(list(response), dtype=torch.long)
     # vocab_parallel_cross_entropy wants [s, b, v] and [s, b].
-    nll = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), targets.t().contiguous())
+    nll = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.transpose(0, 1).contiguous(), targets.t().contiguous()
+    )
     return [-nll[start:end, row] for row, (start, end) in enumerate(spans)]
 
 
@@ -276,11 +319,18 @@ def response_entropy(
     """Entropy of the next-token distribution at every response position, from
     `full_vocab_logprobs` (gradients flow)."""
     entropy_all = -(full_logprobs.exp() * full_logprobs).sum(-1)
-    return [entropy_all[row, start:end] for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))]
+    return [
+        entropy_all[row, start:end]
+        for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
+    ]
 
 
-def response_logprobs_of(full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                         token_ids: list) -> list[torch.Tensor]:
+def response_logprobs_of(
+    full_logprobs: torch.Tensor,
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    token_ids: list,
+) -> list[torch.Tensor]:
     """Log-probs of given tokens at every response position, from `full_vocab_logprobs` (top-k
     OPD: the teacher's top-k ids, per sample a [len(response_i), k] array): list of
     [len(response_i), k] tensors (gradients flow)."""
@@ -288,12 +338,16 @@ def response_logprobs_of(full_logprobs: torch.Tensor, prompt_ids: list[list[int]
     for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
         # torch.tensor copies: arrays arriving through Ray are read-only. Already [t, k] (a
         # reshape to (t, -1) could not size an empty response's [0, k]).
-        index = torch.tensor(np.asarray(token_ids[row]), dtype=torch.long, device=full_logprobs.device)
+        index = torch.tensor(
+            np.asarray(token_ids[row]), dtype=torch.long, device=full_logprobs.device
+        )
         out.append(full_logprobs[row, start:end].gather(-1, index))
     return out
 
 
-def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int):
+def response_topk(
+    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int
+):
     """The model's k most likely tokens at every response position (top-k OPD, opd_type=megatron).
 
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
@@ -301,10 +355,17 @@ def response_topk(logits: torch.Tensor, prompt_ids: list[list[int]], response_id
     """
     full_logprobs = full_vocab_logprobs(logits)
     top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
-    sampled = response_logprobs_of(full_logprobs, prompt_ids, response_ids,
-                                   [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids])
+    sampled = response_logprobs_of(
+        full_logprobs,
+        prompt_ids,
+        response_ids,
+        [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids],
+    )
     return [
-        (sampled[row][:, 0].cpu().numpy(), top_ids[row, start:end].to(torch.int32).cpu().numpy(),
-         top_logprobs[row, start:end].cpu().numpy())
+        (
+            sampled[row][:, 0].cpu().numpy(),
+            top_ids[row, start:end].to(torch.int32).cpu().numpy(),
+            top_logprobs[row, start:end].cpu().numpy(),
+        )
         for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
     ]

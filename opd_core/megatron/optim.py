@@ -25,19 +25,34 @@ class ModelOptimizer:
     def __init__(self, model, optimizer, train_cfg, megatron: bool):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.model, self.optimizer, self.clip_grad, self.megatron = model, optimizer, train_cfg.clip_grad, megatron
+        self.model, self.optimizer, self.clip_grad, self.megatron = (
+            model,
+            optimizer,
+            train_cfg.clip_grad,
+            megatron,
+        )
         decay_iters = train_cfg.lr_decay_iters  # TrainerGroup resolves None to the run's length
         if decay_iters is None and train_cfg.lr_decay_style != "constant":
-            raise ValueError(f"train.lr_decay_style={train_cfg.lr_decay_style} needs train.lr_decay_iters resolved")
+            raise ValueError(
+                f"train.lr_decay_style={train_cfg.lr_decay_style} needs train.lr_decay_iters resolved"
+            )
         decay_iters = decay_iters or 1
         # override: a resumed run follows the schedule of its (possibly longer) current config
         # from the restored step count, instead of the one stored in the checkpoint.
         self.scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=train_cfg.lr_warmup_init, max_lr=train_cfg.lr, min_lr=train_cfg.min_lr,
-            lr_warmup_steps=train_cfg.lr_warmup_iters, lr_decay_steps=max(decay_iters, train_cfg.lr_warmup_iters + 1),
-            lr_decay_style=train_cfg.lr_decay_style, start_wd=train_cfg.weight_decay, end_wd=train_cfg.weight_decay,
-            wd_incr_steps=1, wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+            optimizer,
+            init_lr=train_cfg.lr_warmup_init,
+            max_lr=train_cfg.lr,
+            min_lr=train_cfg.min_lr,
+            lr_warmup_steps=train_cfg.lr_warmup_iters,
+            lr_decay_steps=max(decay_iters, train_cfg.lr_warmup_iters + 1),
+            lr_decay_style=train_cfg.lr_decay_style,
+            start_wd=train_cfg.weight_decay,
+            end_wd=train_cfg.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
 
     @property
@@ -87,16 +102,22 @@ class ModelOptimizer:
 
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         torch.save(state, Path(directory) / f"optimizer_rank{rank:05d}.pt")
-        if self.megatron and hasattr(self.optimizer, "save_parameter_state"):  # pragma: no cover - CUDA
+        if self.megatron and hasattr(
+            self.optimizer, "save_parameter_state"
+        ):  # pragma: no cover - CUDA
             self.optimizer.save_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
     def load(self, directory, rank: int) -> None:
         from pathlib import Path
 
-        state = torch.load(Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+        state = torch.load(
+            Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.megatron and hasattr(self.optimizer, "load_parameter_state"):  # pragma: no cover - CUDA
+        if self.megatron and hasattr(
+            self.optimizer, "load_parameter_state"
+        ):  # pragma: no cover - CUDA
             self.optimizer.load_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
 
@@ -123,9 +144,16 @@ def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover
     )
     wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=train_cfg.lr, min_lr=train_cfg.min_lr, weight_decay=train_cfg.weight_decay,
-        adam_beta1=train_cfg.adam_beta1, adam_beta2=train_cfg.adam_beta2, adam_eps=1e-8,
-        clip_grad=train_cfg.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam",
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_eps=1e-8,
+        clip_grad=train_cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=True,
     )
     optimizer = get_megatron_optimizer(opt_config, [wrapped])
@@ -144,9 +172,14 @@ def _all_reduce_tensor_parallel_partial_grads(model) -> None:
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
     params = [
-        p for name, p in model.named_parameters()
-        if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name
-                                   or getattr(p, "average_gradients_across_tp_domain", False))
+        p
+        for name, p in model.named_parameters()
+        if p.grad is not None
+        and (
+            "q_layernorm" in name
+            or "k_layernorm" in name
+            or getattr(p, "average_gradients_across_tp_domain", False)
+        )
     ]
     if not params:
         return
@@ -164,7 +197,10 @@ def _all_reduce_tied_embedding_grads(model) -> None:
     last stage's copy of it (the output layer), so both copies take the same update."""
     from megatron.core import parallel_state
 
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1 or not parallel_state.is_rank_in_embedding_group():
+    if (
+        parallel_state.get_pipeline_model_parallel_world_size() == 1
+        or not parallel_state.is_rank_in_embedding_group()
+    ):
         return
     for p in model.parameters():
         if getattr(p, "shared_embedding", False) and p.grad is not None:
@@ -179,7 +215,9 @@ def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
     group = parallel_state.get_data_parallel_group()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)  # SUM: each rank's loss is already divided by the global token count
+    dist.all_reduce(
+        flat, group=group
+    )  # SUM: each rank's loss is already divided by the global token count
     for p, synced in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
         p.grad = synced.clone() if p.grad is None else p.grad.copy_(synced)
 
@@ -188,12 +226,16 @@ def _global_grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the full model's gradient: TP shards and PP stages summed, TP-replicated params
     and the last stage's copy of a tied embedding counted once."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.module import param_is_not_shared
     from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
 
     squared = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p):
+        if (
+            p.grad is not None
+            and param_is_not_tensor_parallel_duplicate(p)
+            and param_is_not_shared(p)
+        ):
             squared += p.grad.detach().double().pow(2).sum().cpu()
     if parallel_state.get_model_parallel_group().size() > 1:  # TP x PP
         dist.all_reduce(squared, group=parallel_state.get_model_parallel_group())

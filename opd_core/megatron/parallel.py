@@ -28,18 +28,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_distributed(
-    rank: int, world_size: int, master_addr: str, master_port: int, tp: int = 1, pp: int = 1, seed: int = 0
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 0,
 ) -> None:
     """Join the process group and set up Megatron's TP/PP/DP groups (dp = world // (tp*pp))."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by tensor_parallel {tp} x pipeline_parallel {pp}")
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel {tp} x pipeline_parallel {pp}"
+        )
     apply_cpu_shims()
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
+        torch.cuda.set_device(
+            int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        )
     if not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if cuda else "gloo",
@@ -49,7 +59,9 @@ def init_distributed(
             timeout=datetime.timedelta(minutes=30),
         )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
     torch.manual_seed(seed)
     if cuda:
         model_parallel_cuda_manual_seed(seed)

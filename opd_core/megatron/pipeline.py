@@ -28,7 +28,9 @@ import torch
 from opd_core.algorithm.batch import TrainBatch
 
 
-def _schedule(model, micro_batches: list[TrainBatch], on_output: Callable, forward_only: bool) -> list:
+def _schedule(
+    model, micro_batches: list[TrainBatch], on_output: Callable, forward_only: bool
+) -> list:
     """What the schedule's loss function returned for each micro-batch (on the last stage)."""
     from functools import partial
 
@@ -44,7 +46,11 @@ def _schedule(model, micro_batches: list[TrainBatch], on_output: Callable, forwa
         ids, mask, _ = pad_batch(micro.prompt_ids, micro.response_ids)
         return forward_logits(model, ids, mask), partial(on_output, micro=micro)
 
-    longest = max(len(p) + len(r) for micro in micro_batches for p, r in zip(micro.prompt_ids, micro.response_ids))
+    longest = max(
+        len(p) + len(r)
+        for micro in micro_batches
+        for p, r in zip(micro.prompt_ids, micro.response_ids)
+    )
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
@@ -57,7 +63,9 @@ def _schedule(model, micro_batches: list[TrainBatch], on_output: Callable, forwa
 
 
 @torch.no_grad()
-def run_forward(model, micro_batches: list[TrainBatch], per_sample: Callable[[torch.Tensor, TrainBatch], list]) -> list:
+def run_forward(
+    model, micro_batches: list[TrainBatch], per_sample: Callable[[torch.Tensor, TrainBatch], list]
+) -> list:
     """Forward only; the per-sample results of every micro-batch in order (on the last stage)."""
     no_tokens = torch.zeros((), dtype=torch.int)
 
@@ -65,11 +73,17 @@ def run_forward(model, micro_batches: list[TrainBatch], per_sample: Callable[[to
         return torch.zeros(()), no_tokens, per_sample(output, micro)
 
     model.eval()
-    return [row for rows in _schedule(model, micro_batches, on_output, forward_only=True) for row in rows]
+    return [
+        row
+        for rows in _schedule(model, micro_batches, on_output, forward_only=True)
+        for row in rows
+    ]
 
 
 def run_forward_backward(
-    model, micro_batches: list[TrainBatch], loss_of: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, Any]]]
+    model,
+    micro_batches: list[TrainBatch],
+    loss_of: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, Any]]],
 ) -> list[dict[str, Any]]:
     """Forward and backward over every micro-batch (gradients accumulate in the parameters);
     the metrics of each micro-batch in order (on the last stage)."""

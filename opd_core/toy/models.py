@@ -96,7 +96,9 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
     tokenizer = build_tokenizer(cfg.vocab_size)
     train, evaluation = make_toy_splits(cfg)
     train_prompts = chat_prompt_ids(tokenizer, train)
-    train_responses = [_response_ids(tokenizer, label) for label in train.column("label").to_pylist()]
+    train_responses = [
+        _response_ids(tokenizer, label) for label in train.column("label").to_pylist()
+    ]
     eval_prompts = chat_prompt_ids(tokenizer, evaluation)
     eval_labels = evaluation.column("label").to_pylist()
     max_new_tokens = max(len(r) for r in train_responses) + 2
@@ -104,9 +106,17 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
     # Teacher: all of train, until pass@1 on the eval split is high enough.
     teacher = _new_model(tokenizer, cfg.teacher, seed=cfg.seed)
     teacher_steps = _train(
-        teacher, cfg.teacher, list(zip(train_prompts, train_responses)), tokenizer, seed=cfg.seed,
-        should_stop=lambda m: greedy_pass_at_1(m, tokenizer, eval_prompts, eval_labels, max_new_tokens) >= cfg.teacher_min_pass_at_1,
-        desc="toy teacher", progress=progress,
+        teacher,
+        cfg.teacher,
+        list(zip(train_prompts, train_responses)),
+        tokenizer,
+        seed=cfg.seed,
+        should_stop=lambda m: (
+            greedy_pass_at_1(m, tokenizer, eval_prompts, eval_labels, max_new_tokens)
+            >= cfg.teacher_min_pass_at_1
+        ),
+        desc="toy teacher",
+        progress=progress,
     )
     teacher_pass = greedy_pass_at_1(teacher, tokenizer, eval_prompts, eval_labels, max_new_tokens)
     if teacher_pass < cfg.teacher_min_pass_at_1:
@@ -136,16 +146,30 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
         return accuracy >= low
 
     student_steps = _train(
-        student, cfg.student, sft_examples, tokenizer, seed=cfg.seed + 1,
-        should_stop=student_in_window, desc="toy student", progress=progress,
+        student,
+        cfg.student,
+        sft_examples,
+        tokenizer,
+        seed=cfg.seed + 1,
+        should_stop=student_in_window,
+        desc="toy student",
+        progress=progress,
     ) - sum(reverted)
     student_pass = greedy_pass_at_1(student, tokenizer, eval_prompts, eval_labels, max_new_tokens)
 
     save_hf_model(teacher, tokenizer, out / "teacher")
     save_hf_model(student, tokenizer, out / "student")
     return {
-        "teacher": {"pass_at_1": teacher_pass, "steps": teacher_steps, "parameters": _num_params(teacher)},
-        "student": {"pass_at_1": student_pass, "steps": student_steps, "parameters": _num_params(student)},
+        "teacher": {
+            "pass_at_1": teacher_pass,
+            "steps": teacher_steps,
+            "parameters": _num_params(teacher),
+        },
+        "student": {
+            "pass_at_1": student_pass,
+            "steps": student_steps,
+            "parameters": _num_params(student),
+        },
         "eval_prompts": len(eval_prompts),
         "config": cfg.model_dump(mode="json"),
     }
@@ -153,10 +177,14 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
 
 def _response_ids(tokenizer: PreTrainedTokenizerBase, label: str) -> list[int]:
     # The response ends with the end-of-turn token, which is the model's eos.
-    return tokenizer(target_response(label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(target_response(label), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
 
 
-def _new_model(tokenizer: PreTrainedTokenizerBase, spec: ToyModelSpec, seed: int) -> Qwen3ForCausalLM:
+def _new_model(
+    tokenizer: PreTrainedTokenizerBase, spec: ToyModelSpec, seed: int
+) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     shape = spec.model_dump(exclude={"train_steps", "batch_size", "lr", "check_every"})
     return Qwen3ForCausalLM(qwen3_config(tokenizer, **shape))
@@ -201,12 +229,23 @@ def _loss(examples, model, pad_id: int, shared: int) -> torch.Tensor:
     prefix = model(input_ids=batch["input_ids"][:1, :shared], use_cache=True).past_key_values
     prefix.batch_repeat_interleave(len(examples))
     return model(
-        input_ids=batch["input_ids"][:, shared:], attention_mask=batch["attention_mask"],
-        labels=batch["labels"][:, shared:], past_key_values=prefix,
+        input_ids=batch["input_ids"][:, shared:],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"][:, shared:],
+        past_key_values=prefix,
     ).loss
 
 
-def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, should_stop, desc: str, progress: bool) -> int:
+def _train(
+    model,
+    spec: ToyModelSpec,
+    examples,
+    tokenizer,
+    seed: int,
+    should_stop,
+    desc: str,
+    progress: bool,
+) -> int:
     """AdamW with linear warmup and cosine decay over `spec.train_steps`; returns steps taken.
 
     Every `spec.check_every` steps `should_stop(model)` runs; True ends training there.
@@ -215,7 +254,11 @@ def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, should_sto
     warmup = max(1, spec.train_steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / max(1, spec.train_steps))).item()),
+        lambda step: (
+            min(1.0, (step + 1) / warmup)
+            * 0.5
+            * (1 + torch.cos(torch.tensor(torch.pi * step / max(1, spec.train_steps))).item())
+        ),
     )
     generator = torch.Generator().manual_seed(seed)
     shared = _common_prefix_length([prompt for prompt, _ in examples])
@@ -240,8 +283,14 @@ def _train(model, spec: ToyModelSpec, examples, tokenizer, seed: int, should_sto
 
 
 @torch.no_grad()
-def greedy_pass_at_1(model, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[list[int]], labels: list[str],
-                     max_new_tokens: int, batch_size: int = 256) -> float:
+def greedy_pass_at_1(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    labels: list[str],
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> float:
     """Greedy accuracy with the math verifier, via HF `generate` on left-padded batches."""
     model.eval()
     correct = 0
@@ -254,10 +303,17 @@ def greedy_pass_at_1(model, tokenizer: PreTrainedTokenizerBase, prompt_ids: list
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
         out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        correct += sum(is_correct(text, label) for text, label in zip(texts, labels[start : start + batch_size]))
+        correct += sum(
+            is_correct(text, label)
+            for text, label in zip(texts, labels[start : start + batch_size])
+        )
     model.train()
     return correct / len(prompt_ids)

@@ -22,7 +22,13 @@ from opd_core.config import ToyConfig
 from opd_core.schemas import PROMPTS
 from opd_core.toy.tokenizer import DAPO_INSTRUCTION
 
-__all__ = ["make_toy_problems", "make_toy_splits", "problem_text", "target_response", "toy_prompt_table"]
+__all__ = [
+    "make_toy_problems",
+    "make_toy_splits",
+    "problem_text",
+    "target_response",
+    "toy_prompt_table",
+]
 
 
 def problem_text(a: int, op: str, b: int) -> str:
@@ -49,7 +55,10 @@ def make_toy_problems(cfg: ToyConfig) -> list[tuple[int, str, int]]:
     operand_count = len(operands)
     operations = sorted(set(cfg.operations))
     # Subtraction keeps a >= b, so it has n(n+1)/2 distinct problems, addition n^2.
-    sizes = {op: operand_count * operand_count if op == "+" else operand_count * (operand_count + 1) // 2 for op in operations}
+    sizes = {
+        op: operand_count * operand_count if op == "+" else operand_count * (operand_count + 1) // 2
+        for op in operations
+    }
     space = sum(sizes.values())
     total = cfg.num_train + cfg.num_eval
     if total > space:
@@ -60,7 +69,13 @@ def make_toy_problems(cfg: ToyConfig) -> list[tuple[int, str, int]]:
     rng = random.Random(cfg.seed)
     if space <= 1_000_000:
         # Small space: enumerate it and sample without replacement.
-        everything = [(a, op, b) for op in operations for a in operands for b in operands if op == "+" or a >= b]
+        everything = [
+            (a, op, b)
+            for op in operations
+            for a in operands
+            for b in operands
+            if op == "+" or a >= b
+        ]
         return rng.sample(everything, total)
     # Large space: rejection-sample distinct problems (collisions are rare here).
     seen: set[tuple[int, str, int]] = set()
@@ -80,7 +95,9 @@ def toy_prompt_table(problems: list[tuple[int, str, int]], start_index: int = 0)
     rows = {"index": [], "prompt": [], "label": []}
     for offset, (a, op, b) in enumerate(problems):
         rows["index"].append(start_index + offset)
-        rows["prompt"].append([{"role": "user", "content": DAPO_INSTRUCTION.format(problem=problem_text(a, op, b))}])
+        rows["prompt"].append(
+            [{"role": "user", "content": DAPO_INSTRUCTION.format(problem=problem_text(a, op, b))}]
+        )
         rows["label"].append(str(_solve(a, op, b)))
     return pa.Table.from_pydict(rows, schema=PROMPTS)
 

@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 DAPO_INSTRUCTION = (
     "Solve the following math problem step by step. The last line of your response should be "
     "of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem."
-    "\n\n{problem}\n\nRemember to put your answer on its own line after \"Answer:\""
+    '\n\n{problem}\n\nRemember to put your answer on its own line after "Answer:"'
 )
 
 
@@ -38,8 +38,11 @@ def _corpus() -> list[str]:
     """Text the merges are learned from: fixed phrases repeated, plus the answer format."""
     phrases = [
         DAPO_INSTRUCTION.format(problem="What is 12 + 34?"),
-        "<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n",
-        "Answer: \\boxed{42}", "What is 7 - 3?",
+        "<|im_start|>user\n",
+        "<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "Answer: \\boxed{42}",
+        "What is 7 - 3?",
     ]
     return phrases * 50
 

@@ -41,7 +41,9 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
 
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
-CRITIC_DIR = "critic"  # the critic's torch_dist inside iter_XXXXXXX/, its optimizer in train_state/critic/
+CRITIC_DIR = (
+    "critic"  # the critic's torch_dist inside iter_XXXXXXX/, its optimizer in train_state/critic/
+)
 # What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss", "opd_topk_kl")
 CRITIC_METRIC_KEYS = ("value_loss", "value_clip_frac", "value_mean")
@@ -51,7 +53,11 @@ def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
     out = torch.zeros(len(rows), width, dtype=dtype)
     for i, row in enumerate(rows):
         # torch.tensor copies: arrays arriving through Ray are read-only.
-        row = row.to(dtype) if isinstance(row, torch.Tensor) else torch.tensor(np.asarray(row), dtype=dtype)
+        row = (
+            row.to(dtype)
+            if isinstance(row, torch.Tensor)
+            else torch.tensor(np.asarray(row), dtype=dtype)
+        )
         out[i, : len(row)] = row
     return out
 
@@ -78,9 +84,23 @@ class TrainActor:
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return ip, free_port("" if ip != "127.0.0.1" else "127.0.0.1")
 
-    def setup(self, rank: int, world_size: int, master_addr: str, master_port: int, parallel, hf_config_dir,
-              ckpt_dir, step: int | None, train, algorithm, teacher_ckpt_dir=None, teacher_step: int | None = None,
-              seed: int = 0, num_threads: int | None = None) -> dict:
+    def setup(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        parallel,
+        hf_config_dir,
+        ckpt_dir,
+        step: int | None,
+        train,
+        algorithm,
+        teacher_ckpt_dir=None,
+        teacher_step: int | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> dict:
         from opd_core.megatron.known_warnings import quiet_known_warnings
 
         quiet_known_warnings()  # before megatron is imported in this worker
@@ -96,7 +116,10 @@ class TrainActor:
         self.parallel = ParallelConfig.model_validate(parallel)
         self.train_cfg = TrainConfig.model_validate(train)
         self.algorithm = AlgorithmConfig.model_validate(algorithm)
-        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        tp, pp = (
+            self.parallel.tensor_model_parallel_size,
+            self.parallel.pipeline_model_parallel_size,
+        )
         init_distributed(rank, world_size, master_addr, master_port, tp=tp, pp=pp, seed=seed)
         self.rank = rank
         self.hf_config_dir = Path(hf_config_dir)
@@ -118,9 +141,15 @@ class TrainActor:
             self.reference.eval().requires_grad_(False)
         if teacher_ckpt_dir is not None:
             self._load_teacher(teacher_ckpt_dir, teacher_step)
-        return {"rank": rank, "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
-                "pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_size": ps.get_tensor_model_parallel_world_size(),
-                "dp_size": ps.get_data_parallel_world_size(), "pp_size": ps.get_pipeline_model_parallel_world_size()}
+        return {
+            "rank": rank,
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "dp_rank": ps.get_data_parallel_rank(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "tp_size": ps.get_tensor_model_parallel_world_size(),
+            "dp_size": ps.get_data_parallel_world_size(),
+            "pp_size": ps.get_pipeline_model_parallel_world_size(),
+        }
 
     @property
     def module(self):
@@ -133,10 +162,13 @@ class TrainActor:
         self.critic = build_critic_model(self.hf_config, dtype=self.dtype)
         critic_lr = self.train_cfg.critic_lr or self.train_cfg.lr
         # The policy's schedule shape at the critic's peak lr (its floors capped by that peak).
-        critic_cfg = self.train_cfg.model_copy(update={
-            "lr": critic_lr, "min_lr": min(self.train_cfg.min_lr, critic_lr),
-            "lr_warmup_init": min(self.train_cfg.lr_warmup_init, critic_lr),
-        })
+        critic_cfg = self.train_cfg.model_copy(
+            update={
+                "lr": critic_lr,
+                "min_lr": min(self.train_cfg.min_lr, critic_lr),
+                "lr_warmup_init": min(self.train_cfg.lr_warmup_init, critic_lr),
+            }
+        )
         self.critic_optim = build_optimizer(self.critic, critic_cfg)
         self._critic_loaded = False  # set by load_checkpoint when a checkpoint holds a critic
 
@@ -161,7 +193,10 @@ class TrainActor:
 
     def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
         size = self.train_cfg.micro_batch_size
-        return [batch.select(list(range(i, min(i + size, len(batch))))) for i in range(0, len(batch), size)]
+        return [
+            batch.select(list(range(i, min(i + size, len(batch)))))
+            for i in range(0, len(batch), size)
+        ]
 
     def _forward(self, model, batch: TrainBatch, per_sample) -> list:
         """per_sample(output, micro) over this shard's micro-batches (see megatron.pipeline)."""
@@ -172,9 +207,14 @@ class TrainActor:
     def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
         from opd_core.megatron.model import response_logprobs
 
-        return self._forward(model, batch, lambda logits, micro: [
-            lp.cpu().numpy() for lp in response_logprobs(logits, micro.prompt_ids, micro.response_ids)
-        ])
+        return self._forward(
+            model,
+            batch,
+            lambda logits, micro: [
+                lp.cpu().numpy()
+                for lp in response_logprobs(logits, micro.prompt_ids, micro.response_ids)
+            ],
+        )
 
     def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The student's log-prob of every response token (the 'old' log-probs of PPO)."""
@@ -183,22 +223,31 @@ class TrainActor:
     def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         return self._logprobs(self._teacher(), batch)
 
-    def teacher_topk(self, batch: TrainBatch, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def teacher_topk(
+        self, batch: TrainBatch, k: int
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(logprobs, topk_ids, topk_logprobs) per sample from the Megatron teacher (top-k OPD)."""
         from opd_core.megatron.model import response_topk
 
-        return self._forward(self._teacher(), batch,
-                             lambda logits, micro: response_topk(logits, micro.prompt_ids, micro.response_ids, k))
+        return self._forward(
+            self._teacher(),
+            batch,
+            lambda logits, micro: response_topk(logits, micro.prompt_ids, micro.response_ids, k),
+        )
 
     def _teacher(self):
         if self.teacher is None:
-            raise RuntimeError("no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load")
+            raise RuntimeError(
+                "no megatron teacher loaded: set algorithm.opd_type=megatron and opd_teacher_load"
+            )
         return self.teacher
 
     def ref_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         """The frozen reference (initial student) log-prob of every response token."""
         if self.reference is None:
-            raise RuntimeError("no reference model: it is built only with algorithm.use_kl_loss=true")
+            raise RuntimeError(
+                "no reference model: it is built only with algorithm.use_kl_loss=true"
+            )
         return self._logprobs(self.reference, batch)
 
     def compute_values(self, batch: TrainBatch) -> list[np.ndarray]:
@@ -207,9 +256,14 @@ class TrainActor:
 
         if self.critic is None:
             raise RuntimeError("no critic: it is built only with algorithm.advantage_estimator=ppo")
-        return self._forward(self.critic, batch, lambda output, micro: [
-            v.cpu().numpy() for v in response_values(output, micro.prompt_ids, micro.response_ids)
-        ])
+        return self._forward(
+            self.critic,
+            batch,
+            lambda output, micro: [
+                v.cpu().numpy()
+                for v in response_values(output, micro.prompt_ids, micro.response_ids)
+            ],
+        )
 
     # ---------------------------------------------------------------------- training
 
@@ -218,14 +272,21 @@ class TrainActor:
         from megatron.core import parallel_state as ps
 
         from opd_core.algorithm.losses import masked_mean, policy_loss, topk_reverse_kl
-        from opd_core.megatron.model import full_vocab_logprobs, response_entropy, response_logprobs, response_logprobs_of
+        from opd_core.megatron.model import (
+            full_vocab_logprobs,
+            response_entropy,
+            response_logprobs,
+            response_logprobs_of,
+        )
         from opd_core.megatron.pipeline import run_forward_backward
 
         if len(batch) and not batch.advantages:
             raise ValueError("TrainBatch.advantages is empty: compute advantages before train_step")
         batch = _with_loss_masks(batch)
         global_tokens = _global_tokens(batch)
-        need_entropy = self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
+        need_entropy = (
+            self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
+        )
 
         def loss_of(logits, micro: TrainBatch):
             prompts, responses = micro.prompt_ids, micro.response_ids
@@ -235,25 +296,46 @@ class TrainActor:
             entropy = response_entropy(full, prompts, responses) if need_entropy else None
             # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
             topk_ids = micro.teacher_topk_ids
-            student_topk = response_logprobs_of(full, prompts, responses, topk_ids) if topk_ids else None
+            student_topk = (
+                response_logprobs_of(full, prompts, responses, topk_ids) if topk_ids else None
+            )
             width = max(len(r) for r in micro.response_ids)
             logprobs_t = _stack_padded(logprobs, width)
             device = logprobs_t.device
             mask = _pad(micro.loss_masks, width).to(device)
             # No stored old log-probs = on-policy: the ratio is 1 at this step.
-            old = _pad(micro.old_logprobs, width).to(device) if micro.old_logprobs else logprobs_t.detach()
+            old = (
+                _pad(micro.old_logprobs, width).to(device)
+                if micro.old_logprobs
+                else logprobs_t.detach()
+            )
             ref = _pad(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
             loss, metrics = policy_loss(
-                logprobs_t, old, _pad(micro.advantages, width).to(device), mask, self.algorithm,
-                ref_logprobs=ref, entropy=None if entropy is None else _stack_padded(entropy, width),
+                logprobs_t,
+                old,
+                _pad(micro.advantages, width).to(device),
+                mask,
+                self.algorithm,
+                ref_logprobs=ref,
+                entropy=None if entropy is None else _stack_padded(entropy, width),
             )
             if student_topk is not None:
                 # torch.tensor copies: arrays arriving through Ray are read-only.
-                teacher_topk = [torch.tensor(np.asarray(t), dtype=torch.float32) for t in micro.teacher_topk_logprobs]
-                per_token_kl = topk_reverse_kl(_stack_padded(student_topk, width), _stack_padded(teacher_topk, width).to(device))
+                teacher_topk = [
+                    torch.tensor(np.asarray(t), dtype=torch.float32)
+                    for t in micro.teacher_topk_logprobs
+                ]
+                per_token_kl = topk_reverse_kl(
+                    _stack_padded(student_topk, width),
+                    _stack_padded(teacher_topk, width).to(device),
+                )
                 topk_kl = masked_mean(per_token_kl, mask)
                 loss = loss + self.algorithm.opd_kl_coef * topk_kl
-                metrics = {**metrics, "opd_topk_kl": float(topk_kl.detach()), "loss": float(loss.detach())}
+                metrics = {
+                    **metrics,
+                    "opd_topk_kl": float(topk_kl.detach()),
+                    "loss": float(loss.detach()),
+                }
             return _weighted(loss, metrics, mask, global_tokens)
 
         self.optim.zero_grad()
@@ -277,17 +359,28 @@ class TrainActor:
 
         def loss_of(output, micro: TrainBatch):
             width = max(len(r) for r in micro.response_ids)
-            values_t = _stack_padded(response_values(output, micro.prompt_ids, micro.response_ids), width)
+            values_t = _stack_padded(
+                response_values(output, micro.prompt_ids, micro.response_ids), width
+            )
             device = values_t.device
             mask = _pad(micro.loss_masks, width).to(device)
             # No stored old values: the clip is centred on the current ones (no clipping at this step).
-            old = _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
-            loss, metrics = value_loss(values_t, old, _pad(micro.returns, width).to(device), mask,
-                                       self.algorithm.value_clip)
+            old = (
+                _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
+            )
+            loss, metrics = value_loss(
+                values_t,
+                old,
+                _pad(micro.returns, width).to(device),
+                mask,
+                self.algorithm.value_clip,
+            )
             return _weighted(loss, metrics, mask, global_tokens)
 
         self.critic_optim.zero_grad()
-        micro_metrics = run_forward_backward(self.critic_optim.model, self._micro_batches(batch), loss_of)
+        micro_metrics = run_forward_backward(
+            self.critic_optim.model, self._micro_batches(batch), loss_of
+        )
         stats = self.critic_optim.step()
         out = _token_mean(micro_metrics, CRITIC_METRIC_KEYS, global_tokens)
         out.update(critic_grad_norm=stats["grad_norm"], critic_lr=stats["lr"])
@@ -309,8 +402,15 @@ class TrainActor:
                 save_critic(self.critic, tmp / CRITIC_DIR)
                 (state_dir / CRITIC_DIR).mkdir(exist_ok=True)
                 self.critic_optim.save(state_dir / CRITIC_DIR, self.rank)
-            torch.save({"iteration": self.iteration, "world_size": dist.get_world_size(), "parallel": self.parallel.model_dump(),
-                        "rng": _rng_state()}, state_dir / f"rank{self.rank:05d}.pt")
+            torch.save(
+                {
+                    "iteration": self.iteration,
+                    "world_size": dist.get_world_size(),
+                    "parallel": self.parallel.model_dump(),
+                    "rng": _rng_state(),
+                },
+                state_dir / f"rank{self.rank:05d}.pt",
+            )
 
         path = checkpoint.save_model(self.module, ckpt_root, step, extra=side_files)
         if self.rank == 0:
@@ -332,7 +432,10 @@ class TrainActor:
             self._critic_loaded = True
         if state_file.is_file():
             state = torch.load(state_file, map_location="cpu", weights_only=False)
-            same_layout = state["world_size"] == dist.get_world_size() and state["parallel"] == self.parallel.model_dump()
+            same_layout = (
+                state["world_size"] == dist.get_world_size()
+                and state["parallel"] == self.parallel.model_dump()
+            )
             if same_layout:  # torch AdamW state is per shard: it only fits the same TP/DP layout
                 self.optim.load(path / TRAIN_STATE, self.rank)
                 if critic_in_checkpoint:
@@ -340,8 +443,12 @@ class TrainActor:
                 _set_rng_state(state["rng"])
                 resumed = True
             self.iteration = state["iteration"]
-        return {"path": str(path), "resumed_optimizer": resumed, "iteration": self.iteration,
-                "resumed_critic": critic_in_checkpoint}
+        return {
+            "path": str(path),
+            "resumed_optimizer": resumed,
+            "iteration": self.iteration,
+            "resumed_critic": critic_in_checkpoint,
+        }
 
     def export_hf(self, out_dir, hf_config_dir=None) -> str | None:
         """Write an HF model dir (rank 0) usable by transformers and /update_weights_from_disk."""
@@ -351,17 +458,23 @@ class TrainActor:
         from opd_core.megatron.convert import write_hf_dir
 
         hf_config_dir = Path(hf_config_dir or self.hf_config_dir)
-        if ps.get_model_parallel_group().size() == 1:  # no TP or PP: every rank holds the whole model
+        if (
+            ps.get_model_parallel_group().size() == 1
+        ):  # no TP or PP: every rank holds the whole model
             if self.rank != 0:
                 return None
-            tensors = mapping.model_state_dict_to_megatron(self.module, self.hf_config.num_hidden_layers)
+            tensors = mapping.model_state_dict_to_megatron(
+                self.module, self.hf_config.num_hidden_layers
+            )
             return str(write_hf_dir(tensors, hf_config_dir, out_dir))
         # Under TP or PP the full tensors exist only on disk: save, then convert from the files.
         tmp_root = Path(out_dir).parent / f".{Path(out_dir).name}.torch_dist"
         checkpoint.save_model(self.module, tmp_root, None)
         result = None
         if self.rank == 0:
-            result = str(write_hf_dir(checkpoint.read_global_tensors(tmp_root), hf_config_dir, out_dir))
+            result = str(
+                write_hf_dir(checkpoint.read_global_tensors(tmp_root), hf_config_dir, out_dir)
+            )
             shutil.rmtree(tmp_root, ignore_errors=True)
         if dist.get_world_size() > 1:
             dist.barrier()
@@ -377,7 +490,9 @@ def _with_loss_masks(batch: TrainBatch) -> TrainBatch:
     """The batch with explicit loss masks (all response tokens where none are given)."""
     if batch.loss_masks:
         return batch
-    return replace(batch, loss_masks=[np.ones(len(r), dtype=np.float32) for r in batch.response_ids])
+    return replace(
+        batch, loss_masks=[np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
+    )
 
 
 def _global_tokens(batch: TrainBatch) -> float:
@@ -391,17 +506,25 @@ def _weighted(loss: torch.Tensor, metrics: dict, mask: torch.Tensor, global_toke
     and the sum over DP ranks give exactly the token mean of the global batch; its metrics
     token-weighted likewise (summed by `_token_mean`)."""
     tokens = float(mask.sum())
-    weighted = {key: value * tokens for key, value in metrics.items()} if tokens else {}  # {}: nothing to average
+    weighted = (
+        {key: value * tokens for key, value in metrics.items()} if tokens else {}
+    )  # {}: nothing to average
     return loss * (tokens / max(global_tokens, 1.0)), weighted
 
 
-def _token_mean(micro_metrics: list[dict], keys: tuple[str, ...], global_tokens: float) -> dict[str, float]:
+def _token_mean(
+    micro_metrics: list[dict], keys: tuple[str, ...], global_tokens: float
+) -> dict[str, float]:
     """Token-weighted means over the global batch: summed over micro-batches, pipeline stages
     (only the last has any) and DP ranks, in the same order on every rank (an empty shard too)."""
     from megatron.core import parallel_state as ps
 
-    counted = [m for m in micro_metrics if m]  # NaN where a counted micro-batch did not compute a key
-    sums = torch.tensor([sum(m.get(key, float("nan")) for m in counted) for key in keys], dtype=torch.float64)
+    counted = [
+        m for m in micro_metrics if m
+    ]  # NaN where a counted micro-batch did not compute a key
+    sums = torch.tensor(
+        [sum(m.get(key, float("nan")) for m in counted) for key in keys], dtype=torch.float64
+    )
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
     totals = _dp_sum(sums)
@@ -410,7 +533,12 @@ def _token_mean(micro_metrics: list[dict], keys: tuple[str, ...], global_tokens:
 
 def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """[len(rows), width, ...] from tensors whose first dim differs, keeping the autograd graph."""
-    return torch.stack([torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, width - row.shape[0])) for row in rows])
+    return torch.stack(
+        [
+            torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, width - row.shape[0]))
+            for row in rows
+        ]
+    )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -430,7 +558,11 @@ def _dp_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

@@ -18,6 +18,7 @@ started it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -27,7 +28,6 @@ import numpy as np
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
-
 
 # On a loaded small machine a worker importing torch + megatron can take over a minute to register.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300}
@@ -49,14 +49,25 @@ def start_ray(address: str | None, num_cpus: int) -> None:
     if address:
         ray.init(address=address, runtime_env=_runtime_env())
     else:  # a local cluster just big enough for the ranks
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=_runtime_env(),
-                 _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=_runtime_env(),
+            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+        )
     if callable(installed):
         signal.signal(signal.SIGTERM, installed)
 
 
 class TrainerGroup:
-    def __init__(self, cfg: OPDRunConfig, hf_config_dir, ckpt_dir, step: int | None = None, teacher_ckpt_dir=None):
+    def __init__(
+        self,
+        cfg: OPDRunConfig,
+        hf_config_dir,
+        ckpt_dir,
+        step: int | None = None,
+        teacher_ckpt_dir=None,
+    ):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -66,8 +77,11 @@ class TrainerGroup:
         self.cfg = cfg
         self.hf_config_dir = Path(hf_config_dir)
         parallel, ray_cfg = cfg.train.parallel, cfg.train.ray
-        self.tp, self.pp, self.dp = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                                     parallel.data_parallel_size)
+        self.tp, self.pp, self.dp = (
+            parallel.tensor_model_parallel_size,
+            parallel.pipeline_model_parallel_size,
+            parallel.data_parallel_size,
+        )
         self.world_size = self.tp * self.pp * self.dp
         gpus = ray_cfg.actor_num_gpus_per_node
         if gpus and self.world_size != ray_cfg.actor_num_nodes * gpus:
@@ -87,46 +101,82 @@ class TrainerGroup:
             self._started_ray = True
         try:
             bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
-            self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+            self.placement_group = placement_group(
+                [dict(bundle) for _ in range(self.world_size)], strategy="PACK"
+            )
             ray.get(self.placement_group.ready(), timeout=ray_cfg.placement_timeout)
             remote_cls = ray.remote(TrainActor)
             self.actors = [
                 remote_cls.options(
-                    num_cpus=cpus, num_gpus=1 if gpus else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+                    num_cpus=cpus,
+                    num_gpus=1 if gpus else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.placement_group, placement_group_bundle_index=rank
+                    ),
                 ).remote()
                 for rank in range(self.world_size)
             ]
             master_addr, master_port = ray.get(self.actors[0].node_address.remote())
             # The actors see only the train section: give them the schedule resolved in steps.
-            train = cfg.train.model_copy(update={"lr_decay_iters": cfg.lr_decay_iters, "lr_warmup_iters": cfg.lr_warmup_iters,
-                                                 "lr_warmup_fraction": None})
-            self.ranks = ray.get([
-                actor.setup.remote(
-                    rank, self.world_size, master_addr, master_port, parallel.model_dump(), str(hf_config_dir),
-                    None if ckpt_dir is None else str(ckpt_dir), step, train.model_dump(), algorithm.model_dump(),
-                    teacher_ckpt_dir=None if teacher_ckpt_dir is None else str(teacher_ckpt_dir),
-                    teacher_step=algorithm.opd_teacher_ckpt_step, seed=cfg.seed, num_threads=cpus,
-                )
-                for rank, actor in enumerate(self.actors)
-            ])
+            train = cfg.train.model_copy(
+                update={
+                    "lr_decay_iters": cfg.lr_decay_iters,
+                    "lr_warmup_iters": cfg.lr_warmup_iters,
+                    "lr_warmup_fraction": None,
+                }
+            )
+            self.ranks = ray.get(
+                [
+                    actor.setup.remote(
+                        rank,
+                        self.world_size,
+                        master_addr,
+                        master_port,
+                        parallel.model_dump(),
+                        str(hf_config_dir),
+                        None if ckpt_dir is None else str(ckpt_dir),
+                        step,
+                        train.model_dump(),
+                        algorithm.model_dump(),
+                        teacher_ckpt_dir=None
+                        if teacher_ckpt_dir is None
+                        else str(teacher_ckpt_dir),
+                        teacher_step=algorithm.opd_teacher_ckpt_step,
+                        seed=cfg.seed,
+                        num_threads=cpus,
+                    )
+                    for rank, actor in enumerate(self.actors)
+                ]
+            )
         except BaseException:
             self.shutdown()
             raise
         # Which actor answers for each data-parallel shard: TP rank 0 of its last pipeline stage,
         # where the outputs are.
-        self.dp_leaders = {info["dp_rank"]: rank for rank, info in enumerate(self.ranks)
-                           if info["tp_rank"] == 0 and info["pp_rank"] == info["pp_size"] - 1}
+        self.dp_leaders = {
+            info["dp_rank"]: rank
+            for rank, info in enumerate(self.ranks)
+            if info["tp_rank"] == 0 and info["pp_rank"] == info["pp_size"] - 1
+        }
 
     def _check_layout(self, teacher_ckpt_dir) -> None:
         from opd_core.megatron import checkpoint
         from opd_core.megatron.convert import load_hf_config
         from opd_core.megatron.model import check_parallel_layout
 
-        check_parallel_layout(load_hf_config(self.hf_config_dir), self.tp, self.pp, f"the student {self.hf_config_dir}")
+        check_parallel_layout(
+            load_hf_config(self.hf_config_dir),
+            self.tp,
+            self.pp,
+            f"the student {self.hf_config_dir}",
+        )
         if teacher_ckpt_dir is not None:
-            check_parallel_layout(load_hf_config(checkpoint.stored_hf_config_dir(teacher_ckpt_dir)), self.tp, self.pp,
-                                  f"the teacher {teacher_ckpt_dir}")
+            check_parallel_layout(
+                load_hf_config(checkpoint.stored_hf_config_dir(teacher_ckpt_dir)),
+                self.tp,
+                self.pp,
+                f"the teacher {teacher_ckpt_dir}",
+            )
 
     # ------------------------------------------------------------------ fan-out calls
 
@@ -139,7 +189,10 @@ class TrainerGroup:
         import ray
 
         shards = self._shards(batch)
-        refs = [getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]], *args) for r, actor in enumerate(self.actors)]
+        refs = [
+            getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]], *args)
+            for r, actor in enumerate(self.actors)
+        ]
         results = ray.get(refs)
         return [results[self.dp_leaders[d]] for d in range(self.dp)]
 
@@ -149,7 +202,9 @@ class TrainerGroup:
     def teacher_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         return [row for shard in self._run_sharded("teacher_logprobs", batch) for row in shard]
 
-    def teacher_topk(self, batch: TrainBatch, k: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    def teacher_topk(
+        self, batch: TrainBatch, k: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """The Megatron teacher's (logprobs, topk_ids, topk_logprobs) lists, like `EngineClient.score_topk`."""
         rows = [row for shard in self._run_sharded("teacher_topk", batch, k) for row in shard]
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
@@ -165,11 +220,22 @@ class TrainerGroup:
     def train_step(self, batch: TrainBatch) -> dict:
         """One optimizer step per `train.global_batch_size` samples; metrics averaged over steps."""
         size = self.cfg.train.global_batch_size
-        steps = [self._run_sharded("train_step", batch.select(list(range(i, min(i + size, len(batch))))))[0]
-                 for i in range(0, len(batch), size)]
-        out = {k: float(np.mean([s[k] for s in steps])) for k in steps[0] if k not in ("iteration", "num_tokens")}
-        out.update(iteration=steps[-1]["iteration"], num_tokens=sum(s["num_tokens"] for s in steps),
-                   optimizer_steps=len(steps))
+        steps = [
+            self._run_sharded(
+                "train_step", batch.select(list(range(i, min(i + size, len(batch)))))
+            )[0]
+            for i in range(0, len(batch), size)
+        ]
+        out = {
+            k: float(np.mean([s[k] for s in steps]))
+            for k in steps[0]
+            if k not in ("iteration", "num_tokens")
+        }
+        out.update(
+            iteration=steps[-1]["iteration"],
+            num_tokens=sum(s["num_tokens"] for s in steps),
+            optimizer_steps=len(steps),
+        )
         return out
 
     def save_checkpoint(self, ckpt_root, step: int) -> str:
@@ -195,22 +261,18 @@ class TrainerGroup:
         from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
         self.actors = []
         if self.placement_group is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self.placement_group)
-            except Exception:  # noqa: BLE001
-                pass
             self.placement_group = None
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
 
-    def __enter__(self) -> "TrainerGroup":
+    def __enter__(self) -> TrainerGroup:
         return self
 
     def __exit__(self, *exc) -> None:

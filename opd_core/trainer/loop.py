@@ -20,8 +20,8 @@ last completed round, so a killed run resumes where it stopped (see `TrainState`
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -60,16 +60,23 @@ def run_training(
     prompt_ids = chat_prompt_ids(tokenizer, prompts)
     reward_fn = load_reward_fn(cfg.reward)
     metrics_log = MetricsLog(
-        train_dir / "metrics.arrow", loggers=cfg.algorithm.loggers, wandb_project=cfg.algorithm.wandb_project, run_name=run_dir.root.name
+        train_dir / "metrics.arrow",
+        loggers=cfg.algorithm.loggers,
+        wandb_project=cfg.algorithm.wandb_project,
+        run_name=run_dir.root.name,
     )
     use_megatron_teacher = cfg.algorithm.use_opd and cfg.algorithm.opd_type == "megatron"
     if cfg.algorithm.use_opd and not use_megatron_teacher and not teacher_urls:
-        raise ValueError("algorithm.opd_type=sglang needs a teacher server: run the teacher stage first")
+        raise ValueError(
+            "algorithm.opd_type=sglang needs a teacher server: run the teacher stage first"
+        )
 
     # Resume from the newest checkpointed round, else start from the converted student.
     student_hf = state.hf_export or run_dir.student_hf
     with (
-        launch_server("builtin", student_hf, _rollout_engine(cfg), train_dir / "rollout_server.log") as rollout_server,
+        launch_server(
+            "builtin", student_hf, _rollout_engine(cfg), train_dir / "rollout_server.log"
+        ) as rollout_server,
         EngineClient.from_config(rollout_server.url, cfg.client) as rollout_client,
         _teacher_client(cfg, teacher_urls) as teacher_client,
         TrainerGroup(
@@ -87,31 +94,53 @@ def run_training(
             timings: dict[str, float] = {}
 
             tick = time.perf_counter()
-            rollouts = generate_rollouts(cfg, round_index, prompts, prompt_ids, rollout_client, tokenizer)
+            rollouts = generate_rollouts(
+                cfg, round_index, prompts, prompt_ids, rollout_client, tokenizer
+            )
             timings["time_generate"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
             rewards = np.asarray(reward_fn(rollouts["samples"]), dtype=np.float32)
-            write_arrow(round_dir / "rollouts.arrow", _rollouts_table(round_index, rollouts, rewards), ROLLOUTS)
-            batch = TrainBatch(prompt_ids=rollouts["prompt_ids"], response_ids=rollouts["response_ids"])
+            write_arrow(
+                round_dir / "rollouts.arrow",
+                _rollouts_table(round_index, rollouts, rewards),
+                ROLLOUTS,
+            )
+            batch = TrainBatch(
+                prompt_ids=rollouts["prompt_ids"], response_ids=rollouts["response_ids"]
+            )
             topk = cfg.algorithm.opd_topk
             if not cfg.algorithm.use_opd:
                 teacher_logprobs = None
             elif use_megatron_teacher and topk:
-                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = trainer.teacher_topk(batch, topk)
+                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = (
+                    trainer.teacher_topk(batch, topk)
+                )
             elif use_megatron_teacher:
                 teacher_logprobs = trainer.teacher_logprobs(batch)
             elif topk:
-                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = teacher_client.score_topk(
-                    batch.prompt_ids, batch.response_ids, topk, progress=f"round {round_index} teacher top-{topk}"
+                teacher_logprobs, batch.teacher_topk_ids, batch.teacher_topk_logprobs = (
+                    teacher_client.score_topk(
+                        batch.prompt_ids,
+                        batch.response_ids,
+                        topk,
+                        progress=f"round {round_index} teacher top-{topk}",
+                    )
                 )
             else:
-                teacher_logprobs = teacher_client.score(batch.prompt_ids, batch.response_ids, progress=f"round {round_index} teacher")
+                teacher_logprobs = teacher_client.score(
+                    batch.prompt_ids, batch.response_ids, progress=f"round {round_index} teacher"
+                )
             if teacher_logprobs is not None:
                 write_arrow(
                     round_dir / "teacher_logprobs.arrow",
-                    scores_to_table(rollouts["prompt_index"], rollouts["sample_index"], teacher_logprobs,
-                                    batch.teacher_topk_ids, batch.teacher_topk_logprobs),
+                    scores_to_table(
+                        rollouts["prompt_index"],
+                        rollouts["sample_index"],
+                        teacher_logprobs,
+                        batch.teacher_topk_ids,
+                        batch.teacher_topk_logprobs,
+                    ),
                 )
             timings["time_score"] = time.perf_counter() - tick
 
@@ -121,10 +150,16 @@ def run_training(
                 if cfg.algorithm.use_rollout_logprobs
                 else trainer.compute_logprobs(batch)
             )
-            values = trainer.compute_values(batch) if cfg.algorithm.advantage_estimator == "ppo" else None
+            values = (
+                trainer.compute_values(batch)
+                if cfg.algorithm.advantage_estimator == "ppo"
+                else None
+            )
             # Top-k OPD: the OPD term is the actor's dense top-k loss, not an advantage penalty
             # (the sampled-token reverse KL is still computed, as the metric).
-            algorithm = cfg.algorithm.model_copy(update={"opd_kl_coef": 0.0}) if topk else cfg.algorithm
+            algorithm = (
+                cfg.algorithm.model_copy(update={"opd_kl_coef": 0.0}) if topk else cfg.algorithm
+            )
             result = compute_advantages(
                 algorithm,
                 rewards=rewards,
@@ -142,13 +177,17 @@ def run_training(
             timings["time_train"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
-            export_dir = trainer.export_hf(train_dir / "checkpoints" / "hf" / f"round_{round_index:04d}")
+            export_dir = trainer.export_hf(
+                train_dir / "checkpoints" / "hf" / f"round_{round_index:04d}"
+            )
             rollout_client.update_weights_from_disk(str(export_dir))
             timings["time_sync"] = time.perf_counter() - tick
 
             last_metrics = {
                 "round": round_index,
-                **round_metrics(rewards, rollouts["correct"], [len(r) for r in batch.response_ids], result),
+                **round_metrics(
+                    rewards, rollouts["correct"], [len(r) for r in batch.response_ids], result
+                ),
                 **train_metrics,
                 **timings,
                 "seconds": sum(timings.values()),
@@ -164,7 +203,11 @@ def run_training(
 
         final_hf = trainer.export_hf(run_dir.final_student_hf)
     metrics_log.close()
-    return {"final_hf": str(final_hf), "rounds": cfg.rollout.num_rollout, "last_metrics": last_metrics}
+    return {
+        "final_hf": str(final_hf),
+        "rounds": cfg.rollout.num_rollout,
+        "last_metrics": last_metrics,
+    }
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -173,7 +216,12 @@ def run_training(
 def _rollout_engine(cfg: OPDRunConfig) -> TeacherConfig:
     """The rollout server: the built-in engine on a free local port, no key, no TP. It shares
     only the host and start-up timeout with the teacher's settings."""
-    return TeacherConfig(backend="builtin", host=cfg.teacher.host, port=0, startup_timeout=cfg.teacher.startup_timeout)
+    return TeacherConfig(
+        backend="builtin",
+        host=cfg.teacher.host,
+        port=0,
+        startup_timeout=cfg.teacher.startup_timeout,
+    )
 
 
 def _teacher_client(cfg: OPDRunConfig, teacher_urls: list[str] | None):
@@ -188,7 +236,14 @@ def _is_checkpoint_round(cfg: OPDRunConfig, round_index: int) -> bool:
     return last or (round_index + 1) % cfg.train.save_interval == 0
 
 
-def generate_rollouts(cfg: OPDRunConfig, round_index: int, prompts: pa.Table, prompt_ids: list[list[int]], client, tokenizer) -> dict:
+def generate_rollouts(
+    cfg: OPDRunConfig,
+    round_index: int,
+    prompts: pa.Table,
+    prompt_ids: list[list[int]],
+    client,
+    tokenizer,
+) -> dict:
     """Sample this round's prompts (seeded by round) and their responses from the rollout server."""
     rng = np.random.default_rng([cfg.seed, round_index])
     count = min(cfg.rollout.rollout_batch_size, len(prompt_ids))
@@ -210,8 +265,21 @@ def generate_rollouts(cfg: OPDRunConfig, round_index: int, prompts: pa.Table, pr
     labels = prompts.column("label").to_pylist()
     messages = prompts.column("prompt").to_pylist()
     indices = prompts.column("index").to_pylist()
-    out = {k: [] for k in ("prompt_index", "sample_index", "prompt_ids", "response_ids", "response_text",
-                           "rollout_logprobs", "finish_reason", "label", "correct", "samples")}
+    out = {
+        k: []
+        for k in (
+            "prompt_index",
+            "sample_index",
+            "prompt_ids",
+            "response_ids",
+            "response_text",
+            "rollout_logprobs",
+            "finish_reason",
+            "label",
+            "correct",
+            "samples",
+        )
+    }
     for position, (row, response) in enumerate(zip(rows, responses)):
         response_ids = list(response["output_ids"])
         text = tokenizer.decode(response_ids, skip_special_tokens=True)
@@ -225,7 +293,14 @@ def generate_rollouts(cfg: OPDRunConfig, round_index: int, prompts: pa.Table, pr
         out["finish_reason"].append(response["meta_info"]["finish_reason"]["type"])
         out["label"].append(labels[row])
         out["correct"].append(is_correct(text, labels[row]))
-        out["samples"].append({"prompt": messages[row], "response_text": text, "label": labels[row], "response_ids": response_ids})
+        out["samples"].append(
+            {
+                "prompt": messages[row],
+                "response_text": text,
+                "label": labels[row],
+                "response_ids": response_ids,
+            }
+        )
     return out
 
 
@@ -245,4 +320,3 @@ def _rollouts_table(round_index: int, rollouts: dict, rewards: np.ndarray) -> pa
             "correct": rollouts["correct"],
         }
     )
-

@@ -43,12 +43,14 @@ def claim_train_dir(train_dir: Path, key: str) -> bool:
 class TrainState:
     train_dir: Path
     checkpoint_round: int | None = None  # newest round with a checkpoint
-    checkpoint_dir: str | None = None  # Megatron-LM layout root; that round's step is checkpoint_round + 1
+    checkpoint_dir: str | None = (
+        None  # Megatron-LM layout root; that round's step is checkpoint_round + 1
+    )
     hf_export: str | None = None  # HF export of that round (what the rollout server loads)
     metrics: dict = field(default_factory=dict)  # that round's metrics
 
     @classmethod
-    def load(cls, train_dir: Path) -> "TrainState":
+    def load(cls, train_dir: Path) -> TrainState:
         path = Path(train_dir) / STATE_FILE
         if not path.is_file():
             return cls(Path(train_dir))
@@ -59,7 +61,9 @@ class TrainState:
     def next_round(self) -> int:
         return 0 if self.checkpoint_round is None else self.checkpoint_round + 1
 
-    def record_checkpoint(self, round_index: int, checkpoint_dir: Path, hf_export: Path, metrics: dict) -> None:
+    def record_checkpoint(
+        self, round_index: int, checkpoint_dir: Path, hf_export: Path, metrics: dict
+    ) -> None:
         self.checkpoint_round = round_index
         self.checkpoint_dir = str(checkpoint_dir)
         self.hf_export = str(hf_export)
