@@ -34,7 +34,6 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import EvalConfig, OPDRunConfig, load_config
 from opd_core.download import run_download
 from opd_core.engine.client import EngineClient
@@ -44,9 +43,9 @@ from opd_core.evaluation import chat_prompt_ids, evaluate
 from opd_core.io import read_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS
-from opd_core.stages import run_convert
+from opd_core.stages import Convert, Train
 from opd_core.trainer.group import TrainerGroup
-from opd_core.trainer.loop import generate_rollouts, run_training
+from opd_core.trainer.loop import generate_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,7 +74,7 @@ def prepare_base(cfg: OPDRunConfig, root: Path) -> RunDir:
     if not base.eval_data.is_file():
         run_download(cfg, base)
     if not (base.student_torch_dist / "latest_checkpointed_iteration.txt").is_file():
-        run_convert(cfg, base)
+        Convert(cfg, base).build()
     return base
 
 
@@ -105,19 +104,11 @@ def offpolicy_distillation(cfg: OPDRunConfig, run: RunDir, teacher: EngineClient
     ) as trainer:
         for round_index in range(cfg.rollout.num_rollout):
             samples = generate_rollouts(cfg, round_index, prompts, prompt_ids, teacher, tokenizer)
-            batch = TrainBatch(
-                prompt_ids=samples["prompt_ids"], response_ids=samples["response_ids"]
-            )
+            batch = samples.batch()
             batch.old_logprobs = trainer.compute_logprobs(batch)
             batch.advantages = [np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
             trainer.train_step(batch)
-            exports.append(
-                Path(
-                    trainer.export_hf(
-                        run.stage("train") / "checkpoints" / "hf" / f"round_{round_index:04d}"
-                    )
-                )
-            )
+            exports.append(Path(trainer.export_hf(run.hf_export(round_index))))
     return exports
 
 
@@ -140,11 +131,8 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
         with EngineClient.from_config(teacher_url, cfg.client) as teacher:
             exports = offpolicy_distillation(cfg, run, teacher)
     else:
-        run_training(cfg, run, [teacher_url] if cfg.algorithm.use_opd else None)
-        exports = [
-            run.stage("train") / "checkpoints" / "hf" / f"round_{r:04d}"
-            for r in range(cfg.rollout.num_rollout)
-        ]
+        Train(cfg, run).build(teacher_urls=[teacher_url] if cfg.algorithm.use_opd else None)
+        exports = [run.hf_export(r) for r in range(cfg.rollout.num_rollout)]
     seconds = time.perf_counter() - started
     return {"exports": exports, "seconds": seconds}
 

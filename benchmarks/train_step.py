@@ -75,21 +75,10 @@ def make_batch(args, vocab: int, seed: int = 0):
 
 def megatron_step(hf_dir, ckpt, cfg, batch):
     from opd_core.megatron.parallel import free_port
-    from opd_core.trainer.actor import TrainActor
+    from opd_core.trainer.actor import ActorSpec, TrainActor
 
     actor = TrainActor()
-    actor.setup(
-        0,
-        1,
-        "127.0.0.1",
-        free_port(),
-        cfg.train.parallel,
-        hf_dir,
-        ckpt,
-        None,
-        cfg.train,
-        cfg.algorithm,
-    )
+    actor.setup(0, 1, "127.0.0.1", free_port(), ActorSpec.from_config(cfg, hf_dir, ckpt))
     batch.old_logprobs = actor.compute_logprobs(batch)
     return lambda: actor.train_step(batch)
 

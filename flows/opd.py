@@ -21,13 +21,23 @@ from prefect.runtime import flow_run
 
 from flows.teardown import stop_run_servers, teardown_hook
 from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
-from opd_core.io import read_json, write_text
+from opd_core.io import write_text
 from opd_core.rundir import STAGES, RunDir
+from opd_core.stages import Teacher, Train
 from tasks.convert import convert
 from tasks.download import download
 from tasks.evaluate import baseline_eval, final_eval
-from tasks.teacher import needs_teacher_server, start_teacher
-from tasks.train import train, train_is_cached
+from tasks.teacher import start_teacher
+from tasks.train import train
+
+# The stages a stage rerun (`opd-stage`) runs as one task, by name; teacher and train need
+# the teacher's lifetime around them (below).
+FILE_STAGES = {
+    "download": download,
+    "convert": convert,
+    "baseline_eval": baseline_eval,
+    "final_eval": final_eval,
+}
 
 
 def resolve_config(
@@ -47,22 +57,18 @@ def resolve_config(
 def open_run(cfg: OPDRunConfig) -> RunDir:
     run_id = cfg.run.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = RunDir.create(cfg.run.artifacts_dir, run_id)
-    write_text(run_dir.root / "config.yaml", cfg.to_yaml())
+    write_text(run_dir.config_file, cfg.to_yaml())
     return run_dir
 
 
 @contextmanager
 def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
     """Yields the teacher urls (None if no server is needed); stops what it started."""
-    if skip or not needs_teacher_server(cfg):
+    if skip or not Teacher(cfg, run_dir).needed:
         yield None
         return
-    urls, server = start_teacher(cfg, run_dir)
-    try:
-        yield urls
-    finally:
-        if server is not None:
-            server.stop()
+    with start_teacher(cfg, run_dir) as fleet:
+        yield fleet.urls
 
 
 def _run_name() -> str:
@@ -114,9 +120,9 @@ def opd_flow(
     convert(cfg, run_dir)
     baseline = baseline_eval(cfg, run_dir)
     # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
-    with teacher_server(cfg, run_dir, skip=train_is_cached(cfg, run_dir)) as teacher_urls:
+    with teacher_server(cfg, run_dir, skip=Train(cfg, run_dir).is_cached()) as teacher_urls:
         training = train(cfg, run_dir, teacher_urls)
-    final = final_eval(cfg, run_dir, baseline)
+    final = final_eval(cfg, run_dir)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
 
@@ -133,20 +139,13 @@ def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> 
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     rd = RunDir.open(run_dir)
     stop_run_servers(rd.root)  # leftovers of a killed earlier run on this directory
-    cfg = load_config(rd.root / "config.yaml", overrides)
+    cfg = load_config(rd.config_file, overrides)
     if overrides:
-        write_text(rd.root / "config.yaml", cfg.to_yaml())
-    if stage == "download":
-        return download(cfg, rd)
-    if stage == "convert":
-        return convert(cfg, rd)
-    if stage == "baseline_eval":
-        return baseline_eval(cfg, rd)
-    if stage == "final_eval":
-        return final_eval(cfg, rd, read_json(rd.stage("baseline_eval") / "summary.json"))
-    with teacher_server(
-        cfg, rd, skip=stage == "train" and train_is_cached(cfg, rd)
-    ) as teacher_urls:
+        write_text(rd.config_file, cfg.to_yaml())
+    if stage in FILE_STAGES:
+        return FILE_STAGES[stage](cfg, rd)
+    skip_teacher = stage == "train" and Train(cfg, rd).is_cached()
+    with teacher_server(cfg, rd, skip=skip_teacher) as teacher_urls:
         if stage == "teacher":
             return {"urls": teacher_urls}
         return train(cfg, rd, teacher_urls)

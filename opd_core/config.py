@@ -109,18 +109,46 @@ class ConvertConfig(Section):
     parity_seq_len: int = Field(16, gt=0)
 
 
-class TeacherConfig(Section):
-    """How the teacher server is obtained (ignored when `algorithm.opd_type == megatron`)."""
+class ServerConfig(Section):
+    """SGLang-protocol servers of one role: the student's rollout engines or the teacher.
 
+    `rollout` and `teacher` both extend it, so the two are launched, placed and stopped by
+    the same code with the same flags (those of `python -m sglang.launch_server`).
+    """
+
+    # Where a server runs and how long we wait for it does not change what it computes.
+    NOT_IN_CACHE_KEY = frozenset({"url", "host", "port", "api_key", "startup_timeout"})
+
+    # builtin = the project's own engine (opd serve); sglang = python -m sglang.launch_server;
+    # external = servers someone else runs, at `url`.
     backend: Literal["builtin", "sglang", "external"] = "builtin"
-    url: str | None = None  # backend=external: the running server(s); comma-separated for failover
+    # backend=external: the running server(s), comma-separated.
+    url: str | None = None
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535)  # 0 = pick a free port
+    # 0 = a free port for each server.
+    port: int = Field(0, ge=0, le=65535)
     api_key: str | None = None
-    tp: int = Field(1, ge=1)
+    # GPUs each server holds, its SGLang --tp-size (slime: --rollout-num-gpus-per-engine);
+    # 0 = a CPU server (built-in engine only).
+    num_gpus_per_engine: int = Field(0, ge=0)
     mem_fraction_static: float | None = Field(None, gt=0, le=1)
+    # Passed to the server as they are, e.g. ["--chunked-prefill-size", "4096"].
     extra_args: list[str] = []
+    # SGLang --enable-deterministic-inference: only then does SGLang honour `sampling_seed`
+    # (the built-in engine follows the same rule), at some cost in throughput.
+    enable_deterministic_inference: bool = False
     startup_timeout: float = Field(600.0, gt=0)
+
+    @property
+    def urls(self) -> list[str]:
+        """backend=external: the servers' URLs."""
+        return [u.strip() for u in (self.url or "").split(",") if u.strip()]
+
+
+class TeacherConfig(ServerConfig):
+    """The teacher's servers (opd_type=sglang; unused when opd_type=megatron)."""
+
+    num_replicas: int = Field(1, ge=1)
 
 
 class ClientConfig(Section):
@@ -133,14 +161,24 @@ class ClientConfig(Section):
     cache_dir: str | None = ".cache/opd-teacher-logprobs"
 
 
-class RolloutConfig(Section):
-    num_rollout: int = Field(8, ge=0)  # training rounds
-    rollout_batch_size: int = Field(32, gt=0)  # prompts per round
+class RolloutConfig(ServerConfig):
+    """The student's rollout engines and what one training round samples from them."""
+
+    # Training rounds (slime's name); the code calls them rounds.
+    num_rollout: int = Field(8, ge=0)
+    # Prompts per round.
+    rollout_batch_size: int = Field(32, gt=0)
     n_samples_per_prompt: int = Field(8, gt=0)
     rollout_max_response_len: int = Field(16, gt=0)
     rollout_temperature: float = Field(1.0, ge=0)
     rollout_top_p: float = Field(1.0, gt=0, le=1)
     rollout_top_k: int = -1
+    # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per engine).
+    num_engines: int = Field(1, ge=1)
+
+    @property
+    def rounds(self) -> int:
+        return self.num_rollout
 
 
 class RewardConfig(Section):
@@ -149,6 +187,9 @@ class RewardConfig(Section):
     type: str = "none"
     custom_rm_path: str | None = None
     custom_reward_post_process_path: str | None = None
+
+
+TeacherSource = Literal["none", "server", "megatron"]
 
 
 class AlgorithmConfig(Section):
@@ -174,75 +215,128 @@ class AlgorithmConfig(Section):
     normalize_advantages: bool = False
     use_rollout_logprobs: bool = False
     gamma: float = Field(1.0, ge=0, le=1)
+    # GAE's lambda (slime's name).
     lambd: float = Field(1.0, ge=0, le=1)
-    eps_clip_c: float | None = Field(
-        None, gt=1
-    )  # dual-clip PPO lower bound for negative advantages
-    grpo_std_normalization: bool = (
-        True  # grpo/gspo: divide the group-centred reward by the group std
-    )
-    value_clip: float | None = Field(
-        0.2, gt=0
-    )  # ppo critic: clip values to old_values +- value_clip
+    # Dual-clip PPO lower bound for negative advantages.
+    eps_clip_c: float | None = Field(None, gt=1)
+    # grpo/gspo: divide the group-centred reward by the group std.
+    grpo_std_normalization: bool = True
+    # ppo critic: clip values to old_values +- value_clip.
+    value_clip: float | None = Field(0.2, gt=0)
     # Per-round metrics go to train/metrics.arrow always; these add live loggers if installed.
     loggers: list[Literal["tensorboard", "wandb"]] = []
     wandb_project: str | None = None
 
+    @property
+    def teacher_source(self) -> TeacherSource:
+        """Where the teacher's log-probs come from: `server` = SGLang-protocol servers over
+        HTTP (slime's opd_type=sglang, whatever the server's backend), `megatron` = a frozen
+        model inside the training actors, `none` = no OPD."""
+        if not self.use_opd:
+            return "none"
+        return "megatron" if self.opd_type == "megatron" else "server"
+
 
 class ParallelConfig(Section):
-    tensor_model_parallel_size: int = Field(1, ge=1)  # must divide the heads and kv groups
-    pipeline_model_parallel_size: int = Field(
-        1, ge=1
-    )  # stages, Megatron's 1F1B schedule; must divide the layers
-    data_parallel_size: int = Field(1, ge=1)  # world size = TP x PP x DP ranks (Ray actors)
+    # Must divide the heads and kv groups.
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    # Stages of Megatron's 1F1B schedule; must divide the layers.
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    # World size = TP x PP x DP ranks (Ray actors).
+    data_parallel_size: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.data_parallel_size
+        )
 
 
 class RayConfig(Section):
     NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout"})
 
-    address: str | None = None  # None = start a local cluster
+    # None = start a local cluster.
+    address: str | None = None
     actor_num_nodes: int = Field(1, ge=1)
-    actor_num_gpus_per_node: int = Field(0, ge=0)  # 0 = CPU actors
-    actor_num_cpus_per_rank: int | None = Field(
-        None, gt=0
-    )  # None = cpu_count // world size (at least 1)
-    placement_timeout: float = Field(300.0, gt=0)  # seconds to wait for the placement group
+    # 0 = CPU actors.
+    actor_num_gpus_per_node: int = Field(0, ge=0)
+    # None = cpu_count // world size (at least 1).
+    actor_num_cpus_per_rank: int | None = Field(None, gt=0)
+    # Seconds to wait for the placement group.
+    placement_timeout: float = Field(300.0, gt=0)
 
 
 class TrainConfig(Section):
+    """The optimizer, its lr schedule, checkpoints and the actors' layout.
+
+    The lr schedule has Megatron-LM's names and semantics (megatron-core's
+    OptimizerParamScheduler runs it on CPU and CUDA): linear warmup from lr_warmup_init to lr
+    over lr_warmup_iters optimizer steps, then decay to min_lr by lr_decay_iters (None = the
+    run's last step: num_rollout x optimizer steps per round). `OPDRunConfig.lr_schedule` is
+    that schedule resolved in steps.
+    """
+
     lr: float = Field(1e-3, gt=0)
-    critic_lr: float | None = Field(None, gt=0)  # ppo critic's AdamW lr; None = train.lr
-    # The lr schedule, with Megatron-LM's names and semantics (megatron-core's
-    # OptimizerParamScheduler runs it on CPU and CUDA): linear warmup from lr_warmup_init to
-    # lr over lr_warmup_iters optimizer steps, then decay to min_lr by lr_decay_iters
-    # (None = the run's last step: num_rollout x optimizer steps per round).
-    min_lr: float = Field(0.0, ge=0)  # the lr at the end of the decay
-    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = (
-        "constant"  # after warmup
-    )
-    lr_warmup_iters: int = Field(0, ge=0)  # optimizer steps of linear warmup
-    lr_warmup_fraction: float | None = Field(
-        None, ge=0, lt=1
-    )  # warmup as a fraction of lr_decay_iters (instead)
-    lr_warmup_init: float = Field(0.0, ge=0)  # the lr warmup starts from
-    lr_decay_iters: int | None = Field(None, gt=0)  # the schedule's horizon; None = the whole run
+    # ppo critic's AdamW lr; None = train.lr.
+    critic_lr: float | None = Field(None, gt=0)
+    # The lr at the end of the decay.
+    min_lr: float = Field(0.0, ge=0)
+    # After warmup.
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "constant"
+    # Optimizer steps of linear warmup.
+    lr_warmup_iters: int = Field(0, ge=0)
+    # Warmup as a fraction of lr_decay_iters (instead).
+    lr_warmup_fraction: float | None = Field(None, ge=0, lt=1)
+    # The lr warmup starts from.
+    lr_warmup_init: float = Field(0.0, ge=0)
+    # The schedule's horizon; None = the whole run.
+    lr_decay_iters: int | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     clip_grad: float = Field(1.0, gt=0)
-    global_batch_size: int = Field(256, gt=0)  # samples per optimizer step
+    # Samples per optimizer step.
+    global_batch_size: int = Field(256, gt=0)
     micro_batch_size: int = Field(64, gt=0)
-    save_interval: int = Field(
-        1, ge=1
-    )  # rounds between checkpoints (resume points); the last round is always saved
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    # Rounds between checkpoints (resume points); the last round is always saved.
+    save_interval: int = Field(1, ge=1)
+    # auto = bf16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     parallel: ParallelConfig = ParallelConfig()
     ray: RayConfig = RayConfig()
 
 
+class LRSchedule(BaseModel):
+    """The lr schedule resolved in optimizer steps (train.lr_* + the run's length): what the
+    optimizer runs. Derived, not configured: `OPDRunConfig.lr_schedule` builds it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lr: float
+    min_lr: float
+    warmup_init: float
+    warmup_steps: int
+    decay_steps: int
+    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"]
+
+    def with_peak(self, lr: float) -> LRSchedule:
+        """The same shape at another peak lr (the ppo critic's), its floors capped by it."""
+        return self.model_copy(
+            update={
+                "lr": lr,
+                "min_lr": min(self.min_lr, lr),
+                "warmup_init": min(self.warmup_init, lr),
+            }
+        )
+
+
 class EvalConfig(Section):
-    num_prompts: int | None = Field(None, gt=0)  # None = the whole eval split
-    k: int = Field(4, ge=1)  # samples per prompt for pass@k
+    # None = the whole eval split.
+    num_prompts: int | None = Field(None, gt=0)
+    # Samples per prompt for pass@k.
+    k: int = Field(4, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(16, gt=0)
@@ -250,7 +344,8 @@ class EvalConfig(Section):
 
 class RunConfig(Section):
     artifacts_dir: str = "artifacts"
-    run_id: str | None = None  # None = <name>-<timestamp>
+    # None = <name>-<timestamp>.
+    run_id: str | None = None
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -282,11 +377,12 @@ class OPDRunConfig(Section):
             )
         if a.opd_teacher_load and not a.use_opd:
             raise ValueError("algorithm.opd_teacher_load is set but algorithm.use_opd is false")
-        if a.use_opd and a.opd_type == "megatron" and not a.opd_teacher_load:
+        if a.teacher_source == "megatron" and not a.opd_teacher_load:
             raise ValueError(
-                "algorithm.opd_type=megatron needs algorithm.opd_teacher_load (a torch_dist checkpoint)"
+                "algorithm.opd_type=megatron needs algorithm.opd_teacher_load "
+                "(a torch_dist checkpoint)"
             )
-        if a.use_opd and a.opd_type == "sglang" and a.opd_teacher_load:
+        if a.teacher_source == "server" and a.opd_teacher_load:
             raise ValueError(
                 "algorithm.opd_type=sglang takes the teacher from the teacher server; "
                 "algorithm.opd_teacher_load is only for opd_type=megatron"
@@ -297,30 +393,30 @@ class OPDRunConfig(Section):
             raise ValueError(
                 "algorithm.opd_teacher_ckpt_step is set but algorithm.opd_teacher_load is not"
             )
-        if self.teacher.backend == "external" and not self.teacher.url:
-            raise ValueError("teacher.backend=external needs teacher.url")
+        for role in ("teacher", "rollout"):
+            if getattr(self, role).backend == "external" and not getattr(self, role).urls:
+                raise ValueError(f"{role}.backend=external needs {role}.url")
         if self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
+        self._check_lr_schedule()
+        return self
+
+    def _check_lr_schedule(self) -> None:
         t = self.train
         if t.min_lr > t.lr or t.lr_warmup_init > t.lr:
             raise ValueError(
-                f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) must be <= train.lr ({t.lr})"
+                f"train.min_lr ({t.min_lr}) and train.lr_warmup_init ({t.lr_warmup_init}) "
+                f"must be <= train.lr ({t.lr})"
             )
         if t.lr_warmup_iters and t.lr_warmup_fraction is not None:
             raise ValueError("set train.lr_warmup_iters or train.lr_warmup_fraction, not both")
-        if t.lr_warmup_iters and t.lr_warmup_iters >= self.lr_decay_iters:
+        horizon = self.lr_schedule.decay_steps
+        if t.lr_warmup_iters and t.lr_warmup_iters >= horizon:
             raise ValueError(
-                f"train.lr_warmup_iters ({t.lr_warmup_iters}) must be < the decay horizon ({self.lr_decay_iters} "
-                "optimizer steps: train.lr_decay_iters, or num_rollout x steps per round)"
+                f"train.lr_warmup_iters ({t.lr_warmup_iters}) must be < the decay horizon "
+                f"({horizon} optimizer steps: train.lr_decay_iters, or num_rollout x steps "
+                "per round)"
             )
-        return self
-
-    @property
-    def lr_warmup_iters(self) -> int:
-        """Warmup steps: train.lr_warmup_iters, or lr_warmup_fraction of the horizon (so it scales with the run)."""
-        if self.train.lr_warmup_fraction is not None:
-            return int(self.train.lr_warmup_fraction * self.lr_decay_iters)
-        return self.train.lr_warmup_iters
 
     @property
     def optimizer_steps_per_round(self) -> int:
@@ -328,10 +424,26 @@ class OPDRunConfig(Section):
         return -(-samples // self.train.global_batch_size)
 
     @property
-    def lr_decay_iters(self) -> int:
-        """The lr schedule's horizon in optimizer steps (train.lr_decay_iters, else the whole run)."""
-        return self.train.lr_decay_iters or max(
+    def lr_schedule(self) -> LRSchedule:
+        """The schedule in optimizer steps: the horizon is train.lr_decay_iters, else the whole
+        run; warmup is train.lr_warmup_iters, or lr_warmup_fraction of the horizon (so it
+        scales with the run)."""
+        t = self.train
+        decay_steps = t.lr_decay_iters or max(
             1, self.rollout.num_rollout * self.optimizer_steps_per_round
+        )
+        warmup_steps = (
+            int(t.lr_warmup_fraction * decay_steps)
+            if t.lr_warmup_fraction is not None
+            else t.lr_warmup_iters
+        )
+        return LRSchedule(
+            lr=t.lr,
+            min_lr=t.min_lr,
+            warmup_init=t.lr_warmup_init,
+            warmup_steps=warmup_steps,
+            decay_steps=decay_steps,
+            decay_style=t.lr_decay_style,
         )
 
     def section_hash(self, *names: str) -> str:

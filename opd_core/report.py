@@ -49,7 +49,7 @@ def comparison_rows(baseline: dict, final: dict) -> list[dict]:
 
 
 def round_rows(run_dir: RunDir) -> list[dict]:
-    path = run_dir.stage("train") / "metrics.arrow"
+    path = run_dir.train_metrics
     if not path.is_file():
         return []
     table: pa.Table = read_arrow(path)
@@ -69,7 +69,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict) -> Path:
     out_dir = run_dir.stage("final_eval")
-    metrics_path = run_dir.stage("train") / "metrics.arrow"
+    metrics_path = run_dir.train_metrics
     curves = None
     if metrics_path.is_file():
         curves = plot_curves(read_arrow(metrics_path), out_dir / "curves.png")
@@ -89,4 +89,4 @@ def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict
         + markdown_table(round_rows(run_dir))
         + (f"\n![curves]({Path(curves).name})\n" if curves else "")
     )
-    return write_text(out_dir / "report.md", text)
+    return write_text(run_dir.report, text)

@@ -61,6 +61,11 @@ class RunDir:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
         return self.root / name
 
+    @property
+    def config_file(self) -> Path:
+        """The validated config of the last run on this directory."""
+        return self.root / "config.yaml"
+
     # download
     @property
     def student_hf(self) -> Path:
@@ -78,6 +83,10 @@ class RunDir:
     def eval_data(self) -> Path:
         return self.stage("download") / "data" / "eval.arrow"
 
+    @property
+    def manifest(self) -> Path:
+        return self.stage("download") / "manifest.json"
+
     # convert
     @property
     def student_torch_dist(self) -> Path:
@@ -87,18 +96,52 @@ class RunDir:
     def teacher_torch_dist(self) -> Path:
         return self.stage("convert") / "teacher_torch_dist"
 
+    @property
+    def parity(self) -> Path:
+        return self.stage("convert") / "parity.json"
+
     # teacher
     @property
     def endpoint(self) -> Path:
         return self.stage("teacher") / "endpoint.json"
+
+    @property
+    def teacher_log(self) -> Path:
+        return self.stage("teacher") / "server.log"
 
     # train
     def round_dir(self, round_index: int) -> Path:
         return self.stage("train") / f"round_{round_index:04d}"
 
     @property
+    def train_metrics(self) -> Path:
+        """One row per round (opd_core.algorithm.metrics.MetricsLog)."""
+        return self.stage("train") / "metrics.arrow"
+
+    @property
+    def rollout_log(self) -> Path:
+        return self.stage("train") / "rollout_server.log"
+
+    @property
+    def torch_dist_checkpoints(self) -> Path:
+        """Megatron-LM layout root: iter_XXXXXXX/ per checkpointed round."""
+        return self.stage("train") / "checkpoints" / "torch_dist"
+
+    def hf_export(self, round_index: int) -> Path:
+        """The student's HF weights after a round (what the rollout engines load)."""
+        return self.stage("train") / "checkpoints" / "hf" / f"round_{round_index:04d}"
+
+    @property
     def final_student_hf(self) -> Path:
         return self.stage("train") / "checkpoints" / "hf" / "final"
+
+    # evals
+    def eval_summary(self, stage: str) -> Path:
+        return self.stage(stage) / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.stage("final_eval") / "report.md"
 
 
 # ------------------------------------------------------------------------------- caching

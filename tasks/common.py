@@ -1,9 +1,8 @@
-"""What every stage task shares: the cache-or-run step and what it shows in the Prefect UI."""
+"""What every stage task shares: running a stage and showing it in the Prefect UI."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import (
@@ -12,33 +11,22 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from opd_core.rundir import RunDir, run_cached, stage_key
+from opd_core.stages import CachedStage
 
 
-def cached_stage(
-    name: str,
-    run_dir: RunDir,
-    config_hash: str,
-    inputs: list[Path],
-    build: Callable[[], dict],
-    key: str | None = None,
-) -> dict:
-    """Run `build` unless the stage's inputs (by content) and config are unchanged.
-
-    `key`: the stage key if the caller already computed it (saves hashing the inputs twice).
-    """
-    logger = get_run_logger()
-    key = key or stage_key(config_hash, inputs)
-    result, cached = run_cached(run_dir.stage(name), key, build)
-    logger.info(
-        "%s: %s (%s)", name, "cache hit, nothing to do" if cached else "done", run_dir.stage(name)
-    )
+def run_stage(stage: CachedStage, **kwargs: Any) -> dict:
+    """`stage.run(**kwargs)`, logged and published as a markdown artifact; its result dict
+    plus `cached`."""
+    outcome = stage.run(**kwargs)
+    state = "cache hit, nothing to do" if outcome.cached else "done"
+    get_run_logger().info("%s: %s (%s)", outcome.name, state, outcome.out_dir)
     create_markdown_artifact(
-        f"**{name}** {'(cache hit)' if cached else 'finished'}\n\nOutputs: `{run_dir.stage(name)}`\n\nCache key: `{key}`",
-        key=_artifact_key(f"{name}-stage"),
-        description=f"{name} outputs",
+        f"**{outcome.name}** {'(cache hit)' if outcome.cached else 'finished'}\n\n"
+        f"Outputs: `{outcome.out_dir}`\n\nCache key: `{outcome.key}`",
+        key=artifact_key(f"{outcome.name}-stage"),
+        description=f"{outcome.name} outputs",
     )
-    return {**result, "cached": cached}
+    return {**outcome.result, "cached": outcome.cached}
 
 
 class StageProgress:
@@ -47,7 +35,7 @@ class StageProgress:
     def __init__(self, name: str, total: int):
         self.total = max(total, 1)
         self.artifact_id = create_progress_artifact(
-            0.0, key=_artifact_key(f"{name}-progress"), description=f"{name} progress"
+            0.0, key=artifact_key(f"{name}-progress"), description=f"{name} progress"
         )
 
     def update(self, done: int, description: str | None = None) -> None:
@@ -56,6 +44,6 @@ class StageProgress:
         )
 
 
-def _artifact_key(text: str) -> str:
+def artifact_key(text: str) -> str:
     # Artifact keys allow lowercase letters, digits and dashes only.
     return "".join(c if c.isalnum() else "-" for c in text.lower())

@@ -121,7 +121,7 @@ def test_readme_config_reference_is_current():
 
     readme = (CONFIGS.parent / "README.md").read_text()
     assert markdown() in readme, (
-        "README.md config reference is stale: run `python -m opd_core.config_doc`"
+        "README.md config reference is stale: run `python -m opd_core.config_doc README.md`"
     )
 
 
@@ -136,16 +136,11 @@ def test_lr_schedule_horizon_and_its_errors():
             "train.micro_batch_size=16",
         ],
     )
-    assert (
-        cfg.optimizer_steps_per_round == 2 and cfg.lr_decay_iters == 20
-    )  # the whole run by default
-    assert load_config(None, ["train.lr_decay_iters=7"]).lr_decay_iters == 7
-    assert (
-        load_config(
-            None, ["train.lr_decay_iters=40", "train.lr_warmup_fraction=0.1"]
-        ).lr_warmup_iters
-        == 4
-    )
+    # The whole run by default.
+    assert cfg.optimizer_steps_per_round == 2 and cfg.lr_schedule.decay_steps == 20
+    assert load_config(None, ["train.lr_decay_iters=7"]).lr_schedule.decay_steps == 7
+    overrides = ["train.lr_decay_iters=40", "train.lr_warmup_fraction=0.1"]
+    assert load_config(None, overrides).lr_schedule.warmup_steps == 4
     with pytest.raises(ConfigError, match="lr_warmup_iters or train.lr_warmup_fraction, not both"):
         load_config(None, ["train.lr_warmup_iters=2", "train.lr_warmup_fraction=0.1"])
     with pytest.raises(

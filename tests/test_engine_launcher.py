@@ -28,7 +28,10 @@ def model_dir(tmp_path_factory):
 
 def test_sglang_and_builtin_share_flag_names(tmp_path):
     cfg = TeacherConfig(
-        tp=2, mem_fraction_static=0.7, extra_args=["--context-length", "8192"], api_key="k"
+        num_gpus_per_engine=2,
+        mem_fraction_static=0.7,
+        extra_args=["--context-length", "8192"],
+        api_key="k",
     )
     sglang = server_command("sglang", "/m", "0.0.0.0", 30000, cfg)
     builtin = server_command("builtin", "/m", "0.0.0.0", 30000, cfg)
@@ -80,7 +83,8 @@ def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
 
 
 def test_dead_server_shows_log_tail(tmp_path):
-    cfg = TeacherConfig(tp=2, startup_timeout=60)  # the built-in server refuses tp > 1 and exits
+    # The built-in server refuses tp > 1 and exits.
+    cfg = TeacherConfig(num_gpus_per_engine=2, startup_timeout=60)
     with pytest.raises(
         EngineLaunchError,
         match=r"exited with code 1(.|\n)*--tp-size: the built-in server runs on one device",

@@ -239,28 +239,30 @@ def test_checkpoint_of_another_shape_is_refused(models):
 
 
 def test_convert_stage_runs_in_a_child_that_leaves_nothing_behind(tmp_path):
-    """run_convert converts in a spawned child (dist_checkpointing's Manager must not outlive a
+    """The Convert stage converts in a spawned child (dist_checkpointing's Manager must not outlive a
     killed driver); its result and its errors, such as a failed parity check, reach the caller."""
     import psutil
 
     from opd_core.config import load_config
     from opd_core.io import read_json
     from opd_core.rundir import RunDir
-    from opd_core.stages import run_convert
+    from opd_core.stages import Convert
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     run_dir = RunDir.create(tmp_path, "r")
     make_tiny_qwen3(run_dir.student_hf, initializer_range=0.2)
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
 
-    result = run_convert(load_config(configs / "toy.yaml"), run_dir)
+    result = Convert(load_config(configs / "toy.yaml"), run_dir).build()
     assert result["parity"]["max_abs_logits_diff"] <= 1e-5
     assert read_json(run_dir.stage("convert") / "parity.json") == result["parity"]
     assert checkpoint.list_steps(run_dir.student_torch_dist) == [0]
     with pytest.raises(
         RuntimeError, match=r"convert.parity_tolerance=1e-12\): the conversion is wrong"
     ):
-        run_convert(load_config(configs / "toy.yaml", ["convert.parity_tolerance=1e-12"]), run_dir)
+        Convert(
+            load_config(configs / "toy.yaml", ["convert.parity_tolerance=1e-12"]), run_dir
+        ).build()
     # Only multiprocessing's resource tracker stays: it belongs to this process and exits with it.
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in children_before]
     assert all("multiprocessing.resource_tracker" in " ".join(p.cmdline()) for p in left), [

@@ -68,7 +68,9 @@ def test_server_and_megatron_teacher_logprobs_agree(models, pipeline):
         }
     )
     batch = TrainBatch(prompt_ids=prompts, response_ids=response_ids)
-    with TrainerGroup(cfg, models["student"], models["student_ckpt"]) as trainer:
+    with TrainerGroup(
+        cfg, models["student"], models["student_ckpt"], teacher_ckpt_dir=models["teacher_ckpt"]
+    ) as trainer:
         in_actor = trainer.teacher_logprobs(batch)
         student = trainer.compute_logprobs(batch)
         actor_topk = trainer.teacher_topk(batch, 5)

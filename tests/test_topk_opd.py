@@ -17,7 +17,7 @@ from opd_core.io import read_arrow, write_arrow
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed, free_port
 from opd_core.schemas import TEACHER_LOGPROBS
-from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.actor import ActorSpec, TrainActor
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 RESPONSES = [[20, 21, 22], [], [24]]
@@ -126,12 +126,7 @@ def test_actor_step_on_topk_loss_moves_the_student_towards_the_teacher(tmp_path,
             1,
             "127.0.0.1",
             free_port(),
-            cfg.train.parallel,
-            student_hf,
-            hf_to_torch_dist(student_hf, tmp_path / "ckpt"),
-            None,
-            cfg.train,
-            cfg.algorithm,
+            ActorSpec.from_config(cfg, student_hf, hf_to_torch_dist(student_hf, tmp_path / "ckpt")),
         )
         # Zero advantages: the top-k loss is the only signal.
         batch = TrainBatch(
@@ -166,12 +161,7 @@ def test_topk_step_takes_a_zero_length_response(tmp_path):
             1,
             "127.0.0.1",
             free_port(),
-            cfg.train.parallel,
-            student_hf,
-            hf_to_torch_dist(student_hf, tmp_path / "ckpt"),
-            None,
-            cfg.train,
-            cfg.algorithm,
+            ActorSpec.from_config(cfg, student_hf, hf_to_torch_dist(student_hf, tmp_path / "ckpt")),
         )
         batch = TrainBatch(
             [[1, 2, 3], [1, 2]],

@@ -12,7 +12,7 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import free_port
-from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.actor import ActorSpec, TrainActor
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,13 @@ def make_actor(
         1,
         "127.0.0.1",
         free_port(),
-        cfg.train.parallel,
-        models["student"],
-        ckpt or models["student_ckpt"],
-        step,
-        cfg.train,
-        cfg.algorithm,
-        teacher_ckpt_dir=models["teacher_ckpt"] if teacher else None,
-        teacher_step=cfg.algorithm.opd_teacher_ckpt_step,
+        ActorSpec.from_config(
+            cfg,
+            models["student"],
+            ckpt or models["student_ckpt"],
+            step,
+            teacher_checkpoint_dir=models["teacher_ckpt"] if teacher else None,
+        ),
     )
     return actor
 

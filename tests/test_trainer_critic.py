@@ -15,7 +15,7 @@ from opd_core.config import OPDRunConfig
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed, free_port
-from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.actor import ActorSpec, TrainActor
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,7 @@ def make_actor(student, ckpt=None, **algorithm) -> TrainActor:
         1,
         "127.0.0.1",
         free_port(),
-        cfg.train.parallel,
-        student["hf"],
-        ckpt or student["ckpt"],
-        None,
-        cfg.train,
-        cfg.algorithm,
+        ActorSpec.from_config(cfg, student["hf"], ckpt or student["ckpt"]),
     )
     return actor
 

@@ -17,8 +17,9 @@ trained; default all ones). Order of operations, as in slime's `compute_advantag
    - reinforce_plus_plus: discounted return of the reward placed on the last trained token,
      then whitened over all trained tokens of the batch;
      reinforce_plus_plus_baseline: (r - group mean) broadcast, then whitened.
-2. OPD (when `use_opd`): A_t -= opd_kl_coef * (old_logprob_t - teacher_logprob_t) on trained
-   tokens; plain arrays, so no gradient can flow through the penalty.
+2. OPD (when `use_opd`): `OPDTerm.penalize`, i.e. A_t -= opd_kl_coef * (old_logprob_t -
+   teacher_logprob_t) on trained tokens for sampled-token OPD; top-k OPD adds no penalty (its
+   term is the actor's dense loss, see opd_core/algorithm/opd.py).
 3. optional `normalize_advantages`: whitening over all trained tokens of the batch.
 
 Advantages of tokens outside the loss mask are 0. Zero-length responses give empty arrays.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opd_core.algorithm.losses import masked_mean
+from opd_core.algorithm.opd import OPDTerm
 from opd_core.config import AlgorithmConfig
 
 __all__ = [
@@ -215,7 +217,8 @@ def compute_advantages(
         teacher = _finite_where_trained("teacher_logprobs", teacher, masks)
     if critic is not None:  # GAE reads every value, trained token or not
         critic = _finite_where_trained("values", critic, [np.ones_like(v) for v in critic])
-    if cfg.use_opd and teacher is None:
+    opd = OPDTerm.from_config(cfg)
+    if opd is not None and teacher is None:
         raise ValueError("algorithm.use_opd is true but compute_advantages got no teacher_logprobs")
 
     estimator, returns = cfg.advantage_estimator, None
@@ -245,10 +248,8 @@ def compute_advantages(
         if sum(m.sum() for m in masks) > 0:
             opd_reverse_kl = masked_mean(np.concatenate(reverse_kl), np.concatenate(masks))
             teacher_mean = masked_mean(np.concatenate(teacher), np.concatenate(masks))
-        if cfg.use_opd:
-            advantages = [
-                a - cfg.opd_kl_coef * kl * m for a, kl, m in zip(advantages, reverse_kl, masks)
-            ]
+        if opd is not None:
+            advantages = opd.penalize(advantages, reverse_kl, masks)
     if cfg.normalize_advantages:
         advantages = masked_whiten(advantages, masks)
     advantages = [(a * m).astype(np.float32) for a, m in zip(advantages, masks)]

@@ -70,12 +70,15 @@ def server_command(
         "--port",
         str(port),
         "--tp-size",
-        str(cfg.tp),
+        # GPUs per server = its tensor-parallel size; a CPU server (0 GPUs) still has TP 1.
+        str(max(1, cfg.num_gpus_per_engine)),
     ]
     if cfg.mem_fraction_static is not None:
         command += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.api_key:
         command += ["--api-key", cfg.api_key]
+    if cfg.enable_deterministic_inference:
+        command += ["--enable-deterministic-inference"]
     return command + [str(a) for a in cfg.extra_args]
 
 

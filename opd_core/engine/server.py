@@ -228,6 +228,11 @@ def build_parser():
         default=None,
         help="accepted for sglang compatibility; unused",
     )
+    parser.add_argument(
+        "--enable-deterministic-inference",
+        action="store_true",
+        help="SGLang's flag; the built-in engine's sampling is always seeded per request",
+    )
     parser.add_argument("--context-length", type=int, default=None)
     parser.add_argument("--random-seed", type=int, default=None)
     parser.add_argument(

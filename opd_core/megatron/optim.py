@@ -2,7 +2,7 @@
 AdamW with explicit gradient all-reduce and clipping on CPU; megatron-core's
 OptimizerParamScheduler sets the lr (warmup + decay) on both.
 
-    trainer = build_optimizer(model, train_cfg)   # -> ModelOptimizer
+    trainer = build_optimizer(model, train_cfg, cfg.lr_schedule)   # -> ModelOptimizer
     trainer.zero_grad(); loss.backward() ...; stats = trainer.step()   # {"grad_norm", "lr"}
 
 Megatron's optimizer and DDP wrappers need CUDA; on CPU the same semantics are written out:
@@ -15,38 +15,40 @@ with the configured lr, betas, weight decay and clipping.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
+
+from opd_core.config import LRSchedule, TrainConfig
 
 
 class ModelOptimizer:
     """What the actor needs from an optimizer, on either device."""
 
-    def __init__(self, model, optimizer, train_cfg, megatron: bool):
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        self.model, self.optimizer, self.clip_grad, self.megatron = (
-            model,
-            optimizer,
-            train_cfg.clip_grad,
-            megatron,
-        )
-        decay_iters = train_cfg.lr_decay_iters  # TrainerGroup resolves None to the run's length
-        if decay_iters is None and train_cfg.lr_decay_style != "constant":
-            raise ValueError(
-                f"train.lr_decay_style={train_cfg.lr_decay_style} needs train.lr_decay_iters resolved"
-            )
-        decay_iters = decay_iters or 1
+    def __init__(self, model, optimizer, train_cfg, schedule: LRSchedule, megatron: bool):
+        self.model, self.optimizer, self.megatron = model, optimizer, megatron
+        self.clip_grad = train_cfg.clip_grad
         # override: a resumed run follows the schedule of its (possibly longer) current config
         # from the restored step count, instead of the one stored in the checkpoint.
         self.scheduler = OptimizerParamScheduler(
             optimizer,
-            init_lr=train_cfg.lr_warmup_init,
-            max_lr=train_cfg.lr,
-            min_lr=train_cfg.min_lr,
-            lr_warmup_steps=train_cfg.lr_warmup_iters,
-            lr_decay_steps=max(decay_iters, train_cfg.lr_warmup_iters + 1),
-            lr_decay_style=train_cfg.lr_decay_style,
+            init_lr=schedule.warmup_init,
+            max_lr=schedule.lr,
+            min_lr=schedule.min_lr,
+            lr_warmup_steps=schedule.warmup_steps,
+            lr_decay_steps=max(schedule.decay_steps, schedule.warmup_steps + 1),
+            lr_decay_style=schedule.decay_style,
             start_wd=train_cfg.weight_decay,
             end_wd=train_cfg.weight_decay,
             wd_incr_steps=1,
@@ -72,10 +74,9 @@ class ModelOptimizer:
 
     def step(self) -> dict[str, float]:
         if self.megatron:
-            from megatron.core.distributed import finalize_model_grads
-
-            # DP reduce-scatter (a sum: calculate_per_token_loss), the TP all-reduce of qk-layernorm
-            # grads and, under PP, of the tied embedding's two copies (as Megatron-LM's schedule does).
+            # DP reduce-scatter (a sum: calculate_per_token_loss), the TP all-reduce of
+            # qk-layernorm grads and, under PP, of the tied embedding's two copies (as
+            # Megatron-LM's schedule does).
             finalize_model_grads([self.model])
             lr = self.lr
             _, grad_norm, _ = self.optimizer.step()
@@ -98,8 +99,6 @@ class ModelOptimizer:
 
     def save(self, directory, rank: int) -> None:
         """Write this rank's optimizer state into `directory` (a checkpoint being written)."""
-        from pathlib import Path
-
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         torch.save(state, Path(directory) / f"optimizer_rank{rank:05d}.pt")
         if self.megatron and hasattr(
@@ -108,8 +107,6 @@ class ModelOptimizer:
             self.optimizer.save_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
     def load(self, directory, rank: int) -> None:
-        from pathlib import Path
-
         state = torch.load(
             Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False
         )
@@ -121,23 +118,23 @@ class ModelOptimizer:
             self.optimizer.load_parameter_state(str(Path(directory) / "distrib_optimizer.pt"))
 
 
-def build_optimizer(model, train_cfg) -> ModelOptimizer:
+def build_optimizer(model, train_cfg: TrainConfig, schedule: LRSchedule) -> ModelOptimizer:
+    """AdamW with the given schedule; `schedule.lr` is the peak (the critic's differs)."""
     if torch.cuda.is_available():
-        return _megatron_optimizer(model, train_cfg)
+        return _megatron_optimizer(model, train_cfg, schedule)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=train_cfg.lr,
+        lr=schedule.lr,
         betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
         weight_decay=train_cfg.weight_decay,
         eps=1e-8,
     )
-    return ModelOptimizer(model, optimizer, train_cfg, megatron=False)
+    return ModelOptimizer(model, optimizer, train_cfg, schedule, megatron=False)
 
 
-def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover - needs CUDA
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
+def _megatron_optimizer(
+    model, train_cfg, schedule: LRSchedule
+) -> ModelOptimizer:  # pragma: no cover
     bf16 = model.config.bf16
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
@@ -145,8 +142,8 @@ def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover
     wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=train_cfg.lr,
-        min_lr=train_cfg.min_lr,
+        lr=schedule.lr,
+        min_lr=schedule.min_lr,
         weight_decay=train_cfg.weight_decay,
         adam_beta1=train_cfg.adam_beta1,
         adam_beta2=train_cfg.adam_beta2,
@@ -157,7 +154,7 @@ def _megatron_optimizer(model, train_cfg) -> ModelOptimizer:  # pragma: no cover
         use_distributed_optimizer=True,
     )
     optimizer = get_megatron_optimizer(opt_config, [wrapped])
-    return ModelOptimizer(wrapped, optimizer, train_cfg, megatron=True)
+    return ModelOptimizer(wrapped, optimizer, train_cfg, schedule, megatron=True)
 
 
 def _all_reduce_tensor_parallel_partial_grads(model) -> None:
@@ -167,8 +164,6 @@ def _all_reduce_tensor_parallel_partial_grads(model) -> None:
     the heads, so each rank computes a partial gradient (Megatron's finalize_model_grads does
     the same all-reduce). Without it the replicas drift apart step by step.
     """
-    from megatron.core import parallel_state
-
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
     params = [
@@ -195,8 +190,6 @@ def _all_reduce_tensor_parallel_partial_grads(model) -> None:
 def _all_reduce_tied_embedding_grads(model) -> None:
     """Under PP with tied embeddings, sum the gradients of the first stage's embedding and the
     last stage's copy of it (the output layer), so both copies take the same update."""
-    from megatron.core import parallel_state
-
     if (
         parallel_state.get_pipeline_model_parallel_world_size() == 1
         or not parallel_state.is_rank_in_embedding_group()
@@ -208,8 +201,6 @@ def _all_reduce_tied_embedding_grads(model) -> None:
 
 
 def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.get_data_parallel_world_size() == 1:
         return
     group = parallel_state.get_data_parallel_group()
@@ -225,9 +216,6 @@ def _all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
 def _global_grad_norm(params: list[torch.nn.Parameter]) -> float:
     """L2 norm of the full model's gradient: TP shards and PP stages summed, TP-replicated params
     and the last stage's copy of a tied embedding counted once."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
-    from megatron.core.transformer.module import param_is_not_shared
 
     squared = torch.zeros((), dtype=torch.float64)
     for p in params:

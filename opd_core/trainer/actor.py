@@ -1,12 +1,12 @@
 """One training rank: a Megatron GPTModel (student, optionally a frozen teacher) in a Ray actor.
 
+    spec = ActorSpec.from_config(cfg, hf_config_dir, checkpoint_dir)   # once, in the driver
     actor = ray.remote(TrainActor).remote()          # TrainerGroup does this for every rank
-    actor.setup.remote(rank, world_size, addr, port, parallel_cfg, hf_dir, ckpt_dir, step,
-                       train_cfg, algorithm_cfg, teacher_ckpt_dir=None, teacher_step=None)
+    actor.setup.remote(rank, world_size, addr, port, spec)
     actor.compute_logprobs.remote(batch)   # -> list[np.ndarray], one per sample
     actor.teacher_logprobs.remote(batch)   # opd_type=megatron: the teacher in this actor
     actor.ref_logprobs.remote(batch)       # use_kl_loss: the frozen initial student
-    actor.compute_values.remote(batch)     # advantage_estimator=ppo: the critic's V per response token
+    actor.compute_values.remote(batch)     # advantage_estimator=ppo: the critic's V per token
     actor.train_step.remote(batch)         # one optimizer step on this rank's shard -> metrics
                                            # (+ one critic step when batch.returns is set)
     actor.save_checkpoint.remote(root, step); actor.load_checkpoint.remote(root, step)
@@ -15,7 +15,8 @@
 `batch` is this rank's data-parallel shard (every TP rank of a DP group gets the same one).
 The loss of a micro-batch is weighted by its share of the global token count, so gradient
 accumulation over micro-batches and the sum over data-parallel ranks give exactly the
-token-mean loss of the whole global batch, whatever TP/DP/micro-batch sizes are chosen. The critic's value loss is weighted the same way.
+token-mean loss of the whole global batch, whatever TP/DP/micro-batch sizes are chosen. The
+critic's value loss is weighted the same way.
 
 Optional models, built only when the algorithm needs them (no memory cost otherwise):
 - `self.reference` (algorithm.use_kl_loss): a frozen copy of the student as set up, i.e. the
@@ -34,11 +35,37 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from pydantic import BaseModel, ConfigDict
 
 from opd_core.algorithm.batch import TrainBatch
-from opd_core.config import AlgorithmConfig, ParallelConfig, TrainConfig
+from opd_core.algorithm.losses import policy_loss, value_loss
+from opd_core.algorithm.opd import OPDTerm
+from opd_core.config import AlgorithmConfig, LRSchedule, OPDRunConfig, ParallelConfig, TrainConfig
+from opd_core.megatron import checkpoint, mapping
+from opd_core.megatron.convert import load_hf_config, write_hf_dir
+from opd_core.megatron.critic import (
+    build_critic_model,
+    copy_trunk_from_student,
+    load_critic,
+    response_values,
+    save_critic,
+)
+from opd_core.megatron.model import (
+    build_gpt_model,
+    full_vocab_logprobs,
+    model_family,
+    response_entropy,
+    response_logprobs,
+    response_logprobs_of,
+    response_topk,
+)
+from opd_core.megatron.optim import build_optimizer
+from opd_core.megatron.parallel import destroy_distributed, free_port, init_distributed
+from opd_core.megatron.pipeline import run_forward, run_forward_backward
 
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
 CRITIC_DIR = (
@@ -62,8 +89,57 @@ def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
     return out
 
 
+class ActorSpec(BaseModel):
+    """Everything a training rank is built from, decided once in the driver.
+
+    The config sections arrive as validated objects (Ray pickles them; nothing is
+    re-validated), with the lr schedule already resolved in optimizer steps.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    hf_config_dir: Path  # the student's HF config (architecture, tokenizer side files)
+    checkpoint_dir: Path | None = None  # torch_dist to start from (the converted student)
+    checkpoint_step: int | None = None  # its iteration; None = the latest
+    teacher_checkpoint_dir: Path | None = None  # opd_type=megatron: the frozen teacher
+    teacher_step: int | None = None
+    parallel: ParallelConfig
+    train: TrainConfig
+    schedule: LRSchedule
+    algorithm: AlgorithmConfig
+    seed: int = 0
+    num_threads: int | None = None  # torch threads per rank on CPU
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: OPDRunConfig,
+        hf_config_dir: str | Path,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_step: int | None = None,
+        teacher_checkpoint_dir: str | Path | None = None,
+        num_threads: int | None = None,
+    ) -> ActorSpec:
+        return cls(
+            hf_config_dir=Path(hf_config_dir),
+            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+            checkpoint_step=checkpoint_step,
+            teacher_checkpoint_dir=(
+                None if teacher_checkpoint_dir is None else Path(teacher_checkpoint_dir)
+            ),
+            teacher_step=cfg.algorithm.opd_teacher_ckpt_step,
+            parallel=cfg.train.parallel,
+            train=cfg.train,
+            schedule=cfg.lr_schedule,
+            algorithm=cfg.algorithm,
+            seed=cfg.seed,
+            num_threads=num_threads,
+        )
+
+
 class TrainActor:
-    """Not a Ray actor by itself: TrainerGroup wraps it with `ray.remote` (tests may call it directly)."""
+    """Not a Ray actor by itself: TrainerGroup wraps it with `ray.remote` (tests call it
+    directly)."""
 
     def __init__(self) -> None:
         self.model = None
@@ -77,70 +153,45 @@ class TrainActor:
 
     def node_address(self) -> tuple[str, int]:
         """(ip, free port) on this actor's node: the rendezvous of the process group."""
-        import ray
-
-        from opd_core.megatron.parallel import free_port
-
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return ip, free_port("" if ip != "127.0.0.1" else "127.0.0.1")
 
     def setup(
-        self,
-        rank: int,
-        world_size: int,
-        master_addr: str,
-        master_port: int,
-        parallel,
-        hf_config_dir,
-        ckpt_dir,
-        step: int | None,
-        train,
-        algorithm,
-        teacher_ckpt_dir=None,
-        teacher_step: int | None = None,
-        seed: int = 0,
-        num_threads: int | None = None,
+        self, rank: int, world_size: int, master_addr: str, master_port: int, spec: ActorSpec
     ) -> dict:
-        from opd_core.megatron.known_warnings import quiet_known_warnings
-
-        quiet_known_warnings()  # before megatron is imported in this worker
-        from megatron.core import parallel_state as ps
-
-        from opd_core.megatron.convert import load_hf_config
-        from opd_core.megatron.model import build_gpt_model
-        from opd_core.megatron.optim import build_optimizer
-        from opd_core.megatron.parallel import init_distributed
-
-        if num_threads and not torch.cuda.is_available():
-            torch.set_num_threads(num_threads)
-        self.parallel = ParallelConfig.model_validate(parallel)
-        self.train_cfg = TrainConfig.model_validate(train)
-        self.algorithm = AlgorithmConfig.model_validate(algorithm)
-        tp, pp = (
-            self.parallel.tensor_model_parallel_size,
-            self.parallel.pipeline_model_parallel_size,
+        if spec.num_threads and not torch.cuda.is_available():
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.parallel, self.train_cfg, self.algorithm = spec.parallel, spec.train, spec.algorithm
+        self.opd = OPDTerm.from_config(spec.algorithm)
+        init_distributed(
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            tp=self.parallel.tensor_model_parallel_size,
+            pp=self.parallel.pipeline_model_parallel_size,
+            seed=spec.seed,
         )
-        init_distributed(rank, world_size, master_addr, master_port, tp=tp, pp=pp, seed=seed)
         self.rank = rank
-        self.hf_config_dir = Path(hf_config_dir)
-        self.hf_config = load_hf_config(hf_config_dir)
+        self.hf_config_dir = spec.hf_config_dir
+        self.hf_config = load_hf_config(spec.hf_config_dir)
         self.dtype = _dtype(self.train_cfg.dtype)
         self.model = build_gpt_model(self.hf_config, dtype=self.dtype)
-        self.optim = build_optimizer(self.model, self.train_cfg)
+        self.optim = build_optimizer(self.model, self.train_cfg, spec.schedule)
         if self.algorithm.advantage_estimator == "ppo":
             self._build_critic()
-        if ckpt_dir is not None:
-            self.load_checkpoint(ckpt_dir, step)  # the critic too, if that checkpoint has one
+        if spec.checkpoint_dir is not None:
+            # The critic too, if that checkpoint has one.
+            self.load_checkpoint(spec.checkpoint_dir, spec.checkpoint_step)
         if self.critic is not None and not self._critic_loaded:
-            from opd_core.megatron.critic import copy_trunk_from_student
-
             copy_trunk_from_student(self.critic, self.module)
         if self.algorithm.use_kl_loss:
             self.reference = build_gpt_model(self.hf_config, dtype=self.dtype)
             self.reference.load_state_dict(self.module.state_dict())
             self.reference.eval().requires_grad_(False)
-        if teacher_ckpt_dir is not None:
-            self._load_teacher(teacher_ckpt_dir, teacher_step)
+        if spec.teacher_checkpoint_dir is not None:
+            self._load_teacher(spec.teacher_checkpoint_dir, spec.teacher_step)
         return {
             "rank": rank,
             "tp_rank": ps.get_tensor_model_parallel_rank(),
@@ -156,34 +207,21 @@ class TrainActor:
         return self.optim.module
 
     def _build_critic(self) -> None:
-        from opd_core.megatron.critic import build_critic_model
-        from opd_core.megatron.optim import build_optimizer
-
         self.critic = build_critic_model(self.hf_config, dtype=self.dtype)
-        critic_lr = self.train_cfg.critic_lr or self.train_cfg.lr
-        # The policy's schedule shape at the critic's peak lr (its floors capped by that peak).
-        critic_cfg = self.train_cfg.model_copy(
-            update={
-                "lr": critic_lr,
-                "min_lr": min(self.train_cfg.min_lr, critic_lr),
-                "lr_warmup_init": min(self.train_cfg.lr_warmup_init, critic_lr),
-            }
-        )
-        self.critic_optim = build_optimizer(self.critic, critic_cfg)
+        # The policy's schedule shape at the critic's peak lr.
+        schedule = self.spec.schedule.with_peak(self.train_cfg.critic_lr or self.train_cfg.lr)
+        self.critic_optim = build_optimizer(self.critic, self.train_cfg, schedule)
         self._critic_loaded = False  # set by load_checkpoint when a checkpoint holds a critic
 
     def _load_teacher(self, teacher_ckpt_dir, teacher_step: int | None) -> None:
-        from opd_core.megatron import checkpoint
-        from opd_core.megatron.convert import load_hf_config
-        from opd_core.megatron.model import build_gpt_model, model_family
-
         teacher_config = load_hf_config(checkpoint.stored_hf_config_dir(teacher_ckpt_dir))
         student = (model_family(self.hf_config), self.hf_config.vocab_size)
         teacher = (model_family(teacher_config), teacher_config.vocab_size)
         if student != teacher:
             raise ValueError(
-                f"opd_type=megatron needs a teacher of the student's architecture and vocabulary: student is "
-                f"{student[0]} (vocab {student[1]}), teacher {teacher_ckpt_dir} is {teacher[0]} (vocab {teacher[1]})"
+                "opd_type=megatron needs a teacher of the student's architecture and vocabulary: "
+                f"student is {student[0]} (vocab {student[1]}), teacher {teacher_ckpt_dir} is "
+                f"{teacher[0]} (vocab {teacher[1]})"
             )
         self.teacher = build_gpt_model(teacher_config, dtype=self.dtype)
         checkpoint.load_model(self.teacher, teacher_ckpt_dir, teacher_step)
@@ -200,13 +238,9 @@ class TrainActor:
 
     def _forward(self, model, batch: TrainBatch, per_sample) -> list:
         """per_sample(output, micro) over this shard's micro-batches (see megatron.pipeline)."""
-        from opd_core.megatron.pipeline import run_forward
-
         return run_forward(model, self._micro_batches(batch), per_sample)
 
     def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
-        from opd_core.megatron.model import response_logprobs
-
         return self._forward(
             model,
             batch,
@@ -227,8 +261,6 @@ class TrainActor:
         self, batch: TrainBatch, k: int
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(logprobs, topk_ids, topk_logprobs) per sample from the Megatron teacher (top-k OPD)."""
-        from opd_core.megatron.model import response_topk
-
         return self._forward(
             self._teacher(),
             batch,
@@ -251,9 +283,8 @@ class TrainActor:
         return self._logprobs(self.reference, batch)
 
     def compute_values(self, batch: TrainBatch) -> list[np.ndarray]:
-        """The critic's V per response token, aligned with the log-probs (empty for an empty response)."""
-        from opd_core.megatron.critic import response_values
-
+        """The critic's V per response token, aligned with the log-probs (empty for an empty
+        response)."""
         if self.critic is None:
             raise RuntimeError("no critic: it is built only with algorithm.advantage_estimator=ppo")
         return self._forward(
@@ -269,17 +300,6 @@ class TrainActor:
 
     def train_step(self, batch: TrainBatch) -> dict:
         """One optimizer step over this rank's shard of the global batch; global metrics."""
-        from megatron.core import parallel_state as ps
-
-        from opd_core.algorithm.losses import masked_mean, policy_loss, topk_reverse_kl
-        from opd_core.megatron.model import (
-            full_vocab_logprobs,
-            response_entropy,
-            response_logprobs,
-            response_logprobs_of,
-        )
-        from opd_core.megatron.pipeline import run_forward_backward
-
         if len(batch) and not batch.advantages:
             raise ValueError("TrainBatch.advantages is empty: compute advantages before train_step")
         batch = _with_loss_masks(batch)
@@ -319,18 +339,18 @@ class TrainActor:
                 ref_logprobs=ref,
                 entropy=None if entropy is None else _stack_padded(entropy, width),
             )
-            if student_topk is not None:
+            if student_topk is not None:  # top-k OPD: the OPD term is this dense loss
                 # torch.tensor copies: arrays arriving through Ray are read-only.
                 teacher_topk = [
                     torch.tensor(np.asarray(t), dtype=torch.float32)
                     for t in micro.teacher_topk_logprobs
                 ]
-                per_token_kl = topk_reverse_kl(
+                opd_loss, topk_kl = self.opd.dense_loss(
                     _stack_padded(student_topk, width),
                     _stack_padded(teacher_topk, width).to(device),
+                    mask,
                 )
-                topk_kl = masked_mean(per_token_kl, mask)
-                loss = loss + self.algorithm.opd_kl_coef * topk_kl
+                loss = loss + opd_loss
                 metrics = {
                     **metrics,
                     "opd_topk_kl": float(topk_kl.detach()),
@@ -352,10 +372,8 @@ class TrainActor:
         return out
 
     def _critic_step(self, batch: TrainBatch, global_tokens: float) -> dict:
-        """One critic optimizer step on the clipped value loss; token-weighted like the policy loss."""
-        from opd_core.algorithm.losses import value_loss
-        from opd_core.megatron.critic import response_values
-        from opd_core.megatron.pipeline import run_forward_backward
+        """One critic optimizer step on the clipped value loss; token-weighted like the policy
+        loss."""
 
         def loss_of(output, micro: TrainBatch):
             width = max(len(r) for r in micro.response_ids)
@@ -364,7 +382,7 @@ class TrainActor:
             )
             device = values_t.device
             mask = _pad(micro.loss_masks, width).to(device)
-            # No stored old values: the clip is centred on the current ones (no clipping at this step).
+            # No stored old values: the clip is centred on the current ones (no clipping now).
             old = (
                 _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
             )
@@ -390,15 +408,12 @@ class TrainActor:
 
     def save_checkpoint(self, ckpt_root, step: int) -> str:
         """torch_dist model (Megatron-LM layout) + this rank's optimizer, RNG and iteration."""
-        from opd_core.megatron import checkpoint
 
         def side_files(tmp: Path) -> None:
             state_dir = tmp / TRAIN_STATE
             state_dir.mkdir(exist_ok=True)
             self.optim.save(state_dir, self.rank)
             if self.critic is not None:
-                from opd_core.megatron.critic import save_critic
-
                 save_critic(self.critic, tmp / CRITIC_DIR)
                 (state_dir / CRITIC_DIR).mkdir(exist_ok=True)
                 self.critic_optim.save(state_dir / CRITIC_DIR, self.rank)
@@ -419,15 +434,11 @@ class TrainActor:
 
     def load_checkpoint(self, ckpt_root, step: int | None = None) -> dict:
         """Model weights (any TP size); optimizer/RNG/iteration too when saved with this layout."""
-        from opd_core.megatron import checkpoint
-
         path = checkpoint.load_model(self.module, ckpt_root, step)
         state_file = path / TRAIN_STATE / f"rank{self.rank:05d}.pt"
         resumed = False
         critic_in_checkpoint = self.critic is not None and (path / CRITIC_DIR).is_dir()
         if critic_in_checkpoint:
-            from opd_core.megatron.critic import load_critic
-
             load_critic(self.critic, path / CRITIC_DIR)
             self._critic_loaded = True
         if state_file.is_file():
@@ -452,11 +463,6 @@ class TrainActor:
 
     def export_hf(self, out_dir, hf_config_dir=None) -> str | None:
         """Write an HF model dir (rank 0) usable by transformers and /update_weights_from_disk."""
-        from megatron.core import parallel_state as ps
-
-        from opd_core.megatron import checkpoint, mapping
-        from opd_core.megatron.convert import write_hf_dir
-
         hf_config_dir = Path(hf_config_dir or self.hf_config_dir)
         if (
             ps.get_model_parallel_group().size() == 1
@@ -481,8 +487,6 @@ class TrainActor:
         return result
 
     def shutdown(self) -> None:
-        from opd_core.megatron.parallel import destroy_distributed
-
         destroy_distributed()
 
 
@@ -517,8 +521,6 @@ def _token_mean(
 ) -> dict[str, float]:
     """Token-weighted means over the global batch: summed over micro-batches, pipeline stages
     (only the last has any) and DP ranks, in the same order on every rank (an empty shard too)."""
-    from megatron.core import parallel_state as ps
-
     counted = [
         m for m in micro_metrics if m
     ]  # NaN where a counted micro-batch did not compute a key
@@ -548,8 +550,6 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _dp_sum(values: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
     if ps.get_data_parallel_world_size() > 1:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         values = values.to(device)

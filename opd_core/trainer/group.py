@@ -25,11 +25,19 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
+from opd_core.megatron import checkpoint
+from opd_core.megatron.convert import load_hf_config
+from opd_core.megatron.model import check_parallel_layout
+from opd_core.trainer.actor import ActorSpec, TrainActor
 
-# On a loaded small machine a worker importing torch + megatron can take over a minute to register.
+# On a loaded small machine a worker importing torch + megatron can take over a minute to
+# register.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300}
 
 
@@ -41,8 +49,6 @@ def start_ray(address: str | None, num_cpus: int) -> None:
     makes a cancel look like a crash, so a handler set on purpose is put back. A default
     handler is left to Ray: its exit runs the atexit hooks that stop the local cluster.
     """
-    import ray
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     in_main_thread = threading.current_thread() is threading.main_thread()
     installed = signal.getsignal(signal.SIGTERM) if in_main_thread else None
@@ -63,17 +69,13 @@ class TrainerGroup:
     def __init__(
         self,
         cfg: OPDRunConfig,
-        hf_config_dir,
-        ckpt_dir,
+        hf_config_dir: str | Path,
+        ckpt_dir: str | Path | None,
         step: int | None = None,
-        teacher_ckpt_dir=None,
+        teacher_ckpt_dir: str | Path | None = None,
     ):
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from opd_core.trainer.actor import TrainActor
-
+        """`teacher_ckpt_dir`: the Megatron teacher (opd_type=megatron), already resolved
+        (`opd_core.stages.base.Stage.teacher_checkpoint`)."""
         self.cfg = cfg
         self.hf_config_dir = Path(hf_config_dir)
         parallel, ray_cfg = cfg.train.parallel, cfg.train.ray
@@ -82,18 +84,19 @@ class TrainerGroup:
             parallel.pipeline_model_parallel_size,
             parallel.data_parallel_size,
         )
-        self.world_size = self.tp * self.pp * self.dp
+        self.world_size = parallel.world_size
         gpus = ray_cfg.actor_num_gpus_per_node
         if gpus and self.world_size != ray_cfg.actor_num_nodes * gpus:
             raise ValueError(
-                f"train.parallel TP {self.tp} x PP {self.pp} x DP {self.dp} = {self.world_size} ranks, but train.ray "
-                f"gives {ray_cfg.actor_num_nodes} nodes x {gpus} GPUs = {ray_cfg.actor_num_nodes * gpus}"
+                f"train.parallel TP {self.tp} x PP {self.pp} x DP {self.dp} = {self.world_size} "
+                f"ranks, but train.ray gives {ray_cfg.actor_num_nodes} nodes x {gpus} GPUs = "
+                f"{ray_cfg.actor_num_nodes * gpus}"
             )
-        algorithm = cfg.algorithm
-        if teacher_ckpt_dir is None and algorithm.use_opd and algorithm.opd_type == "megatron":
-            teacher_ckpt_dir = algorithm.opd_teacher_load
         self._check_layout(teacher_ckpt_dir)  # before any actor starts
         cpus = ray_cfg.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
+        spec = ActorSpec.from_config(
+            cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=cpus
+        )
         self._started_ray = False
         self.actors, self.placement_group = [], None
         if not ray.is_initialized():
@@ -117,34 +120,9 @@ class TrainerGroup:
                 for rank in range(self.world_size)
             ]
             master_addr, master_port = ray.get(self.actors[0].node_address.remote())
-            # The actors see only the train section: give them the schedule resolved in steps.
-            train = cfg.train.model_copy(
-                update={
-                    "lr_decay_iters": cfg.lr_decay_iters,
-                    "lr_warmup_iters": cfg.lr_warmup_iters,
-                    "lr_warmup_fraction": None,
-                }
-            )
             self.ranks = ray.get(
                 [
-                    actor.setup.remote(
-                        rank,
-                        self.world_size,
-                        master_addr,
-                        master_port,
-                        parallel.model_dump(),
-                        str(hf_config_dir),
-                        None if ckpt_dir is None else str(ckpt_dir),
-                        step,
-                        train.model_dump(),
-                        algorithm.model_dump(),
-                        teacher_ckpt_dir=None
-                        if teacher_ckpt_dir is None
-                        else str(teacher_ckpt_dir),
-                        teacher_step=algorithm.opd_teacher_ckpt_step,
-                        seed=cfg.seed,
-                        num_threads=cpus,
-                    )
+                    actor.setup.remote(rank, self.world_size, master_addr, master_port, spec)
                     for rank, actor in enumerate(self.actors)
                 ]
             )
@@ -160,10 +138,6 @@ class TrainerGroup:
         }
 
     def _check_layout(self, teacher_ckpt_dir) -> None:
-        from opd_core.megatron import checkpoint
-        from opd_core.megatron.convert import load_hf_config
-        from opd_core.megatron.model import check_parallel_layout
-
         check_parallel_layout(
             load_hf_config(self.hf_config_dir),
             self.tp,
@@ -185,9 +159,8 @@ class TrainerGroup:
         return [batch.select(list(range(bounds[d], bounds[d + 1]))) for d in range(self.dp)]
 
     def _run_sharded(self, method: str, batch: TrainBatch, *args) -> list:
-        """Call `method(shard, *args)` on every rank with its DP shard; the per-DP-rank results in order."""
-        import ray
-
+        """Call `method(shard, *args)` on every rank with its DP shard; the results of each DP
+        rank, in order."""
         shards = self._shards(batch)
         refs = [
             getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]], *args)
@@ -205,7 +178,8 @@ class TrainerGroup:
     def teacher_topk(
         self, batch: TrainBatch, k: int
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """The Megatron teacher's (logprobs, topk_ids, topk_logprobs) lists, like `EngineClient.score_topk`."""
+        """The Megatron teacher's (logprobs, topk_ids, topk_logprobs) lists, like
+        `EngineClient.score_topk`."""
         rows = [row for shard in self._run_sharded("teacher_topk", batch, k) for row in shard]
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
@@ -239,27 +213,18 @@ class TrainerGroup:
         return out
 
     def save_checkpoint(self, ckpt_root, step: int) -> str:
-        import ray
-
         return ray.get([a.save_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
 
     def load_checkpoint(self, ckpt_root, step: int | None = None) -> dict:
-        import ray
-
         return ray.get([a.load_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
 
     def export_hf(self, out_dir, hf_config_dir=None) -> str:
-        import ray
-
         hf_config_dir = str(hf_config_dir or self.hf_config_dir)
         return ray.get([a.export_hf.remote(str(out_dir), hf_config_dir) for a in self.actors])[0]
 
     # ---------------------------------------------------------------------- lifetime
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)

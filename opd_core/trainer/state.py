@@ -8,35 +8,12 @@ the same seeds, so the result is the same as an uninterrupted run.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from opd_core.io import read_json, write_json
 
 STATE_FILE = "state.json"
-OWNER_FILE = "run_key.json"  # the cache key of the training run that owns train/
-
-
-def claim_train_dir(train_dir: Path, key: str) -> bool:
-    """Make `train_dir` belong to the training run with cache key `key`; True if it resumes.
-
-    Same key as the run that wrote it (a killed run, rerun unchanged): everything is kept
-    and training resumes from `state.json`. Another key (a config section, an input or the
-    code changed): the old rounds and checkpoints are cleared, so training starts over
-    instead of "resuming" checkpoints of a different run.
-    """
-    train_dir = Path(train_dir)
-    owner = train_dir / OWNER_FILE
-    try:
-        if read_json(owner).get("key") == key:
-            return True
-    except (OSError, ValueError):
-        pass
-    if train_dir.exists():
-        shutil.rmtree(train_dir)
-    write_json(owner, {"key": key})
-    return False
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""The teacher as the round loop sees it: one `score(batch)`, over HTTP or inside the actors.
+
+    teacher = open_teacher(cfg, teacher_urls, trainer)      # None without OPD
+    scores = teacher.score(batch, label="round 3 teacher")  # TeacherScores
+    scores.attach(batch)                                     # top-k OPD: the ids the loss needs
+
+- `ServerTeacher` (opd_type=sglang): SGLang-protocol servers (real SGLang or the built-in
+  engine) score prompt + response with max_new_tokens 0, as slime does; see EngineClient.
+- `MegatronTeacher` (opd_type=megatron): the frozen teacher each training actor holds.
+
+With `opd_topk: k` both also return the teacher's k most likely tokens per position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from opd_core.algorithm.batch import TrainBatch
+from opd_core.config import OPDRunConfig
+from opd_core.engine.client import EngineClient, scores_to_table
+from opd_core.trainer.group import TrainerGroup
+
+__all__ = ["MegatronTeacher", "ServerTeacher", "Teacher", "TeacherScores", "open_teacher"]
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's log-probs of one round's responses, aligned with `response_ids`."""
+
+    logprobs: list[np.ndarray]
+    topk_ids: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] int32
+    topk_logprobs: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] float32
+
+    def attach(self, batch: TrainBatch) -> None:
+        """Give the batch what the actor's top-k loss reads (nothing for sampled-token OPD)."""
+        batch.teacher_topk_ids, batch.teacher_topk_logprobs = self.topk_ids, self.topk_logprobs
+
+    def table(self, prompt_index: Sequence[int], sample_index: Sequence[int]) -> pa.Table:
+        """Rows of `teacher_logprobs.arrow`."""
+        return scores_to_table(
+            prompt_index, sample_index, self.logprobs, self.topk_ids, self.topk_logprobs
+        )
+
+
+class Teacher(Protocol):
+    def score(self, batch: TrainBatch, label: str) -> TeacherScores: ...
+
+    def close(self) -> None: ...
+
+
+class ServerTeacher:
+    """opd_type=sglang: the teacher servers at `client`'s URLs."""
+
+    def __init__(self, client: EngineClient, topk: int = 0):
+        self.client, self.topk = client, topk
+
+    def score(self, batch: TrainBatch, label: str) -> TeacherScores:
+        prompts, responses = batch.prompt_ids, batch.response_ids
+        if self.topk:
+            label = f"{label} top-{self.topk}"
+            return TeacherScores(*self.client.score_topk(prompts, responses, self.topk, label))
+        return TeacherScores(self.client.score(prompts, responses, progress=label))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class MegatronTeacher:
+    """opd_type=megatron: the frozen teacher inside every training actor."""
+
+    def __init__(self, trainer: TrainerGroup, topk: int = 0):
+        self.trainer, self.topk = trainer, topk
+
+    def score(self, batch: TrainBatch, label: str) -> TeacherScores:
+        if self.topk:
+            return TeacherScores(*self.trainer.teacher_topk(batch, self.topk))
+        return TeacherScores(self.trainer.teacher_logprobs(batch))
+
+    def close(self) -> None:
+        pass  # the trainer group owns the actors
+
+
+def open_teacher(
+    cfg: OPDRunConfig, teacher_urls: list[str] | None, trainer: TrainerGroup
+) -> Teacher | None:
+    """The teacher `cfg.algorithm.teacher_source` asks for (None = no OPD). The train stage
+    checks that a server teacher has its URLs before anything starts."""
+    source, topk = cfg.algorithm.teacher_source, cfg.algorithm.opd_topk
+    if source == "none":
+        return None
+    if source == "megatron":
+        return MegatronTeacher(trainer, topk)
+    client = EngineClient.from_config(teacher_urls, cfg.client, api_key=cfg.teacher.api_key)
+    return ServerTeacher(client, topk)
