@@ -17,7 +17,8 @@ from opd_core.io import read_arrow, write_arrow
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed, free_port
 from opd_core.schemas import TEACHER_LOGPROBS
-from opd_core.trainer.actor import ActorSpec, TrainActor
+from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.spec import ActorSpec
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 RESPONSES = [[20, 21, 22], [], [24]]

@@ -12,7 +12,8 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import free_port
-from opd_core.trainer.actor import ActorSpec, TrainActor
+from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.spec import ActorSpec
 
 
 @pytest.fixture(scope="module")

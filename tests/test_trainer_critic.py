@@ -15,7 +15,8 @@ from opd_core.config import OPDRunConfig
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed, free_port
-from opd_core.trainer.actor import ActorSpec, TrainActor
+from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.spec import ActorSpec
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """One training rank: a Megatron GPTModel (student, optionally a frozen teacher) in a Ray actor.
 
-    spec = ActorSpec.from_config(cfg, hf_config_dir, checkpoint_dir)   # once, in the driver
+    spec = ActorSpec.from_config(cfg, hf_config_dir, checkpoint_dir)   # in the driver (spec.py)
     actor = ray.remote(TrainActor).remote()          # TrainerGroup does this for every rank
     actor.setup.remote(rank, world_size, addr, port, spec)
     actor.compute_logprobs.remote(batch)   # -> list[np.ndarray], one per sample
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +38,10 @@ import ray
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from pydantic import BaseModel, ConfigDict
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.losses import policy_loss, value_loss
 from opd_core.algorithm.opd import OPDTerm
-from opd_core.config import AlgorithmConfig, LRSchedule, OPDRunConfig, ParallelConfig, TrainConfig
 from opd_core.megatron import checkpoint, mapping
 from opd_core.megatron.convert import load_hf_config, write_hf_dir
 from opd_core.megatron.critic import (
@@ -66,6 +63,15 @@ from opd_core.megatron.model import (
 from opd_core.megatron.optim import build_optimizer
 from opd_core.megatron.parallel import destroy_distributed, free_port, init_distributed
 from opd_core.megatron.pipeline import run_forward, run_forward_backward
+from opd_core.trainer.spec import ActorSpec
+from opd_core.trainer.token_weights import (
+    global_tokens_of,
+    pad_rows,
+    stack_padded,
+    token_mean,
+    weighted_by_tokens,
+    with_loss_masks,
+)
 
 TRAIN_STATE = "train_state"  # per-rank optimizer / RNG / iteration files inside iter_XXXXXXX/
 CRITIC_DIR = (
@@ -74,67 +80,6 @@ CRITIC_DIR = (
 # What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss", "opd_topk_kl")
 CRITIC_METRIC_KEYS = ("value_loss", "value_clip_frac", "value_mean")
-
-
-def _pad(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, dtype=dtype)
-    for i, row in enumerate(rows):
-        # torch.tensor copies: arrays arriving through Ray are read-only.
-        row = (
-            row.to(dtype)
-            if isinstance(row, torch.Tensor)
-            else torch.tensor(np.asarray(row), dtype=dtype)
-        )
-        out[i, : len(row)] = row
-    return out
-
-
-class ActorSpec(BaseModel):
-    """Everything a training rank is built from, decided once in the driver.
-
-    The config sections arrive as validated objects (Ray pickles them; nothing is
-    re-validated), with the lr schedule already resolved in optimizer steps.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    hf_config_dir: Path  # the student's HF config (architecture, tokenizer side files)
-    checkpoint_dir: Path | None = None  # torch_dist to start from (the converted student)
-    checkpoint_step: int | None = None  # its iteration; None = the latest
-    teacher_checkpoint_dir: Path | None = None  # opd_type=megatron: the frozen teacher
-    teacher_step: int | None = None
-    parallel: ParallelConfig
-    train: TrainConfig
-    schedule: LRSchedule
-    algorithm: AlgorithmConfig
-    seed: int = 0
-    num_threads: int | None = None  # torch threads per rank on CPU
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: OPDRunConfig,
-        hf_config_dir: str | Path,
-        checkpoint_dir: str | Path | None = None,
-        checkpoint_step: int | None = None,
-        teacher_checkpoint_dir: str | Path | None = None,
-        num_threads: int | None = None,
-    ) -> ActorSpec:
-        return cls(
-            hf_config_dir=Path(hf_config_dir),
-            checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-            checkpoint_step=checkpoint_step,
-            teacher_checkpoint_dir=(
-                None if teacher_checkpoint_dir is None else Path(teacher_checkpoint_dir)
-            ),
-            teacher_step=cfg.algorithm.opd_teacher_ckpt_step,
-            parallel=cfg.train.parallel,
-            train=cfg.train,
-            schedule=cfg.lr_schedule,
-            algorithm=cfg.algorithm,
-            seed=cfg.seed,
-            num_threads=num_threads,
-        )
 
 
 class TrainActor:
@@ -302,8 +247,8 @@ class TrainActor:
         """One optimizer step over this rank's shard of the global batch; global metrics."""
         if len(batch) and not batch.advantages:
             raise ValueError("TrainBatch.advantages is empty: compute advantages before train_step")
-        batch = _with_loss_masks(batch)
-        global_tokens = _global_tokens(batch)
+        batch = with_loss_masks(batch)
+        global_tokens = global_tokens_of(batch)
         need_entropy = (
             self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
         )
@@ -320,24 +265,24 @@ class TrainActor:
                 response_logprobs_of(full, prompts, responses, topk_ids) if topk_ids else None
             )
             width = max(len(r) for r in micro.response_ids)
-            logprobs_t = _stack_padded(logprobs, width)
+            logprobs_t = stack_padded(logprobs, width)
             device = logprobs_t.device
-            mask = _pad(micro.loss_masks, width).to(device)
+            mask = pad_rows(micro.loss_masks, width).to(device)
             # No stored old log-probs = on-policy: the ratio is 1 at this step.
             old = (
-                _pad(micro.old_logprobs, width).to(device)
+                pad_rows(micro.old_logprobs, width).to(device)
                 if micro.old_logprobs
                 else logprobs_t.detach()
             )
-            ref = _pad(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
+            ref = pad_rows(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
             loss, metrics = policy_loss(
                 logprobs_t,
                 old,
-                _pad(micro.advantages, width).to(device),
+                pad_rows(micro.advantages, width).to(device),
                 mask,
                 self.algorithm,
                 ref_logprobs=ref,
-                entropy=None if entropy is None else _stack_padded(entropy, width),
+                entropy=None if entropy is None else stack_padded(entropy, width),
             )
             if student_topk is not None:  # top-k OPD: the OPD term is this dense loss
                 # torch.tensor copies: arrays arriving through Ray are read-only.
@@ -346,8 +291,8 @@ class TrainActor:
                     for t in micro.teacher_topk_logprobs
                 ]
                 opd_loss, topk_kl = self.opd.dense_loss(
-                    _stack_padded(student_topk, width),
-                    _stack_padded(teacher_topk, width).to(device),
+                    stack_padded(student_topk, width),
+                    stack_padded(teacher_topk, width).to(device),
                     mask,
                 )
                 loss = loss + opd_loss
@@ -356,13 +301,13 @@ class TrainActor:
                     "opd_topk_kl": float(topk_kl.detach()),
                     "loss": float(loss.detach()),
                 }
-            return _weighted(loss, metrics, mask, global_tokens)
+            return weighted_by_tokens(loss, metrics, mask, global_tokens)
 
         self.optim.zero_grad()
         micro_metrics = run_forward_backward(self.optim.model, self._micro_batches(batch), loss_of)
         stats = self.optim.step()
         self.iteration += 1
-        out = _token_mean(micro_metrics, METRIC_KEYS, global_tokens)
+        out = token_mean(micro_metrics, METRIC_KEYS, global_tokens)
         out.update(stats)
         # `returns is not None` holds on every DP shard of a batch that has returns (an empty shard
         # gets []), so all ranks agree on taking the critic step and its collectives.
@@ -377,30 +322,32 @@ class TrainActor:
 
         def loss_of(output, micro: TrainBatch):
             width = max(len(r) for r in micro.response_ids)
-            values_t = _stack_padded(
+            values_t = stack_padded(
                 response_values(output, micro.prompt_ids, micro.response_ids), width
             )
             device = values_t.device
-            mask = _pad(micro.loss_masks, width).to(device)
+            mask = pad_rows(micro.loss_masks, width).to(device)
             # No stored old values: the clip is centred on the current ones (no clipping now).
             old = (
-                _pad(micro.old_values, width).to(device) if micro.old_values else values_t.detach()
+                pad_rows(micro.old_values, width).to(device)
+                if micro.old_values
+                else values_t.detach()
             )
             loss, metrics = value_loss(
                 values_t,
                 old,
-                _pad(micro.returns, width).to(device),
+                pad_rows(micro.returns, width).to(device),
                 mask,
                 self.algorithm.value_clip,
             )
-            return _weighted(loss, metrics, mask, global_tokens)
+            return weighted_by_tokens(loss, metrics, mask, global_tokens)
 
         self.critic_optim.zero_grad()
         micro_metrics = run_forward_backward(
             self.critic_optim.model, self._micro_batches(batch), loss_of
         )
         stats = self.critic_optim.step()
-        out = _token_mean(micro_metrics, CRITIC_METRIC_KEYS, global_tokens)
+        out = token_mean(micro_metrics, CRITIC_METRIC_KEYS, global_tokens)
         out.update(critic_grad_norm=stats["grad_norm"], critic_lr=stats["lr"])
         return out
 
@@ -490,71 +437,10 @@ class TrainActor:
         destroy_distributed()
 
 
-def _with_loss_masks(batch: TrainBatch) -> TrainBatch:
-    """The batch with explicit loss masks (all response tokens where none are given)."""
-    if batch.loss_masks:
-        return batch
-    return replace(
-        batch, loss_masks=[np.ones(len(r), dtype=np.float32) for r in batch.response_ids]
-    )
-
-
-def _global_tokens(batch: TrainBatch) -> float:
-    """Loss tokens in the whole global batch (this shard's, summed over data-parallel ranks)."""
-    local = float(sum(np.asarray(m, dtype=np.float64).sum() for m in batch.loss_masks))
-    return _dp_sum(torch.tensor([local], dtype=torch.float64))[0].item()
-
-
-def _weighted(loss: torch.Tensor, metrics: dict, mask: torch.Tensor, global_tokens: float):
-    """The micro-batch's loss weighted by its share of the global tokens, so gradient accumulation
-    and the sum over DP ranks give exactly the token mean of the global batch; its metrics
-    token-weighted likewise (summed by `_token_mean`)."""
-    tokens = float(mask.sum())
-    weighted = (
-        {key: value * tokens for key, value in metrics.items()} if tokens else {}
-    )  # {}: nothing to average
-    return loss * (tokens / max(global_tokens, 1.0)), weighted
-
-
-def _token_mean(
-    micro_metrics: list[dict], keys: tuple[str, ...], global_tokens: float
-) -> dict[str, float]:
-    """Token-weighted means over the global batch: summed over micro-batches, pipeline stages
-    (only the last has any) and DP ranks, in the same order on every rank (an empty shard too)."""
-    counted = [
-        m for m in micro_metrics if m
-    ]  # NaN where a counted micro-batch did not compute a key
-    sums = torch.tensor(
-        [sum(m.get(key, float("nan")) for m in counted) for key in keys], dtype=torch.float64
-    )
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
-    totals = _dp_sum(sums)
-    return {k: float(v) / max(global_tokens, 1.0) for k, v in zip(keys, totals.tolist())}
-
-
-def _stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[len(rows), width, ...] from tensors whose first dim differs, keeping the autograd graph."""
-    return torch.stack(
-        [
-            torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, width - row.shape[0]))
-            for row in rows
-        ]
-    )
-
-
 def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def _dp_sum(values: torch.Tensor) -> torch.Tensor:
-    if ps.get_data_parallel_world_size() > 1:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        values = values.to(device)
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-    return values.cpu()
 
 
 def _rng_state() -> dict:

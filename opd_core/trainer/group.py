@@ -34,7 +34,8 @@ from opd_core.config import OPDRunConfig
 from opd_core.megatron import checkpoint
 from opd_core.megatron.convert import load_hf_config
 from opd_core.megatron.model import check_parallel_layout
-from opd_core.trainer.actor import ActorSpec, TrainActor
+from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.spec import ActorSpec
 
 # On a loaded small machine a worker importing torch + megatron can take over a minute to
 # register.
