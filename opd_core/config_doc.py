@@ -52,6 +52,9 @@ def rows(config: BaseModel | None = None, prefix: str = "") -> list[tuple[str, s
         value = getattr(config, name)
         if isinstance(value, BaseModel):  # a section: its defaults as this tree sets them
             out.extend(rows(value, f"{prefix}{name}."))
+        elif value and isinstance(value, list) and isinstance(value[0], BaseModel):
+            # A list of sections (eval.benchmarks): the fields of one item, as `name[].field`.
+            out.extend(rows(value[0], f"{prefix}{name}[]."))
         else:
             out.append(
                 (
@@ -67,9 +70,8 @@ def rows(config: BaseModel | None = None, prefix: str = "") -> list[tuple[str, s
 def markdown() -> str:
     lines = ["| field | type | default | meaning |", "|---|---|---|---|"]
     for field, type_name, default, comment in rows():
-        lines.append(
-            f"| `{field}` | {type_name.replace('|', '&#124;')} | `{default}` | {comment.replace('|', '&#124;')} |"
-        )
+        type_name, comment = type_name.replace("|", "&#124;"), comment.replace("|", "&#124;")
+        lines.append(f"| `{field}` | {type_name} | `{default}` | {comment} |")
     return "\n".join(lines)
 
 

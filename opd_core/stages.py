@@ -15,7 +15,7 @@ from pathlib import Path
 from opd_core.config import OPDRunConfig
 from opd_core.io import read_arrow, read_json, write_json
 from opd_core.rundir import RunDir
-from opd_core.schemas import PROMPTS
+from opd_core.schemas import EVAL_PROMPTS
 
 # ----------------------------------------------------------------------------- convert
 
@@ -77,14 +77,21 @@ def _convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
 
 
 def run_eval(cfg: OPDRunConfig, run_dir: RunDir, stage: str, model_dir: Path) -> dict:
-    """pass@1 / pass@k of the HF model in `model_dir` on the eval split -> `<stage>/`."""
+    """Every eval benchmark on the HF model in `model_dir` -> `<stage>/` (summary per benchmark
+    under `benchmarks`, the first one's numbers at the top level)."""
     from opd_core.engine.generation import Generator
-    from opd_core.evaluation import evaluate, write_eval
+    from opd_core.evaluation import evaluate_benchmarks, write_eval
 
-    prompts = read_arrow(run_dir.eval_data, PROMPTS)
+    prompts = read_arrow(run_dir.eval_data, EVAL_PROMPTS)
     generator = Generator(model_dir)
-    samples, summary = evaluate(
-        generator.generate_ids, generator.tokenizer, prompts, cfg.eval, seed=cfg.seed
+    samples, summary = evaluate_benchmarks(
+        generator.generate_ids,
+        generator.tokenizer,
+        prompts,
+        cfg.eval,
+        seed=cfg.seed,
+        context_length=generator.context_length,
+        chat_template_kwargs=cfg.data.chat_template_kwargs,
     )
     summary["model_dir"] = str(model_dir)
     write_eval(run_dir.stage(stage), samples, summary)
