@@ -108,8 +108,8 @@ class DatasetSpec(Section):
     config is validated: the run's config.yaml holds the resolved fields, never a hidden default.
     """
 
-    source: str = "toy"
-    preset: str | None = None
+    source: str = "toy"  # toy | hf:<dataset id> | a .jsonl/.json/.parquet/.arrow file
+    preset: str | None = None  # a hub id of opd_core/datasets.py: fills the unset fields
     subset: str | None = None  # the hub dataset's config name (openai/gsm8k: main)
     split: str = "train"  # hub datasets and toy (train | test); a local file is one split
     input_key: str = "prompt"  # a string, or a list of {role, content} messages
@@ -305,7 +305,7 @@ class EvalSettings(Section):
     num_prompts: int | None = Field(None, gt=0)  # None = every prompt of the benchmark
     n_samples: int = Field(4, ge=1)  # sampled responses per prompt
     pass_k: list[int] | None = None  # None = 1, 2, 4, ... up to n_samples, and n_samples
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0)  # of the n samples (the greedy one is 0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1  # -1 = off
     max_new_tokens: int = Field(16, gt=0)  # capped per prompt to fit the model's context
@@ -329,13 +329,14 @@ class EvalBenchmark(DatasetSpec):
     sampling overrides (AIME is often sampled more than MATH-500)."""
 
     name: str = ""  # a short name for reports; "" = the preset's, else the source file's stem
-    split: str = "test"
+    split: str = "test"  # eval sets default to their test split
+    # Sampling overrides of this benchmark; None = the eval section's value.
     n_samples: int | None = Field(None, ge=1)
-    pass_k: list[int] | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = None
-    max_new_tokens: int | None = Field(None, gt=0)
+    pass_k: list[int] | None = None  # override
+    temperature: float | None = Field(None, ge=0)  # override
+    top_p: float | None = Field(None, gt=0, le=1)  # override
+    top_k: int | None = None  # override
+    max_new_tokens: int | None = Field(None, gt=0)  # override
 
     @model_validator(mode="after")
     def _name(self) -> EvalBenchmark:
@@ -398,6 +399,7 @@ class PreflightConfig(Section):
     never allowed: they crash or silently truncate.
     """
 
+    # Named differences between student and teacher accepted as safe (see above).
     allow: list[Literal["tokenizer", "special_tokens", "eos_pad", "chat_template"]] = []
     # Drop prompts that cannot fit the context (train: with rollout_max_response_len; eval:
     # with at least one new token) instead of failing; counted in download/manifest.json.

@@ -21,16 +21,21 @@ _COMMENT = re.compile(r"^\s+#\s?(.*)$")
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:
-    """A field's comment: the one beside it, else the comment block right above it."""
-    out, above = {}, []
-    for line in inspect.getsource(model).splitlines():
-        if match := _COMMENT.match(line):
-            above.append(match.group(1).strip())
-        elif (match := _FIELD.match(line)) and match.group(1) in model.model_fields:
-            out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
-            above = []
-        else:
-            above = []
+    """A field's comment: the one beside it, else the comment block right above it; fields
+    a section inherits keep the comments of the class that defines them."""
+    out: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        above: list[str] = []
+        for line in inspect.getsource(cls).splitlines():
+            if match := _COMMENT.match(line):
+                above.append(match.group(1).strip())
+            elif (match := _FIELD.match(line)) and match.group(1) in model.model_fields:
+                out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+                above = []
+            else:
+                above = []
     return out
 
 

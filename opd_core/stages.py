@@ -61,7 +61,8 @@ def _convert(cfg: OPDRunConfig, run_dir: RunDir) -> dict:
     if parity["max_abs_logits_diff"] > cfg.convert.parity_tolerance:
         raise RuntimeError(
             f"HF vs Megatron logits differ by {parity['max_abs_logits_diff']:.3e} "
-            f"(> convert.parity_tolerance={cfg.convert.parity_tolerance}): the conversion is wrong, "
+            f"(> convert.parity_tolerance={cfg.convert.parity_tolerance}): the conversion is "
+            "wrong, "
             f"see {run_dir.stage('convert') / 'parity.json'}"
         )
     result = {"student_torch_dist": str(run_dir.student_torch_dist), "parity": parity}
