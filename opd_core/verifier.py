@@ -113,12 +113,18 @@ def normalize_answer(answer: str | int | float) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=65536)
+def _normalized_label(label: str | int | float) -> str:
+    """normalize_answer of a label, remembered: every sample of a prompt has the same one."""
+    return normalize_answer(label)
+
+
 def _is_number(text: str) -> bool:
     return bool(text) and bool(_NUMBER.match(text)) and any(ch.isdigit() for ch in text)
 
 
-def _raw_answer(text: str | None) -> str | None:
-    """The final answer as the response wrote it (see extract_answer for the order)."""
+def _final_answer(text: str | None) -> tuple[str, str] | None:
+    """(the final answer as the response wrote it, its normalised form), or None."""
     if not text:
         return None
     answer_lines = _ANSWER_LINE.findall(text)
@@ -126,14 +132,14 @@ def _raw_answer(text: str | None) -> str | None:
         # Only the last `Answer:` line counts: an earlier draft answer must not score.
         line = answer_lines[-1]
         boxed = _boxed_contents(line)
-        if boxed:
-            return boxed[-1] if normalize_answer(boxed[-1]) else None
-        if _BOXED.search(line):  # `\boxed{` never closed: a truncated answer
+        if _BOXED.search(line) and not boxed:  # `\boxed{` never closed: a truncated answer
             return None
-        return line if normalize_answer(line) else None
+        raw = boxed[-1] if boxed else line
+        normalized = normalize_answer(raw)
+        return (raw, normalized) if normalized else None
     for candidate in reversed(_boxed_contents(text)):
-        if normalize_answer(candidate):
-            return candidate
+        if normalized := normalize_answer(candidate):
+            return candidate, normalized
     return None
 
 
@@ -143,13 +149,15 @@ def extract_answer(text: str | None) -> str | None:
     Order: the last `Answer:` line (its last `\\boxed{}` content if it has one, else the rest of
     the line); only when there is no `Answer:` line, the last bare `\\boxed{}` in the text.
     """
-    raw = _raw_answer(text)
-    return None if raw is None else normalize_answer(raw)
+    answer = _final_answer(text)
+    return None if answer is None else answer[1]
 
 
-def answers_match(predicted: str, label: str | int | float) -> bool:
-    """Whether an answer (as written) equals the label: exactly, or mathematically."""
-    pred, gold = normalize_answer(predicted), normalize_answer(label)
+def answers_match(predicted: str, label: str | int | float, normalized: str | None = None) -> bool:
+    """Whether an answer (as written; `normalized` = its normalize_answer if known) equals the
+    label: exactly, or mathematically."""
+    pred = normalized if normalized is not None else normalize_answer(predicted)
+    gold = _normalized_label(label)
     if not pred or not gold:
         return False
     if pred == gold:
@@ -158,6 +166,8 @@ def answers_match(predicted: str, label: str | int | float) -> bool:
     # equal: decided here without sympy (this keeps integer-label grading fast).
     if _is_number(gold) and (_is_number(pred) or not any(ch.isdigit() for ch in pred)):
         return False
+    if pred.count("{") != pred.count("}"):  # not LaTeX at all (and slow for the parser)
+        return False
     return _equivalent(_unwrap(str(predicted)), _unwrap(str(label)))
 
 
@@ -165,8 +175,8 @@ def is_correct(text: str | None, label: str | int | float | None) -> bool:
     """True when the response's final answer equals the label (see answers_match)."""
     if label is None:
         return False
-    raw = _raw_answer(text)
-    return raw is not None and answers_match(raw, label)
+    answer = _final_answer(text)
+    return answer is not None and answers_match(answer[0], label, answer[1])
 
 
 def signed_math_reward(samples: list[dict[str, Any]]) -> list[float]:
