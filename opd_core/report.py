@@ -87,9 +87,10 @@ def _metrics(summary: dict) -> list[tuple[str, Any]]:
     if summary.get("greedy_pass_at_1") is not None:
         out.append(("pass@1 (greedy)", summary["greedy_pass_at_1"]))
     if "avg_at_n" in summary:
-        out.append((f"avg@{n} (sampled accuracy)", summary["avg_at_n"]))
+        out.append((f"avg@{n} (sampled accuracy = sampled pass@1)", summary["avg_at_n"]))
     for k, value in summary.get("pass_at", {}).items():
-        out.append((f"pass@{k} (of {n} samples)", value))
+        if k != "1":  # pass@1 of the samples is avg@n, the row above
+            out.append((f"pass@{k} (of {n} samples)", value))
     if "pass_at" not in summary:  # an older summary: the keys it had
         out += [(label, summary[key]) for key, label in COMPARED if key in summary]
     for key, label in (
@@ -108,15 +109,18 @@ def benchmark_rows(baseline: dict, final: dict) -> list[dict]:
     return [_row(label, before.get(label), value) for label, value in _metrics(final)]
 
 
-def group_rows(baseline: dict, final: dict, key: str) -> list[dict]:
-    """Per value of a group field (e.g. MATH-500's subject): prompts and the headline pass@1."""
-    before = baseline.get("by_group", {}).get(key, {})
+def group_rows(baseline: dict | None, final: dict, key: str) -> list[dict]:
+    """Per value of a group field (e.g. MATH-500's subject): prompts and the headline pass@1,
+    before and after (or its one value when there is no baseline)."""
+    before = (baseline or {}).get("by_group", {}).get(key, {})
     rows = []
     for value, numbers in final.get("by_group", {}).get(key, {}).items():
         row = {key: value, "prompts": numbers["num_prompts"]}
-        old = before.get(value, {}).get("pass_at_1")
-        row.update(_row("", old, numbers["pass_at_1"]))
-        del row["metric"]
+        if baseline is None:
+            row["pass@1"] = numbers["pass_at_1"]
+        else:
+            row.update(_row("", before.get(value, {}).get("pass_at_1"), numbers["pass_at_1"]))
+            del row["metric"]
         rows.append(row)
     return rows
 
@@ -153,7 +157,8 @@ def _benchmark_sections(baseline: dict | None, final: dict) -> str:
         text += markdown_table(rows)
         for key in after.get("by_group", {}):
             text += f"\nBy {key} ({_pass_at_1_label(after)}):\n\n"
-            text += markdown_table(group_rows(before or {}, after, key))
+            group_baseline = None if baseline is None else before or {}
+            text += markdown_table(group_rows(group_baseline, after, key))
         text += "\n"
     return text
 

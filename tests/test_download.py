@@ -212,7 +212,7 @@ def test_every_real_layout_loads_is_templated_graded_and_reported(tmp_path):
     for name in names:
         assert f"### {name} (" in report
     assert "By subject (pass@1 (greedy))" in report and "| Precalculus | 1 |" in report
-    assert "By level" in report and "avg@2 (sampled accuracy)" in report
+    assert "By level" in report and "avg@2 (sampled accuracy" in report
     assert "## Evaluation" in (run_dir.stage("baseline_eval") / "summary.md").read_text()
 
 
