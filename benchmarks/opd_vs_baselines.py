@@ -17,8 +17,9 @@ optimizer steps, same seed:
   opd_kl2.0    top-8 OPD with opd_kl_coef 2.0
 
 Every method keeps the config's lr schedule, batch and rounds (one optimizer step a round).
-Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a table, writes
-`benchmarks/results/opd_vs_baselines.json` and `benchmarks/results/opd_vs_baselines.png`.
+Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a
+table, writes `benchmarks/results/opd_vs_baselines.json` and
+`benchmarks/results/opd_vs_baselines.png`.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def offpolicy_distillation(cfg: OPDRunConfig, run: RunDir, teacher: EngineClient
     """
     prompts = read_arrow(run.train_data, PROMPTS)
     tokenizer = AutoTokenizer.from_pretrained(run.student_hf)
-    prompt_ids = chat_prompt_ids(tokenizer, prompts)
+    prompt_ids = chat_prompt_ids(tokenizer, prompts, cfg.data.chat_template_kwargs)
     exports = []
     with TrainerGroup(
         cfg, hf_config_dir=run.student_hf, ckpt_dir=run.student_torch_dist
@@ -118,7 +119,7 @@ def pass_at_1(model_dir: Path, prompts, num_prompts: int, seed: int) -> float:
         generator.generate_ids,
         generator.tokenizer,
         prompts,
-        EvalConfig(num_prompts=num_prompts, k=1),
+        EvalConfig(num_prompts=num_prompts, n_samples=1),
         seed=seed,
     )
     return summary["pass_at_1"]
@@ -215,7 +216,8 @@ def main() -> None:
                     }
                 )
                 Console().print(
-                    f"[bold]{name}[/] seed {seed}: pass@1 by round {[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
+                    f"[bold]{name}[/] seed {seed}: pass@1 by round "
+                    f"{[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
                 )
     for name, runs in per_seed.items():
         results["methods"][name] = {
@@ -231,7 +233,8 @@ def main() -> None:
     plot(results, RESULTS / "opd_vs_baselines.png")
 
     table = Table(
-        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts"
+        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} "
+        "eval prompts"
     )
     for column in ("method", "final pass@1", "gain over baseline", "train seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")

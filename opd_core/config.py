@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import to_jsonable_python
+
+from opd_core.datasets import PRESETS, template_text
 
 
 class ConfigError(ValueError):
@@ -90,17 +100,58 @@ class ModelsConfig(Section):
     revision: str | None = None
 
 
-class DataConfig(Section):
-    """Train/eval prompts in dapo-math shape: `toy`, `hf:<dataset id>`, or a local file."""
+class DatasetSpec(Section):
+    """One prompt set: where its rows come from and how a row becomes a prompt and a label.
 
-    train: str = "toy"
-    eval: str = "toy"
-    train_split: str = "train"
-    eval_split: str = "test"  # the toy source calls its held-out split "test" (or "eval")
-    input_key: str = "prompt"
-    label_key: str = "label"
-    max_train_prompts: int | None = Field(None, gt=0)
-    max_eval_prompts: int | None = Field(None, gt=0)
+    `source`: `toy`, `hf:<dataset id>` or a local .jsonl/.json/.parquet/.arrow file. `preset`
+    (a hub id from opd_core/datasets.py) fills every field the config leaves out, when the
+    config is validated: the run's config.yaml holds the resolved fields, never a hidden default.
+    """
+
+    source: str = "toy"  # toy | hf:<dataset id> | a .jsonl/.json/.parquet/.arrow file
+    preset: str | None = None  # a hub id of opd_core/datasets.py: fills the unset fields
+    subset: str | None = None  # the hub dataset's config name (openai/gsm8k: main)
+    split: str = "train"  # hub datasets and toy (train | test); a local file is one split
+    input_key: str = "prompt"  # a string, or a list of {role, content} messages
+    label_key: str = "label"  # dotted for nested fields: reward_model.ground_truth
+    label_format: Literal["plain", "gsm8k"] = "plain"  # gsm8k: the text after '#### '
+    # none (the prompt as it is) | dapo | dapo_boxed | your own text with {problem} in it:
+    # wraps a bare problem (or the last user message) in the instruction.
+    template: str = "none"
+    group_keys: list[str] = []  # eval: fields to report results by (MATH-500: subject, level)
+    offset: int = Field(0, ge=0)  # skip this many rows first (e.g. to hold out train rows)
+    limit: int | None = Field(None, gt=0)  # then take at most this many
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_preset(cls, data: Any) -> Any:
+        if isinstance(data, str):  # shorthand: `train: toy`, `train: data/math.jsonl`
+            data = {"source": data}
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        preset = PRESETS.get(data["preset"])
+        if preset is None:
+            raise ValueError(
+                f"unknown preset {data['preset']!r}; presets are {', '.join(PRESETS)} "
+                "(any other dataset works with explicit input_key / label_key / template)"
+            )
+        return {**preset.fields(data["preset"]), **data}
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        template_text(value)  # raises with the named templates listed
+        return value
+
+
+class DataConfig(Section):
+    """The training prompts, and how every prompt is rendered for the models."""
+
+    train: DatasetSpec = DatasetSpec()
+    # Extra arguments of the chat template wherever a prompt is rendered (rollouts, both evals,
+    # the teacher's view of the prompt, the pre-flight check), e.g. {enable_thinking: true}
+    # for Qwen3 (slime's --apply-chat-template-kwargs).
+    chat_template_kwargs: dict[str, Any] = {}
 
 
 class ConvertConfig(Section):
@@ -170,6 +221,9 @@ class RolloutConfig(ServerConfig):
     rollout_batch_size: int = Field(32, gt=0)
     n_samples_per_prompt: int = Field(8, gt=0)
     rollout_max_response_len: int = Field(16, gt=0)
+    # slime's flag: train prompts longer than this many tokens (chat template applied) are
+    # dropped by the download stage, counted in its manifest. None = keep all that fit.
+    rollout_max_prompt_len: int | None = Field(None, gt=0)
     rollout_temperature: float = Field(1.0, ge=0)
     rollout_top_p: float = Field(1.0, gt=0, le=1)
     rollout_top_k: int = -1
@@ -332,14 +386,117 @@ class LRSchedule(BaseModel):
         )
 
 
-class EvalConfig(Section):
-    # None = the whole eval split.
-    num_prompts: int | None = Field(None, gt=0)
-    # Samples per prompt for pass@k.
-    k: int = Field(4, ge=1)
-    temperature: float = Field(1.0, ge=0)
+class EvalSettings(Section):
+    """How a model is evaluated on one prompt set (EvalConfig's defaults for every benchmark).
+
+    n_samples responses per prompt at temperature/top_p/top_k give avg@n (their mean accuracy)
+    and the unbiased pass@k for each k in pass_k; `greedy` adds one temperature-0 response per
+    prompt, reported as its own pass@1.
+    """
+
+    num_prompts: int | None = Field(None, gt=0)  # None = every prompt of the benchmark
+    n_samples: int = Field(4, ge=1)  # sampled responses per prompt
+    pass_k: list[int] | None = None  # None = 1, 2, 4, ... up to n_samples, and n_samples
+    temperature: float = Field(1.0, ge=0)  # of the n samples (the greedy one is 0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(16, gt=0)
+    top_k: int = -1  # -1 = off
+    max_new_tokens: int = Field(16, gt=0)  # capped per prompt to fit the model's context
+    greedy: bool = True  # also one greedy response per prompt: pass@1 (greedy)
+
+    @property
+    def ks(self) -> list[int]:
+        """The k values of pass@k, sorted."""
+        if self.pass_k:
+            return sorted(set(self.pass_k))
+        powers = [2**i for i in range(self.n_samples.bit_length()) if 2**i <= self.n_samples]
+        return sorted({*powers, self.n_samples})
+
+
+# Per-benchmark sampling overrides (None = the eval section's value).
+SAMPLING_OVERRIDES = ("n_samples", "pass_k", "temperature", "top_p", "top_k", "max_new_tokens")
+
+
+class EvalBenchmark(DatasetSpec):
+    """One eval set, reported on its own: a dataset (DatasetSpec's fields) plus optional
+    sampling overrides (AIME is often sampled more than MATH-500)."""
+
+    name: str = ""  # a short name for reports; "" = the preset's, else the source file's stem
+    split: str = "test"  # eval sets default to their test split
+    # Sampling overrides of this benchmark; None = the eval section's value.
+    n_samples: int | None = Field(None, ge=1)
+    pass_k: list[int] | None = None  # override
+    temperature: float | None = Field(None, ge=0)  # override
+    top_p: float | None = Field(None, gt=0, le=1)  # override
+    top_k: int | None = None  # override
+    max_new_tokens: int | None = Field(None, gt=0)  # override
+
+    @model_validator(mode="after")
+    def _name(self) -> EvalBenchmark:
+        if not self.name:
+            preset = PRESETS.get(self.preset or "")
+            stem = Path(self.source.removeprefix("hf:")).stem or self.source
+            # object.__setattr__: a plain assignment would validate (and run this) again.
+            object.__setattr__(self, "name", preset.name if preset else stem)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(
+                f"benchmark name {self.name!r}: use letters, digits, '_', '.', '-' (it names "
+                "report sections and summary keys)"
+            )
+        return self
+
+
+# The fields that say which rows an eval set has (the download stage's business), as opposed
+# to how they are sampled (the eval stages').
+DATASET_FIELDS = ("name", *DatasetSpec.model_fields)
+
+
+class EvalConfig(EvalSettings):
+    """The eval stages: default sampling (EvalSettings) and the benchmarks, in report order.
+    The first benchmark supplies the summary's top-level numbers (pass_at_1, pass_at_k, ...)."""
+
+    benchmarks: list[EvalBenchmark] = [EvalBenchmark(source="toy", split="test")]
+
+    @model_validator(mode="after")
+    def _check_benchmarks(self) -> EvalConfig:
+        if not self.benchmarks:
+            raise ValueError("eval.benchmarks is empty: list at least one eval set")
+        names = [b.name for b in self.benchmarks]
+        if duplicates := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"eval.benchmarks: duplicate names {duplicates}; set `name` on each")
+        for bench in self.benchmarks:
+            settings = self.settings_for(bench)
+            if too_big := [k for k in settings.ks if not 1 <= k <= settings.n_samples]:
+                raise ValueError(
+                    f"eval benchmark {bench.name!r}: pass_k {too_big} needs 1 <= k <= "
+                    f"n_samples ({settings.n_samples})"
+                )
+        return self
+
+    def settings_for(self, bench: EvalBenchmark) -> EvalSettings:
+        """This benchmark's settings: its overrides on top of the section's defaults."""
+        fields = {name: getattr(self, name) for name in EvalSettings.model_fields}
+        for name in SAMPLING_OVERRIDES:
+            if getattr(bench, name) is not None:
+                fields[name] = getattr(bench, name)
+        return EvalSettings(**fields)
+
+
+class PreflightConfig(Section):
+    """The download stage's check that student and teacher fit together (opd_core/preflight.py).
+
+    Each difference it finds is an error naming both models; `allow` accepts named ones you
+    know to be safe: tokenizer (other ids for the same text), special_tokens (added tokens
+    differ), eos_pad (eos or pad token differs), chat_template (prompts render differently).
+    Embedding rows smaller than the tokenizer and prompts that cannot fit the context are
+    never allowed: they crash or silently truncate.
+    """
+
+    # Named differences between student and teacher accepted as safe (see above).
+    allow: list[Literal["tokenizer", "special_tokens", "eos_pad", "chat_template"]] = []
+    # Drop prompts that cannot fit the context (train: with rollout_max_response_len; eval:
+    # with at least one new token) instead of failing; counted in download/manifest.json.
+    drop_overlong_prompts: bool = False
+    probe_prompts: int = Field(32, ge=0)  # prompts per data set rendered by both tokenizers
 
 
 class RunConfig(Section):
@@ -358,6 +515,7 @@ class OPDRunConfig(Section):
     toy: ToyConfig = ToyConfig()
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
+    preflight: PreflightConfig = PreflightConfig()
     convert: ConvertConfig = ConvertConfig()
     teacher: TeacherConfig = TeacherConfig()
     client: ClientConfig = ClientConfig()

@@ -66,6 +66,9 @@ def rows(config: BaseModel | None = None, prefix: str = "") -> list[tuple[str, s
         value = getattr(config, name)
         if isinstance(value, BaseModel):  # a section: its defaults as this tree sets them
             out.extend(rows(value, f"{prefix}{name}."))
+        elif value and isinstance(value, list) and isinstance(value[0], BaseModel):
+            # A list of sections (eval.benchmarks): the fields of one item, as `name[].field`.
+            out.extend(rows(value[0], f"{prefix}{name}[]."))
         else:
             out.append(
                 (

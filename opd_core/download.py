@@ -2,31 +2,47 @@
 
     summary = run_download(cfg, run_dir)
     # download/models/{student,teacher}/   HF dirs (config.json, *.safetensors, tokenizer)
-    # download/data/{train,eval}.arrow      PROMPTS tables
-    # download/manifest.json                sha256 of every file above, and where it came from
+    # download/data/train.arrow            PROMPTS (the train set, after the pre-flight check)
+    # download/data/eval.arrow             EVAL_PROMPTS (every eval benchmark, in config order)
+    # download/manifest.json               sha256 of every file above, where each came from,
+    #                                      the resolved data fields and the pre-flight report
 
 A model source is `toy` (the built-in toy models, built or taken from their cache),
 `hf:<repo id>` (huggingface_hub.snapshot_download of config, weights and tokenizer only, at
 `models.revision`), or a local HF directory (validated, then copied). Data sources are
-whatever `opd_core.data.load_prompts` accepts. Every write is atomic, so a failed download
-leaves the previous complete files (or none), never a half-copied model.
+whatever `opd_core.data.load_prompts` accepts: `data.train` and each of `eval.benchmarks`.
+Then the pre-flight check (opd_core/preflight.py) compares student and teacher and fits the
+prompts to the context, before any later stage spends GPU time. Every write is atomic, so a
+failed download leaves the previous complete files (or none), never a half-copied model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from opd_core.config import OPDRunConfig
-from opd_core.data import load_prompts
-from opd_core.io import atomic_path, copy_tree, sha256_tree, write_arrow, write_json
-from opd_core.rundir import STAGE_MARKER, RunDir
-from opd_core.schemas import PROMPTS
+import pyarrow as pa
 
-__all__ = ["ModelSourceError", "fetch_model", "run_download", "validate_model_dir"]
+from opd_core.config import DATASET_FIELDS, DatasetSpec, OPDRunConfig
+from opd_core.data import describe_source, load_prompts
+from opd_core.datasets import template_text
+from opd_core.errors import NotRetryable
+from opd_core.io import atomic_path, copy_tree, sha256_tree, write_arrow, write_json
+from opd_core.preflight import run_preflight
+from opd_core.rundir import STAGE_MARKER, RunDir
+from opd_core.schemas import EVAL_PROMPTS, PROMPTS
+
+__all__ = [
+    "ModelSourceError",
+    "download_config_hash",
+    "fetch_model",
+    "run_download",
+    "validate_model_dir",
+]
 
 MANIFEST = "manifest.json"
 # What a model dir needs for every stage: the config, weights and a tokenizer (no optimizer
@@ -43,7 +59,7 @@ HUB_PATTERNS = [
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(NotRetryable, ValueError):
     """A model source is unusable; the message names the source and the missing file."""
 
 
@@ -52,7 +68,8 @@ def validate_model_dir(path: str | Path, what: str = "model") -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ModelSourceError(
-            f"{what}: {path} is not a directory (expected toy, hf:<repo id>, or a local HF model dir)"
+            f"{what}: {path} is not a directory (expected toy, hf:<repo id>, or a local HF "
+            "model dir)"
         )
     if not (path / "config.json").is_file():
         raise ModelSourceError(f"{what}: {path / 'config.json'} is missing")
@@ -67,7 +84,8 @@ def validate_model_dir(path: str | Path, what: str = "model") -> Path:
         missing = [s for s in shards if not (path / s).is_file()]
         if missing or not shards:
             raise ModelSourceError(
-                f"{what}: {path} is missing weight shard(s) {missing or ['(index names none)']} listed in {index.name}"
+                f"{what}: {path} is missing weight shard(s) "
+                f"{missing or ['(index names none)']} listed in {index.name}"
             )
     elif not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         raise ModelSourceError(
@@ -116,35 +134,87 @@ def fetch_model(source: str, dest: Path, cfg: OPDRunConfig, role: str) -> dict[s
     return {"source": str(Path(source).resolve())}
 
 
+def download_config_hash(cfg: OPDRunConfig) -> str:
+    """The config part of the download stage's cache key: what it fetches and checks.
+
+    The models, the train data, which rows each eval benchmark has (not how it is sampled:
+    changing eval.n_samples reruns the evals, not a 64 GB download), the toy task, the
+    pre-flight options and the rollout lengths the pre-flight check fits prompts to.
+    """
+    payload = {
+        "sections": cfg.section_hash("models", "data", "toy", "preflight"),
+        "eval_data": [
+            b.model_dump(mode="json", include=set(DATASET_FIELDS)) for b in cfg.eval.benchmarks
+        ],
+        "rollout": [cfg.rollout.rollout_max_response_len, cfg.rollout.rollout_max_prompt_len],
+        "eval_max_new_tokens": [
+            cfg.eval.settings_for(b).max_new_tokens for b in cfg.eval.benchmarks
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dataset_record(spec: DatasetSpec, table: pa.Table, kept: int) -> dict[str, Any]:
+    return {
+        **spec.model_dump(mode="json"),
+        "template_text": template_text(spec.template),
+        "rows": table.num_rows,
+        "kept": kept,
+    }
+
+
 def run_download(cfg: OPDRunConfig, run_dir: RunDir) -> dict[str, Any]:
+    """Models and prompts into `download/`, checked by the pre-flight check (preflight.py)."""
     started = time.perf_counter()
     stage_dir = run_dir.stage("download")
     models = {
         "student": fetch_model(cfg.models.student, run_dir.student_hf, cfg, "student"),
         "teacher": fetch_model(cfg.models.teacher, run_dir.teacher_hf, cfg, "teacher"),
     }
-    d = cfg.data
-    splits = {
-        "train": (d.train, d.train_split, d.max_train_prompts, run_dir.train_data),
-        "eval": (d.eval, d.eval_split, d.max_eval_prompts, run_dir.eval_data),
+    train_spec = cfg.data.train
+    train = load_prompts(train_spec, cfg.toy)
+    evals = {b.name: load_prompts(b, cfg.toy) for b in cfg.eval.benchmarks}
+    sources = {"train": describe_source(train_spec)}
+    sources.update({b.name: describe_source(b) for b in cfg.eval.benchmarks})
+    kept_train, kept_evals, preflight = run_preflight(
+        cfg, run_dir.student_hf, run_dir.teacher_hf, train, evals, sources
+    )
+    # How the prompts are to be rendered travels with them: a changed chat_template_kwargs
+    # changes these files' hashes, so every stage that renders them reruns.
+    metadata = {"chat_template_kwargs": json.dumps(cfg.data.chat_template_kwargs, sort_keys=True)}
+    write_arrow(run_dir.train_data, kept_train, PROMPTS.with_metadata(metadata))
+    eval_table = pa.concat_tables(
+        table.drop_columns(["location"]).append_column(
+            "benchmark", pa.array([name] * table.num_rows, pa.string())
+        )
+        for name, table in kept_evals.items()
+    )
+    write_arrow(run_dir.eval_data, eval_table, EVAL_PROMPTS.with_metadata(metadata))
+    data = {
+        "train": _dataset_record(train_spec, train, kept_train.num_rows),
+        "eval": {
+            b.name: _dataset_record(b, evals[b.name], kept_evals[b.name].num_rows)
+            for b in cfg.eval.benchmarks
+        },
+        "chat_template_kwargs": cfg.data.chat_template_kwargs,
     }
-    data = {}
-    for name, (source, split, limit, path) in splits.items():
-        table = load_prompts(source, split, d.input_key, d.label_key, limit, cfg.toy)
-        write_arrow(path, table, PROMPTS)
-        data[name] = {"source": source, "split": split, "rows": table.num_rows}
     files = {
         rel: digest
         for rel, digest in sha256_tree(stage_dir).items()
         if rel not in (MANIFEST, STAGE_MARKER)
     }
-    manifest = {"models": models, "data": data, "files": files}
+    manifest = {"models": models, "data": data, "preflight": preflight, "files": files}
     write_json(stage_dir / MANIFEST, manifest)
     return {
         "student": str(run_dir.student_hf),
         "teacher": str(run_dir.teacher_hf),
-        "num_train": data["train"]["rows"],
-        "num_eval": data["eval"]["rows"],
+        "num_train": kept_train.num_rows,
+        "num_eval": eval_table.num_rows,
+        "eval_benchmarks": {name: table.num_rows for name, table in kept_evals.items()},
+        "dropped": {
+            "train": train.num_rows - kept_train.num_rows,
+            "eval": {name: evals[name].num_rows - t.num_rows for name, t in kept_evals.items()},
+        },
         "manifest": str(stage_dir / MANIFEST),
         "models": models,
         "seconds": round(time.perf_counter() - started, 3),

@@ -16,6 +16,16 @@ PROMPTS = pa.schema(
     ]
 )
 
+# data/eval.arrow: every eval benchmark's prompts, in config order, with the fields its
+# results are broken down by (MATH-500: {"subject": "Algebra", "level": "3"}).
+EVAL_PROMPTS = pa.schema(
+    [
+        *PROMPTS,
+        pa.field("benchmark", pa.string(), nullable=False),  # eval.benchmarks[].name
+        pa.field("tags", pa.map_(pa.string(), pa.string()), nullable=False),
+    ]
+)
+
 # train/round_NNNN/rollouts.arrow: one row per student sample.
 ROLLOUTS = pa.schema(
     [
@@ -60,5 +70,8 @@ EVAL_SAMPLES = pa.schema(
         pa.field("predicted", pa.string(), nullable=True),  # extracted answer, null if none
         pa.field("label", pa.string(), nullable=False),
         pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("benchmark", pa.string(), nullable=False),  # eval.benchmarks[].name
+        pa.field("response_tokens", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=True),  # stop | length | abort
     ]
 )

@@ -4,7 +4,7 @@ Each stage's cache key is the content hash of its input files + its config secti
 code version (opd_core/rundir.py). On one run directory (`run.run_id` fixed):
   - the same config again -> every cached stage is a hit (nothing recomputed);
   - `train.lr` changed     -> only `train` and `final_eval` rerun;
-  - `eval.k` changed       -> only `baseline_eval` and `final_eval` rerun;
+  - `eval.n_samples` changed -> only `baseline_eval` and `final_eval` rerun;
   - the directory copied   -> still all hits (keys hold contents, not absolute paths).
 A stage's `_stage.json` marker is rewritten exactly when the stage ran, so comparing markers
 before and after a run says which stages ran. Seconds are printed (see docs/prefect.md).
@@ -28,7 +28,7 @@ SMALL_RUN = (
     [
         "rollout.num_rollout=1",
         "eval.num_prompts=8",
-        "eval.k=2",
+        "eval.n_samples=2",
     ]
     + SMALL_BATCHES
     + TINY_TOY
@@ -97,17 +97,18 @@ def test_reruns_redo_only_what_changed(prefect_harness, ray_cluster, tmp_path, m
     assert not lr_changed["train"]["cached"] and lr_changed["baseline"]["cached"]
 
     # An eval setting: both evals rerun, training is reused (lr stays at its new value).
-    k_changed, eval_seconds = run("train.lr=2e-3", "eval.k=3")
+    k_changed, eval_seconds = run("train.lr=2e-3", "eval.n_samples=3")
     assert _rerun_stages(after_lr, _markers(run_dir)) == {"baseline_eval", "final_eval"}
     assert k_changed["train"]["cached"] and k_changed["final"]["k"] == 3
 
     # The cache keys hold contents, not absolute paths: a copied run directory is still all hits.
     shutil.copytree(run_dir, tmp_path / "copied", symlinks=True)
-    copied, _ = run("train.lr=2e-3", "eval.k=3", "run.run_id=copied")
+    copied, _ = run("train.lr=2e-3", "eval.n_samples=3", "run.run_id=copied")
     assert copied["train"]["cached"] and copied["baseline"]["cached"] and copied["final"]["cached"]
     assert _rerun_stages(_markers(run_dir), _markers(tmp_path / "copied")) == set()
 
     print(
         f"\nfirst run {first_seconds:.1f} s | full cached rerun {cached_seconds:.1f} s | "
-        f"train.lr changed (train + final_eval) {train_seconds:.1f} s | eval.k changed (evals) {eval_seconds:.1f} s"
+        f"train.lr changed (train + final_eval) {train_seconds:.1f} s | "
+        f"eval.n_samples changed (evals) {eval_seconds:.1f} s"
     )

@@ -9,9 +9,9 @@ from opd_core.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["toy.yaml", "qwen3-8b-opd.yaml"])
-def test_shipped_configs_validate(name):
-    cfg = load_config(CONFIGS / name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
     assert cfg.algorithm.use_opd and cfg.algorithm.opd_type == "sglang"
 
 
@@ -24,6 +24,35 @@ def test_qwen3_config_mirrors_slime_example():
         cfg.train.global_batch_size,
     ) == (16, 4, 64)
     assert cfg.train.lr == 1e-6 and cfg.train.parallel.tensor_model_parallel_size == 2
+    train = cfg.data.train
+    assert (train.source, train.input_key, train.label_key, train.template) == (
+        "hf:zhuzilin/dapo-math-17k",
+        "prompt",
+        "label",
+        "none",
+    )
+    math500, aime = cfg.eval.benchmarks
+    assert (math500.name, math500.split, math500.input_key, math500.label_key) == (
+        "math500",
+        "test",
+        "problem",
+        "answer",
+    )
+    assert math500.template == aime.template == "dapo"
+    settings = cfg.eval.settings_for(math500)
+    assert (settings.n_samples, settings.temperature, settings.top_p) == (16, 1.0, 1.0)
+    assert settings.max_new_tokens == 16384 and aime.source == "hf:HuggingFaceH4/aime_2024"
+
+
+def test_qwen3_4b_config_mirrors_the_modal_tutorial():
+    cfg = load_config(CONFIGS / "qwen3-4b-modal.yaml")
+    assert (cfg.models.student, cfg.models.teacher) == ("hf:Qwen/Qwen3-4B", "hf:Qwen/Qwen3-8B")
+    assert cfg.data.train.limit == 100 and cfg.data.chat_template_kwargs == {
+        "enable_thinking": True
+    }
+    (heldout,) = cfg.eval.benchmarks
+    assert (heldout.offset, heldout.limit) == (100, 20)  # after the 100 train rows
+    assert cfg.reward.type == "opd_core.verifier:signed_math_reward" and cfg.algorithm.use_opd
 
 
 def test_overrides_are_parsed_as_yaml():

@@ -32,7 +32,7 @@ SMALL_RUN = (
         "rollout.num_rollout=2",
         "train.save_interval=1",
         "eval.num_prompts=8",
-        "eval.k=2",
+        "eval.n_samples=2",
     ]
     + SMALL_BATCHES
     + TINY_TOY
@@ -234,7 +234,8 @@ def _checkpointed_round(run_dir: Path) -> int | None:
 
 @pytest.mark.slow
 def test_full_deployment_cancel_resume_and_stage_rerun(stack, tmp_path):
-    """opd/full through the worker: cancelled mid-training, run again (resumes), then a stage rerun."""
+    """opd/full through the worker: cancelled mid-training, run again (resumes), then a stage
+    rerun."""
     artifacts = (tmp_path / "artifacts").resolve()
     run_dir = artifacts / "deployed"
     params = json.dumps(

@@ -1,4 +1,5 @@
-"""End to end: a shortened toy pipeline through Prefect; every stage's outputs; the student improves.
+"""End to end: a shortened toy pipeline through Prefect; every stage's outputs; the student
+improves.
 
 This is the one slow test that runs the real thing: a Prefect test server, the built-in
 teacher server over HTTP, Ray training actors holding a Megatron GPTModel, torch_dist
@@ -17,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Fewer rounds than the demo (one optimizer step each): enough for the student to move
 # measurably towards the teacher, short enough for CI.
 ROUNDS = 30
-SHORT = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=20", "eval.k=2"]
-# Improvement measured at 30 rounds (seed 0): sglang mode 0.11 -> ~0.25, megatron mode 0.11 -> 0.255.
+SHORT = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=20", "eval.n_samples=2"]
+# Improvement measured at 30 rounds (seed 0): sglang mode 0.11 -> ~0.25, megatron mode
+# 0.11 -> 0.255.
 IMPROVEMENT = 0.05
 
 
@@ -98,7 +100,7 @@ def test_toy_pipeline_megatron_teacher_mode(prefect_harness, tmp_path):
         "run.run_id=megatron",
         f"rollout.num_rollout={rounds}",
         "train.save_interval=100",
-        "eval.k=1",
+        "eval.n_samples=1",
         "algorithm.opd_type=megatron",
         "algorithm.opd_teacher_load=convert/teacher_torch_dist",
     ]

@@ -30,7 +30,7 @@ SMALL_RUN = (
         f"rollout.num_rollout={ROUNDS}",
         "train.save_interval=1",
         "eval.num_prompts=4",
-        "eval.k=1",
+        "eval.n_samples=1",
     ]
     + SMALL_BATCHES
     + TINY_TOY
@@ -177,7 +177,8 @@ def test_killed_training_resumes_with_identical_metrics(
     deadline = time.monotonic() + 600
     while _checkpointed_round(run_dir) is None:
         assert process.poll() is None, (
-            f"opd run ended before round 0 was checkpointed:\n{(artifacts / 'killed.log').read_text()[-4000:]}"
+            "opd run ended before round 0 was checkpointed:\n"
+            f"{(artifacts / 'killed.log').read_text()[-4000:]}"
         )
         assert time.monotonic() < deadline, "round 0 never checkpointed"
         time.sleep(0.2)

@@ -110,6 +110,6 @@ def test_engine_eval_agrees_with_the_recorded_pass_at_1(toy_models):
             generator.generate_ids,
             generator.tokenizer,
             evaluation,
-            EvalConfig(k=1, max_new_tokens=12),
+            EvalConfig(n_samples=1, max_new_tokens=12),
         )
         assert summary["pass_at_1"] == pytest.approx(recorded, abs=0.02), model_dir

@@ -2,7 +2,7 @@
 
 Inputs: the model's HF dir and the eval split (the final eval also the baseline's summary,
 for its before/after report: `report.md`, `curves.png`). The work is
-`opd_core.evaluation.evaluate` on the in-process engine (`opd_core.engine.generation`).
+`opd_core.evaluation.evaluate_benchmarks` on the in-process engine (`opd_core.engine.generation`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from opd_core.engine.generation import Generator
-from opd_core.evaluation import evaluate, write_eval
+from opd_core.evaluation import evaluate_benchmarks, write_eval
 from opd_core.io import read_arrow, read_json
 from opd_core.report import write_report
-from opd_core.schemas import PROMPTS
+from opd_core.schemas import EVAL_PROMPTS
 from opd_core.stages.base import CachedStage
 
 
@@ -30,11 +30,18 @@ class BaselineEval(CachedStage):
         return [self.model_dir, self.run_dir.eval_data]
 
     def build(self) -> dict[str, Any]:
-        """pass@1 / pass@k of `model_dir` on the eval split -> `<stage>/`."""
-        prompts = read_arrow(self.run_dir.eval_data, PROMPTS)
+        """Every eval benchmark on `model_dir` -> `<stage>/` (a summary per benchmark under
+        `benchmarks`, the first one's numbers at the top level)."""
+        prompts = read_arrow(self.run_dir.eval_data, EVAL_PROMPTS)
         generator = Generator(self.model_dir)
-        samples, summary = evaluate(
-            generator.generate_ids, generator.tokenizer, prompts, self.cfg.eval, seed=self.cfg.seed
+        samples, summary = evaluate_benchmarks(
+            generator.generate_ids,
+            generator.tokenizer,
+            prompts,
+            self.cfg.eval,
+            seed=self.cfg.seed,
+            context_length=generator.context_length,
+            chat_template_kwargs=self.cfg.data.chat_template_kwargs,
         )
         summary["model_dir"] = str(self.model_dir)
         write_eval(self.out_dir, samples, summary)

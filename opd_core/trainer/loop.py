@@ -132,7 +132,9 @@ class Rounds:
         self.teacher_urls, self.teacher_checkpoint = teacher_urls, teacher_checkpoint
         self.prompts = read_arrow(run_dir.train_data, PROMPTS)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(run_dir.student_hf)
-        self.prompt_ids = chat_prompt_ids(self.tokenizer, self.prompts)
+        self.prompt_ids = chat_prompt_ids(
+            self.tokenizer, self.prompts, cfg.data.chat_template_kwargs
+        )
         self.reward_fn = load_reward_fn(cfg.reward)
         self._stack = ExitStack()
 
