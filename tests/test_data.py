@@ -1,4 +1,4 @@
-"""opd_core.data.load_prompts: the toy source, local dapo-math files in every variant, and errors."""
+"""opd_core.data.load_prompts: the toy source, local dapo-math files in all variants, errors."""
 
 from __future__ import annotations
 
