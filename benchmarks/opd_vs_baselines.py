@@ -17,8 +17,9 @@ optimizer steps, same seed:
   opd_kl2.0    top-8 OPD with opd_kl_coef 2.0
 
 Every method keeps the config's lr schedule, batch and rounds (one optimizer step a round).
-Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a table, writes
-`benchmarks/results/opd_vs_baselines.json` and `benchmarks/results/opd_vs_baselines.png`.
+Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a
+table, writes `benchmarks/results/opd_vs_baselines.json` and
+`benchmarks/results/opd_vs_baselines.png`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
@@ -138,12 +140,8 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
 
 
 def plot(results: dict, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # a bare Figure, not pyplot: no GUI backend to select
+    ax = fig.subplots()
     for name, method in results["methods"].items():
         ax.plot(
             [0, *method["rounds"]],
@@ -158,7 +156,6 @@ def plot(results: dict, out_png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -215,7 +212,8 @@ def main() -> None:
                     }
                 )
                 Console().print(
-                    f"[bold]{name}[/] seed {seed}: pass@1 by round {[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
+                    f"[bold]{name}[/] seed {seed}: pass@1 by round "
+                    f"{[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
                 )
     for name, runs in per_seed.items():
         results["methods"][name] = {
@@ -231,7 +229,8 @@ def main() -> None:
     plot(results, RESULTS / "opd_vs_baselines.png")
 
     table = Table(
-        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts"
+        title=f"toy task, {len(args.seeds)} seed(s), "
+        f"greedy pass@1 on {args.eval_prompts} eval prompts"
     )
     for column in ("method", "final pass@1", "gain over baseline", "train seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")
