@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer
@@ -139,12 +140,8 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
 
 
 def plot(results: dict, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # a bare Figure, not pyplot: no GUI backend to select
+    ax = fig.subplots()
     for name, method in results["methods"].items():
         ax.plot(
             [0, *method["rounds"]],
@@ -159,7 +156,6 @@ def plot(results: dict, out_png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -220,8 +220,9 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
     table = Table(
-        title=f"teacher scoring: {args.rollouts} rollouts, {tokens} tokens, best of {args.trials} servers x "
-        f"{args.repeats} (max |diff| server vs in-process {max_diff:.1e})"
+        title=f"teacher scoring: {args.rollouts} rollouts, {tokens} tokens, "
+        f"best of {args.trials} servers x {args.repeats} "
+        f"(max |diff| server vs in-process {max_diff:.1e})"
     )
     for column in ("path", "request shape", "seconds", "tokens/s", "vs in_process"):
         table.add_column(column, justify="left" if column == "path" else "right")
@@ -251,7 +252,8 @@ def main() -> None:
     ok_b = results["server_batched"] >= 5 * results["per_sample"]
     console.print(
         f"server_batched >= 0.8 x in_process: {'yes' if ok_a else 'NO'}   "
-        f"server_batched >= 5 x per_sample: {'yes' if ok_b else 'NO'} ({results['server_batched'] / results['per_sample']:.1f}x)"
+        f"server_batched >= 5 x per_sample: {'yes' if ok_b else 'NO'} "
+        f"({results['server_batched'] / results['per_sample']:.1f}x)"
     )
     console.print(f"wrote {RESULTS}")
 

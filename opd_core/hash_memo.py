@@ -54,7 +54,8 @@ def _connection() -> sqlite3.Connection | None:
         db = sqlite3.connect(path, check_same_thread=False, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(
-            "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, stamp TEXT NOT NULL, sha256 TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS files"
+            " (path TEXT PRIMARY KEY, stamp TEXT NOT NULL, sha256 TEXT NOT NULL)"
         )
         db.commit()
     except (OSError, sqlite3.Error) as err:
@@ -90,8 +91,7 @@ def file_sha256(path: Path) -> str:
                     (str(path), stamp, digest),
                 )
                 db.commit()
-            except (
-                sqlite3.Error
-            ) as err:  # a busy or read-only memo costs a rehash next time, nothing else
+            except sqlite3.Error as err:
+                # A busy or read-only memo costs a rehash next time, nothing else.
                 logger.warning("file-hash memo: cannot record %s (%s)", path, err)
     return digest

@@ -19,6 +19,7 @@ import pytest
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect server (SQLite) shared by every test that runs flows."""
+    # Imported here: prefect takes seconds to import, and most test files never start a flow.
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from opd_core.config import ConfigError, load_config
+from opd_core.config_doc import markdown
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -146,8 +147,6 @@ def test_where_training_runs_is_not_part_of_its_cache_key():
 
 def test_readme_config_reference_is_current():
     """README's config reference is generated (`python -m opd_core.config_doc`): regenerate it."""
-    from opd_core.config_doc import markdown
-
     readme = (CONFIGS.parent / "README.md").read_text()
     assert markdown() in readme, (
         "README.md config reference is stale: run `python -m opd_core.config_doc README.md`"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from opd_core import hash_memo
 from opd_core.io import (
     ArtifactError,
     atomic_path,
@@ -97,8 +98,6 @@ def test_stage_cache_follows_input_content(tmp_path):
 
 
 def test_input_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
-    from opd_core import hash_memo
-
     monkeypatch.setenv("OPD_HASH_MEMO", str(tmp_path / "memo" / "hashes.sqlite"))
     monkeypatch.setattr(hash_memo, "SETTLE_SECONDS", 0.2)
     reads: list[str] = []

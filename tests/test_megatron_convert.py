@@ -8,11 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen2ForCausalLM
+from tiny_runs import make_tiny_qwen2
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
+from opd_core.config import load_config
 from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.io import read_json
 from opd_core.megatron import checkpoint
 from opd_core.megatron.convert import (
     check_parity,
@@ -30,6 +40,8 @@ from opd_core.megatron.model import (
     model_family,
     pad_batch,
 )
+from opd_core.rundir import RunDir
+from opd_core.stages import Convert
 
 # initializer_range 0.2 instead of 0.02: logits of order 10, so a wrong mapping shows clearly.
 VARIANTS = {
@@ -44,30 +56,6 @@ VARIANTS = {
         tie_word_embeddings=False,
     ),
 }
-
-
-def make_tiny_qwen2(out_dir: Path) -> Path:
-    config = Qwen2Config(
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # HF initialises biases to zero; random ones test their mapping
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    model.save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +172,7 @@ def test_cli_export_runs_without_process_group(models, tmp_path):
 
 @pytest.mark.slow
 def test_real_width_qwen3_converts_and_matches(tmp_path):
-    """Qwen3-0.6B widths (2 layers): hidden 1024, 16 heads, 8 kv heads, head_dim 128, vocab 151936."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
+    """Qwen3-0.6B widths (2 layers): hidden 1024, 16 / 8 kv heads, head_dim 128, vocab 151936."""
     config = Qwen3Config(
         vocab_size=151936,
         hidden_size=1024,
@@ -215,8 +201,6 @@ def test_real_width_qwen3_converts_and_matches(tmp_path):
 
 def test_bf16_checkpoint_round_trips_in_bf16(models, tmp_path):
     """A bf16 HF model (as Qwen3-8B ships) stays bf16 and bit-identical through torch_dist."""
-    from transformers import AutoModelForCausalLM
-
     _, dirs = models
     AutoModelForCausalLM.from_pretrained(
         dirs["qwen3_untied"], dtype=torch.bfloat16
@@ -239,15 +223,9 @@ def test_checkpoint_of_another_shape_is_refused(models):
 
 
 def test_convert_stage_runs_in_a_child_that_leaves_nothing_behind(tmp_path):
-    """The Convert stage converts in a spawned child (dist_checkpointing's Manager must not outlive a
-    killed driver); its result and its errors, such as a failed parity check, reach the caller."""
-    import psutil
-
-    from opd_core.config import load_config
-    from opd_core.io import read_json
-    from opd_core.rundir import RunDir
-    from opd_core.stages import Convert
-
+    """The Convert stage converts in a spawned child (dist_checkpointing's Manager must not
+    outlive a killed driver); its result and its errors, such as a failed parity check, reach
+    the caller."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     run_dir = RunDir.create(tmp_path, "r")
     make_tiny_qwen3(run_dir.student_hf, initializer_range=0.2)

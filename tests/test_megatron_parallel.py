@@ -8,24 +8,23 @@ import signal
 
 import numpy as np
 import pytest
+import ray
 import torch
+from transformers import AutoModelForCausalLM
 
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
-
-ray = pytest.importorskip("ray")
+from opd_core.trainer.group import TrainerGroup, start_ray
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local cluster started as the train stage starts it, under an orchestrator's SIGTERM handler."""
-    from opd_core.trainer.group import start_ray
+    """A local cluster started as the train stage does, under an orchestrator's SIGTERM handler."""
 
-    def orchestrator_sigterm(
-        signum, frame
-    ):  # what Prefect installs: a cancel's SIGTERM becomes CANCELLED
+    def orchestrator_sigterm(signum, frame):
+        # What Prefect installs: a cancel's SIGTERM becomes CANCELLED.
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, orchestrator_sigterm)
@@ -38,7 +37,8 @@ def cluster():
 
 
 def test_starting_ray_keeps_the_orchestrators_sigterm_handler(cluster):
-    """ray.init installs `sys.exit` for SIGTERM; left there, a Prefect cancel ends CRASHED, not CANCELLED."""
+    """ray.init installs `sys.exit` for SIGTERM; left there, a Prefect cancel ends CRASHED, not
+    CANCELLED."""
     assert signal.getsignal(signal.SIGTERM) is cluster
 
 
@@ -70,9 +70,8 @@ def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> 
 def make_batch() -> TrainBatch:
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 300, rng.integers(2, 7)))) for _ in range(8)]
-    responses = [
-        list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)
-    ]  # includes empty ones
+    # Lengths 0..5: includes empty responses.
+    responses = [list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)]
     advantages = [rng.standard_normal(len(r)).astype(np.float32) for r in responses]
     return TrainBatch(prompts, responses, advantages=advantages)
 
@@ -85,8 +84,6 @@ def three_steps(group, batch: TrainBatch) -> list[float]:
 @pytest.fixture(scope="module")
 def single_rank(cluster, student):
     """TP=1, PP=1, DP=1: the losses of three steps and the log-probs after them."""
-    from opd_core.trainer.group import TrainerGroup
-
     hf_dir, ckpt = student
     batch = make_batch()
     with TrainerGroup(config(), hf_dir, ckpt) as group:
@@ -97,8 +94,6 @@ def single_rank(cluster, student):
 
 
 def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(single_rank, student, tmp_path):
-    from opd_core.trainer.group import TrainerGroup
-
     hf_dir, ckpt = student
     batch = make_batch()
     reference, reference_logprobs = single_rank
@@ -133,11 +128,8 @@ def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(single_rank, s
 
 def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student, tmp_path):
     """Pipeline parallel 2 (one layer per stage, the tied embedding on both ends) through
-    Megatron's 1F1B schedule: same losses and log-probs; its checkpoint and HF export load at PP=1."""
-    from transformers import AutoModelForCausalLM
-
-    from opd_core.trainer.group import TrainerGroup
-
+    Megatron's 1F1B schedule: same losses and log-probs; its checkpoint and HF export load at
+    PP=1."""
     hf_dir, ckpt = student
     batch = make_batch()
     reference, reference_logprobs = single_rank
@@ -173,8 +165,6 @@ def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student
 
 
 def test_a_layout_that_does_not_fit_the_model_is_refused_before_any_actor_starts(student):
-    from opd_core.trainer.group import TrainerGroup
-
     hf_dir, ckpt = student  # 2 layers, 4 heads, 2 kv heads
     with pytest.raises(
         ValueError,

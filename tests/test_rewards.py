@@ -1,4 +1,4 @@
-"""Reward loading: math verifier, zeros, user functions by import path, post-process hooks, errors."""
+"""Reward loading: math, zeros, user functions by import path, post-process hooks, and errors."""
 
 import asyncio
 import sys

@@ -1,4 +1,4 @@
-"""Both teacher modes give the same teacher log-probs, and top-k, on the same rollouts (fp32, <= 1e-4).
+"""Both teacher modes give the same teacher log-probs and top-k on the same rollouts (fp32, <=1e-4).
 
 opd_type=sglang: the teacher behind the built-in SGLang-protocol server, scored over HTTP
 with `EngineClient.score`. opd_type=megatron: the teacher's torch_dist checkpoint loaded into
@@ -15,8 +15,7 @@ from opd_core.config import OPDRunConfig, TeacherConfig
 from opd_core.engine.client import EngineClient
 from opd_core.engine.launcher import launch_server
 from opd_core.megatron.parallel import destroy_distributed
-
-pytest.importorskip("ray")
+from opd_core.trainer.group import TrainerGroup
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,6 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("pipeline", [1, 2], ids=["pp1", "pp2"])
 def test_server_and_megatron_teacher_logprobs_agree(models, pipeline):
     """Also with the teacher (and student) split over two pipeline stages."""
-    from opd_core.trainer.group import TrainerGroup
-
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(3, 300, n))) for n in (1, 3, 5, 8, 4, 6)]
     with (
@@ -81,7 +78,8 @@ def test_server_and_megatron_teacher_logprobs_agree(models, pipeline):
         if len(response):
             differences.append(float(np.abs(http - megatron).max()))
     print(
-        f"PP={pipeline}: max |server - megatron| teacher log-prob difference: {max(differences):.2e}"
+        f"PP={pipeline}: max |server - megatron| teacher log-prob difference: "
+        f"{max(differences):.2e}"
     )
     assert max(differences) <= 1e-4
     # The actor really used the teacher, not the student it trains.

@@ -5,7 +5,7 @@ micro-batch invariance. ~20 s.
 import numpy as np
 import pytest
 import torch
-from tiny_runs import student_and_teacher
+from tiny_runs import make_tiny_qwen2, student_and_teacher
 from transformers import AutoModelForCausalLM
 
 from opd_core.algorithm.batch import TrainBatch
@@ -91,14 +91,11 @@ def test_megatron_teacher_logprobs_equal_hf_teacher(models):
         np.testing.assert_allclose(ours, reference, atol=1e-4)
     for ours, reference in zip(student, hf_logprobs(models["student"], batch)):
         np.testing.assert_allclose(ours, reference, atol=1e-4)
-    assert (
-        max(np.abs(t - s).max() for t, s in zip(teacher, student) if len(t)) > 0.1
-    )  # really two models
+    # Really two models.
+    assert max(np.abs(t - s).max() for t, s in zip(teacher, student) if len(t)) > 0.1
 
 
 def test_teacher_of_another_architecture_is_refused(models, tmp_path):
-    from test_megatron_convert import make_tiny_qwen2
-
     qwen2 = hf_to_torch_dist(make_tiny_qwen2(tmp_path / "qwen2"), tmp_path / "qwen2_torch_dist")
     actor = make_actor(models)
     with pytest.raises(ValueError, match="student's architecture.*qwen3.*qwen2"):
@@ -109,7 +106,8 @@ SCHEDULE = {"lr_decay_style": "cosine", "lr_warmup_iters": 2, "lr_decay_iters": 
 
 
 def expected_lr(step: int) -> float:
-    """Megatron-LM's warmup + cosine, written out: linear from 0 to lr over 2 steps, cosine to min_lr by 6."""
+    """Megatron-LM's warmup + cosine, written out: linear from 0 to lr over 2 steps, cosine to
+    min_lr by 6."""
     if step <= 2:
         return 1e-2 * step / 2
     return 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * (step - 2) / 4))
@@ -124,13 +122,11 @@ def test_resume_from_checkpoint_continues_exactly(models):
     expected = actor.train_step(batch)
     expected_after = actor.compute_logprobs(batch)
     lrs += [expected["lr"]] + [actor.train_step(batch)["lr"] for _ in range(3)]
-    np.testing.assert_allclose(
-        lrs, [expected_lr(step) for step in range(7)], rtol=1e-6
-    )  # min_lr after 6
+    # Steps 0..6: min_lr after 6.
+    np.testing.assert_allclose(lrs, [expected_lr(step) for step in range(7)], rtol=1e-6)
 
-    resumed = make_actor(
-        models, ckpt=root / "run", **SCHEDULE
-    )  # latest = step 3, with optimizer state
+    # No step given: the latest, 3, with its optimizer state.
+    resumed = make_actor(models, ckpt=root / "run", **SCHEDULE)
     assert resumed.iteration == 3
     got = resumed.train_step(batch)
     assert got["iteration"] == 4
@@ -139,8 +135,8 @@ def test_resume_from_checkpoint_continues_exactly(models):
         "grad_norm",
         "clip_frac",
         "ppo_kl",
-        "lr",
-    ):  # lr: the schedule resumes at step 3 too
+        "lr",  # the schedule resumes at step 3 too
+    ):
         assert got[key] == expected[key], key
     for a, b in zip(resumed.compute_logprobs(batch), expected_after):
         np.testing.assert_array_equal(a, b)

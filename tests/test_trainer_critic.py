@@ -16,6 +16,7 @@ from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.megatron.parallel import destroy_distributed, free_port
 from opd_core.trainer.actor import TrainActor
+from opd_core.trainer.group import TrainerGroup
 from opd_core.trainer.spec import ActorSpec
 
 
@@ -61,7 +62,7 @@ def make_batch(seed: int = 0) -> TrainBatch:
 
 
 def ppo_batch(actor: TrainActor, seed: int = 0) -> TrainBatch:
-    """A batch with old log-probs, critic values, GAE advantages and returns, as the loop builds it."""
+    """A batch with old log-probs, critic values, GAE advantages, returns, as the loop builds it."""
     batch = make_batch(seed)
     batch.old_logprobs = actor.compute_logprobs(batch)
     values = actor.compute_values(batch)
@@ -172,9 +173,6 @@ def test_model_parallel_critic_and_reference_match_single_rank(student, parallel
     """TP=2 or PP=2 (two Ray actors, gloo): the value head (replicated under TP, on the last stage
     under PP) and the reference give the single rank's numbers, grad norms included, and the
     two-rank checkpoint's critic loads at world size 1."""
-    pytest.importorskip("ray")
-    from opd_core.trainer.group import TrainerGroup
-
     algorithm = {
         "use_opd": False,
         "opd_type": None,

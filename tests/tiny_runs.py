@@ -1,5 +1,14 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
-models, with no teacher or student training, and the smallest batches that run every stage."""
+models, with no teacher or student training, and the smallest batches that run every stage.
+Also the tiny HF models (and their torch_dist checkpoints) that several test files build."""
+
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.megatron.convert import hf_to_torch_dist
 
 TINY_TOY = [
     "toy.num_train=64",
@@ -23,9 +32,6 @@ def student_and_teacher(root, teacher_step: int | None = None) -> dict:
     """A tiny student and a bigger, untied teacher of the same family and vocabulary, as in real
     OPD (8B student, 32B teacher): HF dirs and torch_dist checkpoints. 2 and 4 layers, so PP=2
     splits both."""
-    from opd_core.hf_utils import make_tiny_qwen3
-    from opd_core.megatron.convert import hf_to_torch_dist
-
     student = make_tiny_qwen3(root / "student", initializer_range=0.1)
     teacher = make_tiny_qwen3(
         root / "teacher",
@@ -44,3 +50,28 @@ def student_and_teacher(root, teacher_step: int | None = None) -> dict:
         "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
         "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=teacher_step),
     }
+
+
+def make_tiny_qwen2(out_dir: Path) -> Path:
+    """A tiny random Qwen2 HF dir (untied, q/k/v biases): the other supported family."""
+    config = Qwen2Config(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # HF initialises biases to zero; random ones test their mapping
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -177,7 +177,7 @@ def _as_float_arrays(
 def _finite_where_trained(
     name: str, arrays: list[np.ndarray], masks: list[np.ndarray]
 ) -> list[np.ndarray]:
-    """Raise on a non-finite value of a trained token; zero untrained ones (NaN * 0 is still NaN)."""
+    """Raise on a non-finite value of a trained token; zero untrained ones (NaN * 0 is NaN)."""
     for row, (array, mask) in enumerate(zip(arrays, masks)):
         bad = np.flatnonzero(~np.isfinite(array) & (mask > 0))
         if len(bad):

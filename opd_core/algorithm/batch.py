@@ -54,7 +54,8 @@ class TrainBatch:
             for row, (array, response) in enumerate(zip(arrays, self.response_ids)):
                 if len(array) != len(response):
                     raise ValueError(
-                        f"TrainBatch.{name}[{row}] has {len(array)} values for {len(response)} response tokens"
+                        f"TrainBatch.{name}[{row}] has {len(array)} values for "
+                        f"{len(response)} response tokens"
                     )
 
     def select(self, rows: list[int] | np.ndarray) -> TrainBatch:

@@ -142,7 +142,8 @@ def value_loss(
     mask: torch.Tensor,
     value_clip: float | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped critic loss 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)), v_clipped within old +- value_clip."""
+    """Clipped critic loss 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)), with v_clipped
+    within old_values +- value_clip."""
     mask = mask.to(values.dtype)
     old_values, returns = old_values.detach().to(values.dtype), returns.detach().to(values.dtype)
     unclipped = (values - returns) ** 2

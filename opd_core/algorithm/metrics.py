@@ -1,6 +1,7 @@
 """Per-round training metrics: computing them, storing them in `train/metrics.arrow`, plotting them.
 
-    row = {"round": r, **round_metrics(rewards, correct, response_lengths, advantage_result), **train_metrics}
+    rollout = round_metrics(rewards, correct, response_lengths, advantage_result)
+    row = {"round": r, **rollout, **train_metrics}
     with MetricsLog(train_dir / "metrics.arrow", loggers=cfg.algorithm.loggers) as log:
         log.append(row)
     plot_curves(read_arrow(train_dir / "metrics.arrow"), "curves.png")
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from opd_core.algorithm.advantages import AdvantageResult
 from opd_core.io import atomic_path, read_arrow, write_arrow
@@ -114,9 +117,11 @@ class MetricsLog:
     def _open_tensorboard(self):
         if importlib.util.find_spec("tensorboard") is None:
             log.warning(
-                "logger tensorboard requested but the tensorboard package is not installed; skipping it"
+                "logger tensorboard requested but the tensorboard package is not installed; "
+                "skipping it"
             )
             return None
+        # Optional extra: imported only when the tensorboard logger is asked for.
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
@@ -127,7 +132,7 @@ class MetricsLog:
                 "logger wandb requested but the wandb package is not installed; skipping it"
             )
             return None
-        import wandb
+        import wandb  # optional extra: imported only when the wandb logger is asked for
 
         return wandb.init(
             project=project or "opd", name=run_name, dir=str(self.path.parent), resume="allow"
@@ -186,19 +191,15 @@ def plot_curves(
     metrics_table: pa.Table | str | Path, out_png: str | Path, title: str | None = None
 ) -> Path:
     """Reverse KL, rollout pass rate, reward and lr per round, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in tests
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     table = read_arrow(metrics_table) if isinstance(metrics_table, (str, Path)) else metrics_table
     rounds = (
         table.column("round").to_pylist()
         if "round" in table.column_names
         else list(range(table.num_rows))
     )
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
+    # A bare Figure, not pyplot: no GUI backend to select (servers, tests) and no global state.
+    figure = Figure(figsize=(4.2 * len(CURVES), 3.4))
+    axes = figure.subplots(1, len(CURVES))
     for axis, (column, label) in zip(axes, CURVES):
         values = table.column(column).to_pylist() if column in table.column_names else []
         points = [(r, v) for r, v in zip(rounds, values) if v is not None and not math.isnan(v)]
@@ -221,9 +222,6 @@ def plot_curves(
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    try:
-        with atomic_path(out_png) as tmp:
-            figure.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(figure)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     return Path(out_png)

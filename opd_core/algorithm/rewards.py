@@ -1,7 +1,8 @@
 """Rewards for a batch of rollouts: the math verifier, zero (pure distillation), or a user function.
 
     reward_fn = load_reward_fn(cfg.reward)
-    rewards = reward_fn([{"prompt": messages, "response_text": "...", "label": "42", "response_ids": [...]}, ...])
+    sample = {"prompt": messages, "response_text": "...", "label": "42", "response_ids": [...]}
+    rewards = reward_fn([sample, ...])
 
 `reward.type` picks the function: `math` scores 1.0/0.0 with `opd_core.verifier`, `none` gives
 zeros (pure distillation: the OPD penalty is the only signal), anything else is an import path.
@@ -40,7 +41,7 @@ __all__ = [
 
 
 class RewardError(ValueError):
-    """A reward function cannot be loaded, or returned something that is not one reward per sample."""
+    """A reward function cannot be loaded, or did not return one reward per sample."""
 
 
 class RewardFn(Protocol):
@@ -119,7 +120,8 @@ def _check_rewards(rewards: Any, num_samples: int, name: str) -> list[float]:
         rewards = rewards.tolist()
     if not isinstance(rewards, Sequence) or isinstance(rewards, (str, bytes)):
         raise RewardError(
-            f"reward function {name!r} returned a {type(rewards).__name__}, expected a list of floats"
+            f"reward function {name!r} returned a {type(rewards).__name__}, "
+            "expected a list of floats"
         )
     if len(rewards) != num_samples:
         raise RewardError(
@@ -166,7 +168,7 @@ class LoadedReward:
 
 
 def load_reward_fn(cfg: RewardConfig) -> LoadedReward:
-    """The reward function of `cfg` (see the module docstring); import errors surface here, early."""
+    """The reward function of `cfg` (see the module docstring); import errors surface here."""
     if cfg.custom_rm_path:
         fn, name = load_function(cfg.custom_rm_path, "reward.custom_rm_path"), cfg.custom_rm_path
     elif cfg.type == "math":
@@ -175,7 +177,8 @@ def load_reward_fn(cfg: RewardConfig) -> LoadedReward:
         fn, name = zero_reward, "none"
     elif ":" not in cfg.type and "." not in cfg.type:
         raise RewardError(
-            f"reward.type {cfg.type!r}: expected 'math', 'none' or an import path 'package.module:function'"
+            f"reward.type {cfg.type!r}: expected 'math', 'none' or an import path "
+            "'package.module:function'"
         )
     else:
         fn, name = load_function(cfg.type, "reward.type"), cfg.type

@@ -10,6 +10,11 @@
 
 `read_global_tensors` uses torch.distributed.checkpoint directly (metadata + a load into
 empty tensors), so exporting to HF works on a machine without Megatron parallel state.
+
+megatron-core is imported inside `save_model` / `load_model` only: the HF export
+(`opd convert torch-dist-to-hf`) imports this module and runs without it (importing
+megatron.core takes seconds and loads all of megatron.core.models;
+tests/test_megatron_convert.py::test_cli_export_runs_without_process_group checks).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from opd_core.io import ArtifactError, write_text
 
@@ -27,6 +34,18 @@ TRACKER = "latest_checkpointed_iteration.txt"
 # A copy of the HF config (and tokenizer) in every checkpoint root, so a torch_dist
 # checkpoint says which architecture it holds (the megatron-mode teacher needs this).
 HF_CONFIG_DIR = "hf_config"
+# Tokenizer and generation files: copied into HF_CONFIG_DIR and next to exported weights.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def iteration_dir_name(step: int | None) -> str:
@@ -74,7 +93,7 @@ def save_model(
     `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
     state); `sharded_extra` is merged into the sharded state dict (Megatron optimizer state).
     """
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing  # not at the top: see the module docstring
 
     root = Path(root)
     final = root / iteration_dir_name(step)
@@ -102,8 +121,8 @@ def save_model(
 
 
 def load_model(model, root: str | Path, step: int | None = None) -> Path:
-    """Load a torch_dist checkpoint into `model` (any TP or PP size: dist_checkpointing reshards)."""
-    from megatron.core import dist_checkpointing
+    """Load a torch_dist checkpoint into `model` (any TP/PP size: dist_checkpointing reshards)."""
+    from megatron.core import dist_checkpointing  # not at the top: see the module docstring
 
     path = resolve_iteration_dir(root, step)
     sharded = model.sharded_state_dict()
@@ -112,7 +131,8 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
         state = dist_checkpointing.load(sharded, str(path))
     except Exception as err:
         raise ArtifactError(
-            f"cannot load {path} into this model (different architecture or sizes?): {type(err).__name__}: {err}"
+            f"cannot load {path} into this model (different architecture or sizes?): "
+            f"{type(err).__name__}: {err}"
         ) from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -130,9 +150,6 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
     dist_checkpointing silently ignores stored tensors the model does not ask for (an untied
     lm_head loaded into a tied model would vanish), so compare names and shapes first.
     """
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     stored = {
         name: tuple(meta.size)
         for name, meta in dcp.FileSystemReader(str(path))
@@ -147,9 +164,8 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
         elif type(item).__name__ == "ShardedTensorFactory":
             wanted.setdefault(item.key, None)
     whole_model = set(wanted)
-    if (
-        dist.is_initialized() and dist.get_world_size() > 1
-    ):  # under PP a rank asks only for its stage's tensors
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Under PP a rank asks only for its stage's tensors.
         stages: list = [None] * dist.get_world_size()
         dist.all_gather_object(stages, sorted(wanted))
         whole_model = set().union(*stages)
@@ -172,9 +188,6 @@ def _check_same_tensors(sharded: dict, path: Path) -> None:
 
 def read_global_tensors(root: str | Path, step: int | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a torch_dist checkpoint at their global shapes. No process group needed."""
-    from torch.distributed import checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     path = resolve_iteration_dir(root, step)
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata()
@@ -194,8 +207,6 @@ def _barrier() -> None:
 
 def store_hf_config(root: str | Path, hf_dir: str | Path) -> None:
     """Copy config.json and tokenizer files of `hf_dir` to `<root>/hf_config/`."""
-    from opd_core.megatron.convert import HF_SIDE_FILES
-
     target = Path(root) / HF_CONFIG_DIR
     target.mkdir(parents=True, exist_ok=True)
     for name in HF_SIDE_FILES:

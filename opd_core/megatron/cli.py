@@ -2,6 +2,9 @@
 
 opd convert hf-to-torch-dist --hf hf/Qwen3-8B --out ckpt/qwen3-8b [--step 0] [--parity]
 opd convert torch-dist-to-hf --ckpt ckpt/run --hf-config hf/Qwen3-8B --out hf/out [--step 100]
+
+`opd --help` imports this module: the commands import opd_core.megatron.convert (torch,
+transformers: seconds) when they run, not at the top.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def hf_to_torch_dist_command(
         False, "--parity", help="also compare HF and Megatron logits and print the result"
     ),
 ) -> None:
-    from opd_core.megatron.convert import check_parity, hf_to_torch_dist
+    from opd_core.megatron.convert import check_parity, hf_to_torch_dist  # CLI start-up time
 
     hf_to_torch_dist(hf, out, step=None if release else step)
     typer.echo(f"wrote {out}")
@@ -49,7 +52,7 @@ def torch_dist_to_hf_command(
         None, "--step", help="iteration to export (default: the latest)"
     ),
 ) -> None:
-    from opd_core.megatron.convert import torch_dist_to_hf
+    from opd_core.megatron.convert import torch_dist_to_hf  # CLI start-up time
 
     torch_dist_to_hf(ckpt, hf_config, out, step=step)
     typer.echo(f"wrote {out}")

@@ -18,27 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from opd_core.io import ArtifactError, atomic_path
 from opd_core.megatron import checkpoint, mapping
-
-# Tokenizer and generation files copied next to exported weights.
-HF_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "added_tokens.json",
-)
+from opd_core.megatron.checkpoint import HF_SIDE_FILES
+from opd_core.megatron.known_warnings import quiet_known_warnings
+from opd_core.megatron.model import build_gpt_model, forward_logits, pad_batch
 
 
 def load_hf_config(hf_dir: str | Path):
-    from transformers import AutoConfig
-
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ArtifactError(f"{hf_dir / 'config.json'} not found: not an HF model directory")
@@ -46,8 +38,6 @@ def load_hf_config(hf_dir: str | Path):
 
 
 def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     hf_dir = Path(hf_dir)
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
@@ -59,12 +49,11 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _ensure_process_group() -> None:
-    import torch.distributed as dist
-
-    from opd_core.megatron.known_warnings import quiet_known_warnings
+    quiet_known_warnings()  # before megatron is first imported on this (driver) path
+    # Not at the top: parallel imports megatron-core, which the HF export (torch_dist_to_hf,
+    # `opd convert torch-dist-to-hf`) must run without; see checkpoint.py's docstring.
     from opd_core.megatron.parallel import init_single_process
 
-    quiet_known_warnings()  # before megatron is first imported on this (driver) path
     if not dist.is_initialized():
         init_single_process()
     elif dist.get_world_size() != 1:
@@ -91,8 +80,6 @@ def hf_to_torch_dist(
 
     `dtype` None keeps the HF weights' dtype.
     """
-    from opd_core.megatron.model import build_gpt_model
-
     hf_config = load_hf_config(hf_dir)
     hf_state = read_hf_state_dict(hf_dir)
     _ensure_process_group()
@@ -115,7 +102,7 @@ def torch_dist_to_hf(
     step: int | None = None,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write HF safetensors (sharded + index) from a torch_dist checkpoint; copy config/tokenizer."""
+    """Write HF safetensors (shards + index) from a torch_dist checkpoint; copy config/tokenizer."""
     return write_hf_dir(
         checkpoint.read_global_tensors(ckpt_dir, step), hf_config_dir, out_dir, max_shard_size
     )
@@ -127,10 +114,7 @@ def write_hf_dir(
     out_dir: str | Path,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Megatron global tensors -> an HF model dir (safetensors shards + index, config, tokenizer)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
+    """Megatron global tensors -> an HF dir (safetensors shards + index, config, tokenizer)."""
     hf_config = load_hf_config(hf_config_dir)
     hf_state = mapping.megatron_to_hf(megatron_tensors, hf_config)
     _check_shapes(hf_state, hf_config, out_dir)
@@ -165,8 +149,8 @@ def _check_shapes(hf_state: dict[str, torch.Tensor], hf_config: Any, where: Any)
     vocab, hidden = hf_state["model.embed_tokens.weight"].shape
     if (vocab, hidden) != (hf_config.vocab_size, hf_config.hidden_size):
         raise ArtifactError(
-            f"{where}: embedding is {vocab}x{hidden} but the HF config says vocab_size={hf_config.vocab_size}, "
-            f"hidden_size={hf_config.hidden_size}"
+            f"{where}: embedding is {vocab}x{hidden} but the HF config says "
+            f"vocab_size={hf_config.vocab_size}, hidden_size={hf_config.hidden_size}"
         )
 
 
@@ -180,10 +164,6 @@ def check_parity(
     step: int | None = None,
 ) -> dict:
     """Max |logits| difference between the HF model (fp32) and the converted Megatron model."""
-    from transformers import AutoModelForCausalLM
-
-    from opd_core.megatron.model import build_gpt_model, forward_logits, pad_batch
-
     hf_config = load_hf_config(hf_dir)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, hf_config.vocab_size, (batch_size, seq_len), generator=generator)

@@ -2,7 +2,7 @@
 
     critic = build_critic_model(hf_config)                  # after parallel.init_distributed(...)
     copy_trunk_from_student(critic, student_model)          # trunk = the student's weights
-    values = response_values(critic_output, prompt_ids, response_ids)  # list of [len(response)] tensors
+    values = response_values(critic_output, prompt_ids, response_ids)  # [len(response)] tensors
     save_critic(critic, directory); load_critic(critic, directory)
 
 Architecture (as verl / OpenRLHF build Megatron critics): the whole transformer of the
@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from opd_core.megatron import checkpoint
+from opd_core.megatron.model import build_gpt_model, response_spans
 
 VALUE_HEAD_PREFIX = "output_layer."
 
@@ -45,8 +50,6 @@ class ValueHead(torch.nn.Linear):
 
 def build_critic_model(hf_config: Any, dtype: torch.dtype | None = None):
     """A GPTModel with the student's trunk architecture and a zero-initialised scalar value head."""
-    from opd_core.megatron.model import build_gpt_model
-
     untied = copy.deepcopy(hf_config)
     untied.tie_word_embeddings = False  # the head is a value head, not the embedding transposed
     model = build_gpt_model(untied, dtype=dtype)
@@ -74,15 +77,13 @@ def copy_trunk_from_student(critic, student) -> None:
     ]
     if missing or unexpected:
         raise ValueError(
-            f"critic and student trunks differ: critic lacks {unexpected[:5]}, student lacks {missing[:5]}"
+            f"critic and student trunks differ: critic lacks {unexpected[:5]}, "
+            f"student lacks {missing[:5]}"
         )
 
 
 def save_critic(critic, directory: str | Path) -> None:
-    """Collective: every rank writes its shards of the critic (trunk + head) into a new `directory`."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
+    """Collective: each rank writes its shards of the critic (trunk + head) to a new `directory`."""
     directory = Path(directory)
     if not dist.is_initialized() or dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=False)
@@ -93,11 +94,7 @@ def save_critic(critic, directory: str | Path) -> None:
 
 def load_critic(critic, directory: str | Path) -> None:
     """Load a critic written by `save_critic` (any TP size: the head is replicated)."""
-    from opd_core.megatron import checkpoint
-
-    checkpoint.load_model(
-        critic, directory
-    )  # a bare dist_checkpointing dir; checks names and shapes
+    checkpoint.load_model(critic, directory)  # a bare dist_checkpointing dir; checks names, shapes
 
 
 def response_values(
@@ -105,8 +102,6 @@ def response_values(
 ) -> list[torch.Tensor]:
     """V at every response position from the critic's last-stage output [b, s, 1]: list of
     [len(response_i)] fp32 tensors (gradients flow)."""
-    from opd_core.megatron.model import response_spans
-
     values_all = output[..., 0].float()  # [b, s]
     return [
         values_all[row, start:end]

@@ -17,22 +17,19 @@ import os
 import re
 import warnings
 
-# (category, start of the message). Each is emitted by megatron-core 0.16 / torch 2.13 code we do not control.
+# (category, start of the message). Each is emitted by megatron-core 0.16 / torch 2.13 code
+# we do not control.
 KNOWN_BENIGN = (
-    (
-        UserWarning,
-        "Transformer Engine and Apex are not installed",
-    ),  # megatron optimizer/clip_grads/fsdp on CPU
-    (UserWarning, "Apex is not installed"),  # megatron local layer spec: torch norm instead of Apex
-    (UserWarning, "full scope is deprecated"),  # TransformerConfig's default cuda_graph_scope
-    (
-        FutureWarning,
-        "Please use DTensor instead and we are deprecating ShardedTensor",
-    ),  # torch dcp via dist_checkpointing
-    (
-        FutureWarning,
-        "`load_state_dict` is deprecated",
-    ),  # dist_checkpointing's torch strategy calls dcp.load_state_dict
+    # megatron optimizer/clip_grads/fsdp on CPU
+    (UserWarning, "Transformer Engine and Apex are not installed"),
+    # megatron local layer spec: torch norm instead of Apex
+    (UserWarning, "Apex is not installed"),
+    # TransformerConfig's default cuda_graph_scope
+    (UserWarning, "full scope is deprecated"),
+    # torch dcp via dist_checkpointing
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor"),
+    # dist_checkpointing's torch strategy calls dcp.load_state_dict
+    (FutureWarning, "`load_state_dict` is deprecated"),
 )
 
 

@@ -25,7 +25,8 @@ from opd_core.megatron.model import hf_head_dim, model_family
 
 LAYERS = "decoder.layers."
 
-# Per-layer tensors that map one-to-one: Megatron name (after LAYERS) -> HF name (after model.layers.{i}.).
+# Per-layer tensors that map one-to-one:
+# Megatron name (after LAYERS) -> HF name (after model.layers.{i}.).
 DIRECT_LAYER_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",

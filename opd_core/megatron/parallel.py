@@ -1,12 +1,13 @@
 """Process group and Megatron model-parallel state for one training rank.
 
-    init_distributed(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(), tp=1, pp=1)
+    init_distributed(rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                     tp=1, pp=1)
     ...
     destroy_distributed()
 
 gloo on CPU, nccl on CUDA. Everything happens inside functions: `dist_checkpointing.save`
 starts spawn-context processes that re-import this module, so importing must not touch
-torch.distributed.
+torch.distributed (importing megatron.core does not).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import socket
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from opd_core.megatron.cpu_shims import apply_cpu_shims
 
@@ -37,12 +40,10 @@ def init_distributed(
     seed: int = 0,
 ) -> None:
     """Join the process group and set up Megatron's TP/PP/DP groups (dp = world // (tp*pp))."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
     if world_size % (tp * pp):
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel {tp} x pipeline_parallel {pp}"
+            f"world size {world_size} is not divisible by "
+            f"tensor_parallel {tp} x pipeline_parallel {pp}"
         )
     apply_cpu_shims()
     cuda = torch.cuda.is_available()
@@ -73,8 +74,6 @@ def init_single_process(tp: int = 1) -> None:
 
 
 def destroy_distributed() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -1,7 +1,7 @@
 """The built-in toy teacher and student: two real HF Qwen3 checkpoints trained on the toy task.
 
     models = build_toy_models(cfg.toy)        # ~1 minute on 2 CPU cores the first time
-    models.teacher_dir, models.student_dir    # HF dirs: config.json, model.safetensors, tokenizer.json
+    models.teacher_dir, models.student_dir    # HF dirs (config, model.safetensors, tokenizer.json)
     models.teacher_pass_at_1, models.student_pass_at_1
 
 The teacher is trained (AdamW, loss on the response tokens only) until its greedy pass@1 on
@@ -122,7 +122,8 @@ def _build(cfg: ToyConfig, out: Path, progress: bool) -> dict:
     if teacher_pass < cfg.teacher_min_pass_at_1:
         raise RuntimeError(
             f"toy teacher reached pass@1 {teacher_pass:.2f} < toy.teacher_min_pass_at_1 "
-            f"{cfg.teacher_min_pass_at_1} after {teacher_steps} steps; raise toy.teacher.train_steps"
+            f"{cfg.teacher_min_pass_at_1} after {teacher_steps} steps; "
+            "raise toy.teacher.train_steps"
         )
 
     # Student: a short SFT; the held-out tail of train decides an early stop, never eval.

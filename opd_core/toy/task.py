@@ -1,14 +1,16 @@
 """The built-in toy task: synthetic integer arithmetic in dapo-math-17k's row shape.
 
     train, eval = make_toy_splits(cfg.toy)          # two pyarrow Tables, schema PROMPTS
-    train["prompt"][0]  -> [{"role": "user", "content": DAPO_INSTRUCTION.format(problem="What is 12 + 34?")}]
+    train["prompt"][0]  -> [{"role": "user",
+                             "content": DAPO_INSTRUCTION.format(problem="What is 12 + 34?")}]
     train["label"][0]   -> "46"
     target_response("46") -> "Answer: \\boxed{46}"      # what the toy models are trained to say
 
 Problems are drawn without replacement from all `a <op> b` with operands of exactly
 `digits` digits (10..99 for 2; fixed-width operands put the digits at fixed positions, which
-is what lets a tiny model learn the task in a minute of CPU), so the train and eval splits never share a problem. The draw depends only
-on (seed, digits, operations, num_train, num_eval): same config, same rows, on any machine.
+is what lets a tiny model learn the task in a minute of CPU), so the train and eval splits
+never share a problem. The draw depends only on (seed, digits, operations, num_train,
+num_eval): same config, same rows, on any machine.
 Subtraction puts the larger operand first so every answer is a non-negative integer.
 """
 
@@ -64,7 +66,8 @@ def make_toy_problems(cfg: ToyConfig) -> list[tuple[int, str, int]]:
     if total > space:
         raise ValueError(
             f"toy: num_train + num_eval = {total} exceeds the {space} distinct "
-            f"{cfg.digits}-digit problems for operations {operations}; lower them or raise toy.digits"
+            f"{cfg.digits}-digit problems for operations {operations}; "
+            "lower them or raise toy.digits"
         )
     rng = random.Random(cfg.seed)
     if space <= 1_000_000:
