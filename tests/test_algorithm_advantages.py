@@ -105,9 +105,8 @@ def test_opd_respects_loss_mask():
         cfg(use_opd=True), np.zeros(1), np.zeros(1), old, teacher_logprobs=teacher, loss_masks=mask
     )
     assert result.advantages[0] == approx([-1.0, 0.0, -3.0])
-    assert result.opd_reverse_kl == pytest.approx(
-        2.0
-    )  # (1 + 3) / 2: the masked token is not counted
+    # (1 + 3) / 2: the masked token is not counted.
+    assert result.opd_reverse_kl == pytest.approx(2.0)
     assert result.teacher_logprob_mean == pytest.approx(-3.0)
 
 

@@ -45,9 +45,8 @@ def test_on_policy_loss_is_minus_mean_advantage():
     assert loss.item() == pytest.approx(-1.0)
     assert metrics["pg_loss"] == pytest.approx(-1.0)
     assert metrics["clip_frac"] == 0.0 and metrics["ppo_kl"] == 0.0
-    assert grad[0].tolist() == pytest.approx(
-        [-1 / 3, 2 / 3, -4 / 3]
-    )  # d/dlogp of -ratio*A/N at ratio 1
+    # d/dlogp of -ratio*A/N at ratio 1.
+    assert grad[0].tolist() == pytest.approx([-1 / 3, 2 / 3, -4 / 3])
 
 
 @pytest.mark.parametrize(

@@ -97,9 +97,8 @@ def test_tensorboard_writes_events(tmp_path):
 def test_plot_curves(tmp_path):
     with MetricsLog(tmp_path / "metrics.arrow") as log:
         for r, (kl, pass_rate) in enumerate([(0.9, 0.2), (0.5, 0.4), (0.3, 0.6)]):
-            log.append(
-                {"round": r, "opd_reverse_kl": kl, "rollout_pass_rate": pass_rate}
-            )  # no reward_mean column
+            # No reward_mean column.
+            log.append({"round": r, "opd_reverse_kl": kl, "rollout_pass_rate": pass_rate})
     out = plot_curves(tmp_path / "metrics.arrow", tmp_path / "plots" / "curves.png", title="toy")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 5000

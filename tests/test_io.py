@@ -112,9 +112,8 @@ def test_input_hashes_are_remembered_until_a_file_changes(tmp_path, monkeypatch)
     data.write_bytes(b"rows")
 
     assert hash_inputs([model, data]) == hash_inputs([model, data])
-    assert (
-        len(reads) == 6
-    )  # just written: hashed, but not remembered yet (a same-tick edit could hide)
+    # Just written: hashed, but not remembered yet (a same-tick edit could hide)
+    assert len(reads) == 6
     time.sleep(0.3)
     reads.clear()
     first = hash_inputs([model, data])

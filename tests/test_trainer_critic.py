@@ -158,9 +158,8 @@ def test_checkpoint_round_trip_restores_the_critic_exactly(student):
     got = resumed.train_step(batch)
     for key in ("value_loss", "value_clip_frac", "critic_grad_norm", "loss", "grad_norm"):
         assert got[key] == expected[key], key
-    for a, b in zip(
-        resumed.compute_values(batch), expected_values
-    ):  # critic optimizer state resumed too
+    # Critic optimizer state resumed too.
+    for a, b in zip(resumed.compute_values(batch), expected_values):
         np.testing.assert_array_equal(a, b)
 
 
@@ -228,8 +227,7 @@ def test_model_parallel_critic_and_reference_match_single_rank(student, parallel
 
     resharded = make_actor(student, **algorithm)
     info = resharded.load_checkpoint(run_dir)
-    assert (
-        info["resumed_critic"] and not info["resumed_optimizer"]
-    )  # AdamW state only fits the same layout
+    # AdamW state only fits the same layout.
+    assert info["resumed_critic"] and not info["resumed_optimizer"]
     for a, b in zip(resharded.compute_values(batch), parallel_values):
         np.testing.assert_allclose(a, b, atol=1e-5)

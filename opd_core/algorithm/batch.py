@@ -16,9 +16,8 @@ class TrainBatch:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     advantages: list[np.ndarray] = field(default_factory=list)  # float32, per response token
-    old_logprobs: list[np.ndarray] = field(
-        default_factory=list
-    )  # policy log-probs before the update
+    # Policy log-probs before the update.
+    old_logprobs: list[np.ndarray] = field(default_factory=list)
     ref_logprobs: list[np.ndarray] | None = None  # reference model, for the KL loss
     returns: list[np.ndarray] | None = None  # ppo: critic targets
     old_values: list[np.ndarray] | None = None  # ppo: critic values before the update

@@ -124,9 +124,8 @@ def policy_loss(
             loss = loss - cfg.entropy_coef * entropy_mean
     if cfg.use_kl_loss and ref_logprobs is None:
         raise ValueError("algorithm.use_kl_loss is true but policy_loss got no ref_logprobs")
-    if (
-        ref_logprobs is not None
-    ):  # logged whenever a reference is given, optimised only with use_kl_loss
+    # Logged whenever a reference is given, optimised only with use_kl_loss.
+    if ref_logprobs is not None:
         kl_loss = masked_mean(approx_kl(logprobs, ref_logprobs.detach(), cfg.kl_loss_type), mask)
         metrics["kl_loss"] = kl_loss.item()
         if cfg.use_kl_loss:

@@ -53,9 +53,8 @@ def weighted_by_tokens(loss: torch.Tensor, metrics: dict, mask: torch.Tensor, gl
     and the sum over DP ranks give exactly the token mean of the global batch; its metrics
     token-weighted likewise (summed by `_token_mean`)."""
     tokens = float(mask.sum())
-    weighted = (
-        {key: value * tokens for key, value in metrics.items()} if tokens else {}
-    )  # {}: nothing to average
+    # {}: nothing to average.
+    weighted = {key: value * tokens for key, value in metrics.items()} if tokens else {}
     return loss * (tokens / max(global_tokens, 1.0)), weighted
 
 
