@@ -14,7 +14,8 @@ on connection errors, 5xx and malformed answers (never on a 4xx): see `transport
 `max_new_tokens` 0, `return_logprob`, `logprob_start_len = len(prompt) - 1` (the input
 log-probs from the last prompt token on: SGLang then reuses the prompt's prefix cache across
 its n samples, which `logprob_start_len` 0 forbids, and returns a fraction of the JSON);
-drop entry 0 (its logprob is None) and keep the `len(response)` values after it.
+keep the last `len(response)` values. Sequences are batched by prompt length and each
+request asks from its shortest prompt (sglang-router takes no per-sequence list there).
 
 Results are cached under `cache_dir`, keyed by a namespace for the teacher's weights and the
 ids. Pass `cache_namespace` (e.g. `logprob_cache.model_namespace(teacher_dir)`, the content
@@ -276,6 +277,7 @@ class EngineClient:
                 if keys[i] in hits:
                     results[i] = hits[keys[i]]
             todo = [i for i in todo if results[i] is None]
+        todo.sort(key=lambda i: len(prompt_ids[i]))  # see _score_payload
 
         def payload(start: int, stop: int) -> dict:
             return _score_payload(
@@ -311,6 +313,7 @@ class EngineClient:
         empty = (np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
         results = [empty] * len(prompt_ids)
         todo = [i for i, response in enumerate(response_ids) if len(response)]
+        todo.sort(key=lambda i: len(prompt_ids[i]))  # see _score_payload
 
         def payload(start: int, stop: int) -> dict:
             rows = todo[start:stop]
@@ -445,14 +448,17 @@ class EngineClient:
 
 def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
     """The teacher scoring request: prompt+response, no new tokens, input log-probs from the
-    last prompt token on (its entry is None; the response's follow)."""
+    last token of the batch's shortest prompt on (`_response_logprobs` keeps each
+    sequence's last len(response)). One number for the batch, not one per sequence:
+    sglang-router 0.3.2 answers 422 to a list (it types the field as i32); the callers sort
+    sequences by prompt length, so a batch's prompts differ little."""
     return {
         "input_ids": [
             list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)
         ],
         "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
         "return_logprob": True,
-        "logprob_start_len": [len(p) - 1 for p in prompt_ids],
+        "logprob_start_len": min(len(p) for p in prompt_ids) - 1,
     }
 
 
