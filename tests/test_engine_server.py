@@ -236,6 +236,13 @@ def test_concurrent_requests_share_one_forward(server):
             "return_logprob: Cannot use a list with n > 1",
         ),
         ({"input_ids": [[1], [2]], "rid": ["a", "a"]}, "rid: duplicate request ids"),
+        # Container sizes are bounded before the per-element validation:
+        ({"input_ids": [[1]] * 5000}, "input_ids: 5000 entries; at most 4096"),
+        (
+            {"input_ids": [1], "sampling_params": {"stop_token_ids": [3] * 5000}},
+            "sampling_params.stop_token_ids: 5000 entries; at most 1024",
+        ),
+        ({"input_ids": [[1], [2]], "rid": "r" * 600}, "rid"),
         (
             {"input_ids": [[1], [2]], "sampling_params": [{}]},
             "sampling_params: has 1 entries but the batch has 2",

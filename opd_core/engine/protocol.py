@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -43,11 +43,13 @@ TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k (sampling_params.py TOP
 MAX_STOP_COUNT = 32  # SGLang's MAX_STOP_COUNT
 MAX_STOP_CHARS = 1024  # ours: a stop string is searched in the output text at every step
 MAX_STOP_TOKEN_IDS = 1024
+MAX_PARAM_ITEMS = 1024  # entries of any list or dict inside sampling_params
 MAX_RID_CHARS = 512
 MAX_N = 1024
 MAX_TOP_LOGPROBS = 1024  # ours: each position's top list is JSON the server must build
 MAX_SEQUENCES = 4096  # sequences (prompts x n) in one request
 SAMPLING_SEED_RANGE = (-(2**63), 2**63 - 1)  # SamplingParams.verify
+Rid = Annotated[str, Field(max_length=MAX_RID_CHARS)]
 
 # SGLang's request fields that the built-in engine cannot honour: a 400 when set to anything
 # but their default, never silently ignored (the answer would not be what SGLang gives).
@@ -172,7 +174,7 @@ class SingleRequest(BaseModel):
     logprob_start_len: int = Field(-1, ge=-1)  # -1 = output tokens only
     top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     return_text_in_logprobs: bool = False
-    rid: str | None = Field(None, max_length=MAX_RID_CHARS)
+    rid: Rid | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> SingleRequest:
@@ -197,7 +199,7 @@ class GenerateRequest(BaseModel):
     top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool | None = None
     stream: bool | None = False
-    rid: str | list[str] | None = None
+    rid: Rid | list[Rid] | None = None
     # SGLang fields the built-in engine cannot honour: only their "off" values pass.
     return_hidden_states: Any = None
     token_ids_logprob: Any = None
