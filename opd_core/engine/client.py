@@ -23,8 +23,8 @@ hash of its weight files). Without it the client derives one from the server's /
 `model_path` when that is a directory it can read (the same content hash), and otherwise
 does not cache at all (one warning): real SGLang reports no weights fingerprint and keeps
 `weight_version` "default", so path + version alone would serve stale log-probs after the
-files under that path change. A weight update through this client moves the namespace to
-the new checkpoint's.
+files under that path change. After a weight update through this client the namespace is
+derived again, from the new checkpoint (only when something is scored).
 
 `generate(..., context_length=N)` caps each sequence's max_new_tokens so that SGLang accepts
 it (see `protocol.ContextLimits`), taking the limits from the server's /server_info when it
@@ -392,8 +392,9 @@ class EngineClient:
         """Reload weights on EVERY engine (each rollout engine must hold the same policy).
 
         Like SGLang, an engine's `weight_version` changes only when one is given here. The
-        logprob-cache namespace moves to the new checkpoint's (`model_namespace`), or the
-        cache stops if that path is not readable here.
+        logprob-cache namespace is derived again from the new /model_info when next needed
+        (the new checkpoint's content hash, or no cache if that path is not readable here);
+        a rollout client that never scores never hashes a checkpoint.
         """
         body = {
             "model_path": str(model_path),
@@ -416,10 +417,8 @@ class EngineClient:
                     response.status_code,
                 )
             answers.append(answer)
-        with self._lock:  # new weights, new cache namespace
-            self._namespace, self._namespace_known = model_namespace(model_path), True
-            if weight_version:
-                self._weight_version = weight_version
+        with self._lock:  # new weights: the namespace is derived again, on the next score()
+            self._namespace, self._namespace_known = None, False
         return answers
 
     def flush_cache(self, timeout: float = 0.0) -> None:
