@@ -169,7 +169,9 @@ class Rounds:
                     teacher_ckpt_dir=self.teacher_checkpoint,
                 )
             )
-            self.teacher: Teacher | None = open_teacher(cfg, self.teacher_urls, self.trainer)
+            self.teacher: Teacher | None = open_teacher(
+                cfg, self.teacher_urls, self.trainer, run_dir.teacher_hf
+            )
             if self.teacher is not None:
                 stack.callback(self.teacher.close)
             if state.checkpoint_dir is not None:  # model, optimizer, RNG and iteration
