@@ -1,12 +1,15 @@
 """The `opd` command line.
 
     opd run --config configs/toy.yaml [section.field=value ...]   the whole pipeline
+    opd run ... --restart-train                                   and delete another setup's rounds
     opd stage train --run-dir artifacts/latest [overrides]        rerun one stage
     opd serve --model-path DIR --host 127.0.0.1 --port 30000      SGLang-protocol server
     opd convert hf-to-torch-dist --hf DIR --out DIR               checkpoint conversion
     opd convert torch-dist-to-hf --ckpt DIR --hf-config DIR --out DIR [--step N]
 
 Heavy imports (torch, prefect) happen inside the commands, so `opd --help` is instant.
+Without PREFECT_API_URL, `run` and `stage` use a temporary Prefect server, which a watchdog
+stops when the command ends however it ends (SIGKILL included: flows/watchdog.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ console = Console()
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="section.field=value overrides, e.g. train.lr=1e-3")
 ]
+RestartTrain = Annotated[
+    bool,
+    typer.Option(
+        "--restart-train",
+        help="if the training setup changed, delete the finished rounds of the old one and "
+        "train from round 0 (without it the run stops, saying what changed)",
+    ),
+]
 
 
 def _offline_defaults() -> None:
@@ -41,6 +52,27 @@ def _offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # opd_core's own log lines (resume points, cache misses and why) in the run's logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "opd")
+
+
+def _guard_temporary_server() -> None:
+    """Start the temporary Prefect server now, if the flow would use one, with a watchdog
+    that stops it when this process dies. Prefect starts it on first use and stops it at
+    exit (atexit), which a SIGKILLed driver never reaches; it would then run on, orphaned.
+    `SubprocessASGIServer()` (port None) is the very instance Prefect's client starts, so
+    the flow uses this one."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return  # a server someone runs (make up, a deployment's worker): not ours to stop
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.watchdog import stop_with_this_process
+
+    server = SubprocessASGIServer()
+    server.start()
+    stop_with_this_process([server.server_process.pid])
 
 
 @app.command()
@@ -49,15 +81,20 @@ def run(
         "configs/toy.yaml"
     ),
     overrides: Overrides = None,
+    restart_train: RestartTrain = False,
 ) -> None:
-    """Run the whole pipeline (download -> convert -> teacher -> baseline_eval -> train -> final_eval)."""
+    """Run the whole pipeline (download -> convert -> teacher -> baseline_eval -> train ->
+    final_eval)."""
     _offline_defaults()
     from opd_core.config import load_config
 
     load_config(config, overrides)  # fail fast, before any server starts, with the field named
     from flows.opd import opd_flow
 
-    result = opd_flow(config_path=str(config), overrides=overrides or [])
+    _guard_temporary_server()
+    result = opd_flow(
+        config_path=str(config), overrides=overrides or [], restart_train=restart_train
+    )
     _print_result(result)
 
 
@@ -71,12 +108,16 @@ def stage(
         Path, typer.Option("--run-dir", help="a run directory, e.g. artifacts/latest")
     ],
     overrides: Overrides = None,
+    restart_train: RestartTrain = False,
 ) -> None:
     """Rerun one stage from what is stored in a run directory."""
     _offline_defaults()
     from flows.opd import stage_flow
 
-    result = stage_flow(stage=name, run_dir=str(run_dir), overrides=overrides or [])
+    _guard_temporary_server()
+    result = stage_flow(
+        stage=name, run_dir=str(run_dir), overrides=overrides or [], restart_train=restart_train
+    )
     console.print_json(data=result, default=str)
 
 

@@ -4,9 +4,10 @@
     @flow(on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
 
 A normal end (success or exception) stops the servers in `finally:` blocks (flows/opd.py's
-`teacher_server`, the rollout engines in `opd_core.trainer.loop.Rounds`). A process killed outright (SIGKILL,
-an out-of-memory kill, or a cancellation whose SIGTERM grace period ran out) runs no
-`finally:`, and its servers, each in its own session, would keep running. Two safety nets:
+`teacher_server`, the rollout engines in `opd_core.trainer.loop.Rounds`). A process killed
+outright (SIGKILL, an out-of-memory kill, or a cancellation whose SIGTERM grace period ran
+out) runs no `finally:`, and its servers, each in its own session, would keep running. Two
+safety nets (and Prefect's temporary server has its own watchdog: flows/watchdog.py):
   - the flows call `stop_run_servers` when they open a run directory (leftovers of a killed
     earlier run on the same directory, e.g. before a resume);
   - `teardown_hook` runs as on_cancellation / on_crashed hook; for deployments, Prefect's

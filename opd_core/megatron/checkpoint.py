@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from opd_core.io import ArtifactError, write_text
+from opd_core.io import ArtifactError, disk_full_error, is_disk_full, write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # A copy of the HF config (and tokenizer) in every checkpoint root, so a torch_dist
@@ -73,6 +73,8 @@ def save_model(
 
     `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
     state); `sharded_extra` is merged into the sharded state dict (Megatron optimizer state).
+    A full disk raises `DiskFullError` naming `root`, with the previous checkpoints and the
+    tracker untouched and the partial temporary directory deleted.
     """
     from megatron.core import dist_checkpointing
 
@@ -88,9 +90,21 @@ def save_model(
     state = model.sharded_state_dict()
     if sharded_extra:
         state.update(sharded_extra)
-    dist_checkpointing.save(state, str(tmp))
-    if extra is not None:
-        extra(tmp)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        if extra is not None:
+            extra(tmp)
+    except BaseException as err:  # dist_checkpointing's CheckpointException is a BaseException
+        full = is_disk_full(err, root)  # before the temporary files are deleted
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        kept = f"the previous checkpoints in {root} are kept" + (
+            f" (newest: step {(root / TRACKER).read_text().strip()})"
+            if (root / TRACKER).is_file()
+            else ""
+        )
+        raise disk_full_error(root, f"checkpoint {final.name}", kept) from err
     _barrier()
     if rank0:
         if final.exists():
@@ -102,7 +116,8 @@ def save_model(
 
 
 def load_model(model, root: str | Path, step: int | None = None) -> Path:
-    """Load a torch_dist checkpoint into `model` (any TP or PP size: dist_checkpointing reshards)."""
+    """Load a torch_dist checkpoint into `model` (any TP or PP size: dist_checkpointing
+    reshards)."""
     from megatron.core import dist_checkpointing
 
     path = resolve_iteration_dir(root, step)
@@ -112,7 +127,8 @@ def load_model(model, root: str | Path, step: int | None = None) -> Path:
         state = dist_checkpointing.load(sharded, str(path))
     except Exception as err:
         raise ArtifactError(
-            f"cannot load {path} into this model (different architecture or sizes?): {type(err).__name__}: {err}"
+            f"cannot load {path} into this model (different architecture or sizes?): "
+            f"{type(err).__name__}: {err}"
         ) from err
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

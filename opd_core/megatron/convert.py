@@ -46,6 +46,7 @@ def load_hf_config(hf_dir: str | Path):
 
 
 def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     hf_dir = Path(hf_dir)
@@ -54,7 +55,12 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"no *.safetensors files in {hf_dir}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as err:  # e.g. a truncated file: name it
+            raise ArtifactError(
+                f"{file}: not a readable safetensors file ({file.stat().st_size} bytes): {err}"
+            ) from err
     return state
 
 
@@ -115,7 +121,8 @@ def torch_dist_to_hf(
     step: int | None = None,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Write HF safetensors (sharded + index) from a torch_dist checkpoint; copy config/tokenizer."""
+    """Write HF safetensors (sharded + index) from a torch_dist checkpoint; copy
+    config/tokenizer."""
     return write_hf_dir(
         checkpoint.read_global_tensors(ckpt_dir, step), hf_config_dir, out_dir, max_shard_size
     )
@@ -127,7 +134,8 @@ def write_hf_dir(
     out_dir: str | Path,
     max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Megatron global tensors -> an HF model dir (safetensors shards + index, config, tokenizer)."""
+    """Megatron global tensors -> an HF model dir (safetensors shards + index, config,
+    tokenizer)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -165,8 +173,8 @@ def _check_shapes(hf_state: dict[str, torch.Tensor], hf_config: Any, where: Any)
     vocab, hidden = hf_state["model.embed_tokens.weight"].shape
     if (vocab, hidden) != (hf_config.vocab_size, hf_config.hidden_size):
         raise ArtifactError(
-            f"{where}: embedding is {vocab}x{hidden} but the HF config says vocab_size={hf_config.vocab_size}, "
-            f"hidden_size={hf_config.hidden_size}"
+            f"{where}: embedding is {vocab}x{hidden} but the HF config says "
+            f"vocab_size={hf_config.vocab_size}, hidden_size={hf_config.hidden_size}"
         )
 
 

@@ -36,7 +36,7 @@ class BaselineEval(CachedStage):
         samples, summary = evaluate(
             generator.generate_ids, generator.tokenizer, prompts, self.cfg.eval, seed=self.cfg.seed
         )
-        summary["model_dir"] = str(self.model_dir)
+        summary["model_dir"] = self.run_dir.relative(self.model_dir)
         write_eval(self.out_dir, samples, summary)
         return summary
 
