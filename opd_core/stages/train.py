@@ -118,9 +118,19 @@ class Train(CachedStage):
             out.append(f"code: opd_core changed (version {held.get('code')} -> {mine['code']})")
         return out or ["(nothing recorded differs)"]
 
+    def check_inputs(self) -> None:
+        """Every file training reads, against the records of the stages that wrote it (the
+        rollout engines start from the student's HF weights: read, though not in the key)."""
+        verify_inputs(self.run_dir.root, [*self.inputs(), self.run_dir.student_hf], self.name)
+
     def check_claim(self, restart: bool = False) -> None:
         """Raise `TrainingChanged` if this setup would have to delete finished rounds of
-        another one and `restart` is not given. Deletes nothing."""
+        another one and `restart` is not given. Deletes nothing. Damaged inputs are named
+        first (`ArtifactError`): they would otherwise read as another setup's inputs."""
+        self.check_inputs()
+        self._refuse_unless(restart)
+
+    def _refuse_unless(self, restart: bool) -> None:
         if restart or self.resumes():
             return
         finished = self.finished_rounds()
@@ -139,10 +149,11 @@ class Train(CachedStage):
         """Make `train/` belong to this setup; True if it resumes. Another setup's rounds and
         checkpoints are cleared only when there are no finished rounds, or `restart`; else
         `TrainingChanged` (so training never "resumes" checkpoints of a different run)."""
+        self.check_inputs()
         if self.resumes():
             write_json(self.out_dir / OWNER_FILE, self.owner)  # an older record upgraded
             return True
-        self.check_claim(restart)
+        self._refuse_unless(restart)
         if self.out_dir.exists():
             finished = self.finished_rounds()
             logger.warning(
@@ -182,9 +193,6 @@ class Train(CachedStage):
             raise ValueError(
                 "algorithm.opd_type=sglang needs a teacher server: run the teacher stage first"
             )
-        # The rollout engines start from the student's HF weights: not in the cache key (the
-        # converted student is), but read, so checked.
-        verify_inputs(self.run_dir.root, [self.run_dir.student_hf], self.name)
         if self.claim(restart_train):
             state = TrainState.load(self.out_dir)
             for note in state.rewind_to_intact(self.cfg.rollout.rounds):
