@@ -232,7 +232,7 @@ def more_rounds(bench: Bench) -> dict:
         log,
         seconds,
         before,
-        [r"train: resuming"],
+        [r"train: resuming at"],
         rounds=rounds,
     )
 
@@ -346,7 +346,11 @@ def killed_driver(bench: Bench) -> list[dict]:
     _, alive = psutil.wait_procs(prefect, timeout=30)
     prefect_gone_s = time.perf_counter() - killed
     time.sleep(2)
-    left_after_kill = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left_after_kill = []
+    for process in children:
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left_after_kill.append(" ".join(process.cmdline()[:4])[:100])
     copy = bench.root / "copies"
     shutil.copytree(run_dir, copy / "moved", symlinks=True)
     before = mtimes(run_dir)
@@ -366,7 +370,7 @@ def killed_driver(bench: Bench) -> list[dict]:
     rerun.update(
         prefect_server_alive_after_kill=bool(alive),
         prefect_server_gone_after_s=round(prefect_gone_s, 1),
-        processes_left_after_kill=[" ".join(p.cmdline()[:4])[:100] for p in left_after_kill],
+        processes_left_after_kill=left_after_kill,
         same_metrics=round_metrics(run_dir) == round_metrics(bench.root / "runs" / "base"),
     )
     shutil.rmtree(run_dir)
@@ -382,7 +386,7 @@ def killed_driver(bench: Bench) -> list[dict]:
         log,
         seconds,
         before,
-        [r"train: resuming"],
+        [r"train: resuming at"],
     )
     moved["same_metrics"] = round_metrics(copy / "moved") == round_metrics(
         bench.root / "runs" / "base"
@@ -470,8 +474,10 @@ def main() -> None:
     for name in args.only or SCENARIOS:
         found = SCENARIOS[name](bench)
         results += found if isinstance(found, list) else [found]
-        print(json.dumps(results[-1], indent=1), flush=True)
-    args.out.write_text(json.dumps({"rounds": args.rounds, "results": results}, indent=2) + "\n")
+        print(json.dumps(found, indent=1), flush=True)
+        args.out.write_text(
+            json.dumps({"rounds": args.rounds, "results": results}, indent=2) + "\n"
+        )
     print("\n| scenario | user sees | healed | redone | rows lost/dup | left | s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

@@ -197,6 +197,13 @@ class Train(CachedStage):
             state = TrainState.load(self.out_dir)
             for note in state.rewind_to_intact(self.cfg.rollout.rounds):
                 logger.warning("train: %s", note)
+            if state.checkpoint_round is not None:
+                logger.info(
+                    "train: resuming at round %d of %d, from round %d's checkpoint",
+                    state.next_round,
+                    self.cfg.rollout.rounds,
+                    state.checkpoint_round,
+                )
         keep = self.cfg.train.keep_hf_exports
 
         def after_round(round_index: int, metrics: dict) -> None:
