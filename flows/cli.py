@@ -8,8 +8,9 @@
     opd convert torch-dist-to-hf --ckpt DIR --hf-config DIR --out DIR [--step N]
 
 Heavy imports (torch, prefect) happen inside the commands, so `opd --help` is instant.
-Without PREFECT_API_URL, `run` and `stage` use a temporary Prefect server, which a watchdog
-stops when the command ends however it ends (SIGKILL included: flows/watchdog.py).
+`run` and `stage` start a watchdog first (flows/watchdog.py): whatever they start (Prefect's
+temporary server when no PREFECT_API_URL is set, model servers, a local Ray cluster) is
+stopped when the command ends, however it ends (SIGKILL included).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.watchdog import stop_with_this_process
 from opd_core.megatron.cli import convert_app
 
 app = typer.Typer(
@@ -56,25 +58,6 @@ def _offline_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "opd")
 
 
-def _guard_temporary_server() -> None:
-    """Start the temporary Prefect server now, if the flow would use one, with a watchdog
-    that stops it when this process dies. Prefect starts it on first use and stops it at
-    exit (atexit), which a SIGKILLed driver never reaches; it would then run on, orphaned.
-    `SubprocessASGIServer()` (port None) is the very instance Prefect's client starts, so
-    the flow uses this one."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return  # a server someone runs (make up, a deployment's worker): not ours to stop
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from flows.watchdog import stop_with_this_process
-
-    server = SubprocessASGIServer()
-    server.start()
-    stop_with_this_process([server.server_process.pid])
-
-
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML config file")] = Path(
@@ -89,9 +72,9 @@ def run(
     from opd_core.config import load_config
 
     load_config(config, overrides)  # fail fast, before any server starts, with the field named
+    stop_with_this_process()
     from flows.opd import opd_flow
 
-    _guard_temporary_server()
     result = opd_flow(
         config_path=str(config), overrides=overrides or [], restart_train=restart_train
     )
@@ -112,9 +95,9 @@ def stage(
 ) -> None:
     """Rerun one stage from what is stored in a run directory."""
     _offline_defaults()
+    stop_with_this_process()
     from flows.opd import stage_flow
 
-    _guard_temporary_server()
     result = stage_flow(
         stage=name, run_dir=str(run_dir), overrides=overrides or [], restart_train=restart_train
     )

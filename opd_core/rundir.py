@@ -224,16 +224,18 @@ def file_record(path: Path) -> dict[str, Any]:
 
 def record_files(root: Path, targets: list[Path]) -> dict[str, dict[str, Any]]:
     """Records of every file of `targets` (files or directories), keyed by path relative to
-    the run directory `root`. Hidden files (temporaries) and `*.log` (diagnostics that a
-    rerun appends to, not outputs) are left out."""
+    the run directory `root`. Hidden files (temporaries), `*.log` and `wandb/` (diagnostics
+    that a rerun appends to, or wandb's process keeps writing after the stage, not outputs)
+    are left out."""
     files = []
     for target in targets:
         target = Path(target)
         files += tree_files(target) if target.is_dir() else [target] if target.is_file() else []
+    relative = {p: p.relative_to(root) for p in files}
     return {
-        p.relative_to(root).as_posix(): file_record(p)
-        for p in files
-        if p.name != STAGE_MARKER and p.suffix != ".log"
+        rel.as_posix(): file_record(p)
+        for p, rel in relative.items()
+        if p.name != STAGE_MARKER and p.suffix != ".log" and "wandb" not in rel.parts
     }
 
 

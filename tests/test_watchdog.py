@@ -1,9 +1,11 @@
 """flows/watchdog.py: what a process started is stopped when that process dies, SIGKILL too.
 
-A "driver" subprocess starts a long-running child (standing in for Prefect's temporary
-server) and a watchdog for it, then is SIGKILLed: the child must be gone within seconds, and
-the watchdog with it. tests/test_resume.py does the same with a real `opd run` and its real
-temporary Prefect server.
+A "driver" subprocess starts the watchdog (as `opd run` does), then a server in its own
+session (like the teacher and rollout servers) and a helper whose own child outlives it (like
+the agents a local Ray cluster leaves when its raylet dies). Whether the driver is SIGKILLed
+or ends normally, every one of them must be gone within seconds, and the watchdog with them.
+tests/test_resume.py does the same with a real `opd run`, its temporary Prefect server and
+its model servers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import psutil
@@ -21,22 +22,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+SLEEPER = "import time; time.sleep(300)"
+# Starts a long-lived child in its own session, says its pid, and ends 2 s later: the child is
+# then re-parented away from the driver; only the watchdog's notes still tie it to the run.
+HELPER = (
+    "import subprocess, sys, time; "
+    f"child = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], start_new_session=True); "
+    "print(child.pid, flush=True); time.sleep(2)"
+)
 DRIVER = textwrap.dedent(
-    """
+    f"""
     import subprocess, sys, time
     from flows.watchdog import stop_with_this_process
-    # Its own session, as a server would be: the group's signals do not reach it.
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
-                              start_new_session=True)
-    watchdog = stop_with_this_process([server.pid])
-    print(server.pid, watchdog.pid, flush=True)
-    if sys.argv[1] == "wait":
+    watchdog = stop_with_this_process()
+    server = subprocess.Popen([sys.executable, "-c", {SLEEPER!r}], start_new_session=True)
+    helper = subprocess.Popen([sys.executable, "-c", {HELPER!r}], stdout=subprocess.PIPE)
+    orphan = int(helper.stdout.readline())
+    helper.wait()
+    print(watchdog.pid, server.pid, orphan, flush=True)
+    if sys.argv[1] == "kill":
         time.sleep(300)
     """
 )
 
 
-def _start_driver(how: str) -> tuple[subprocess.Popen, psutil.Process, psutil.Process]:
+@pytest.mark.parametrize("how", ["kill", "exit"])
+def test_a_killed_or_finished_driver_leaves_nothing_behind(how):
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, how],
         cwd=REPO,
@@ -44,36 +55,17 @@ def _start_driver(how: str) -> tuple[subprocess.Popen, psutil.Process, psutil.Pr
         stdout=subprocess.PIPE,
         text=True,
     )
-    server_pid, watchdog_pid = map(int, driver.stdout.readline().split())
-    return driver, psutil.Process(server_pid), psutil.Process(watchdog_pid)
-
-
-@pytest.mark.parametrize("how", ["wait", "exit"])
-def test_a_killed_or_finished_driver_leaves_nothing_behind(how):
-    driver, server, watchdog = _start_driver(how)
+    processes = [psutil.Process(int(pid)) for pid in driver.stdout.readline().split()]
     try:
-        if how == "wait":
-            time.sleep(0.5)
-            assert server.is_running() and watchdog.is_running()
+        watchdog, server, orphan = processes
+        assert orphan.ppid() != driver.pid  # not the driver's descendant any more
+        if how == "kill":
+            assert server.is_running() and orphan.is_running()
             os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-        _, alive = psutil.wait_procs([server, watchdog], timeout=10)
-        assert not alive, f"left behind: {[p.pid for p in alive]}"
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     finally:
-        for process in (server, watchdog):
+        for process in processes:
             if process.is_running():
                 process.kill()
-
-
-def test_a_reused_pid_is_not_killed():
-    """Targets are named by pid and start time: a process that merely got the pid is spared."""
-    from flows import watchdog
-
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    try:
-        impostor = f"{bystander.pid}:{psutil.Process(bystander.pid).create_time() - 100.0!r}"
-        assert watchdog._target(impostor) is None
-        assert watchdog._target(f"{bystander.pid}:{psutil.Process(bystander.pid).create_time()!r}")
-    finally:
-        bystander.kill()
-        bystander.wait()
