@@ -162,8 +162,11 @@ def mtimes(run_dir: Path) -> dict[int, int]:
 
 
 def rows(run_dir: Path, rounds: int) -> dict:
-    """Rows lost and duplicated over the rounds that should exist."""
+    """Rows lost and duplicated over the rounds that should exist (none if nothing trained)."""
     from opd_core.io import ArtifactError, read_arrow
+
+    if not (run_dir / "train").is_dir():
+        return {"rows_lost": None, "rows_duplicated": None}
 
     lost = duplicated = 0
     for index in range(rounds):
@@ -213,9 +216,12 @@ def base(bench: Bench) -> dict:
 def changed_lr(bench: Bench) -> list[dict]:
     run_dir, before = bench.copy("lr")
     refused = bench.run("lr", "train.lr=2e-3")
+    refused_outcome = bench.outcome(
+        "train.lr changed", run_dir, refused, before, [r"TrainingChanged: "]
+    )
     restarted = bench.run("lr", "train.lr=2e-3", "--restart-train")
     return [
-        bench.outcome("train.lr changed", run_dir, refused, before, [r"TrainingChanged: "]),
+        refused_outcome,
         bench.outcome(
             "train.lr changed, --restart-train",
             run_dir,
@@ -310,12 +316,13 @@ def killed_driver(bench: Bench) -> list[dict]:
     driver.wait()
     _, alive = psutil.wait_procs(prefect, timeout=30)
     prefect_gone_s = time.perf_counter() - killed
-    time.sleep(2)
-    left_after_kill = []
+    described = {}
     for process in children:
         with contextlib.suppress(psutil.Error):
-            if process.status() != psutil.STATUS_ZOMBIE:
-                left_after_kill.append(" ".join(process.cmdline()[:4])[:100])
+            described[process.pid] = " ".join(process.cmdline()[:4])[:100]
+    _, still = psutil.wait_procs(children, timeout=30)  # everything the driver started
+    all_gone_s = time.perf_counter() - killed
+    left_after_kill = [described.get(p.pid, str(p.pid)) for p in still]
     copies = bench.root / "copies"
     shutil.copytree(run_dir, copies / "moved", symlinks=True)
     before = mtimes(run_dir)
@@ -331,7 +338,9 @@ def killed_driver(bench: Bench) -> list[dict]:
         "then": first_line(ran.log, [r"train: resuming at"]),
         "prefect_server_alive_after_kill": bool(alive),
         "prefect_server_gone_after_s": round(prefect_gone_s, 1),
-        "processes_left_after_kill": left_after_kill,
+        "processes_started_by_the_driver": len(children),
+        "all_gone_after_s": round(all_gone_s, 1),
+        "processes_left_30s_after_kill": left_after_kill,
         "same_metrics": bench.same_metrics(run_dir),
     }
     shutil.rmtree(run_dir)
@@ -406,6 +415,13 @@ SCENARIOS = {
 }
 
 
+def merge(previous: list[dict], new: list[dict]) -> list[dict]:
+    """`previous` with each scenario `new` has replaced in place; new scenarios appended."""
+    by_name = {r["scenario"]: r for r in new}
+    out = [by_name.pop(r["scenario"], r) for r in previous]
+    return out + [r for r in new if r["scenario"] in by_name]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -415,16 +431,19 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="opd-faults-"))
     bench = Bench(root, args.rounds)
     results = [base(bench)]
+    # --only: the other scenarios' results of an earlier run stay in the file.
+    previous = (
+        json.loads(args.out.read_text())["results"] if args.only and args.out.is_file() else []
+    )
     for name in args.only or SCENARIOS:
         found = SCENARIOS[name](bench)
         results += found if isinstance(found, list) else [found]
         print(json.dumps(found, indent=1), flush=True)
-        args.out.write_text(
-            json.dumps({"rounds": args.rounds, "results": results}, indent=2) + "\n"
-        )
+        merged = merge(previous, results)
+        args.out.write_text(json.dumps({"rounds": args.rounds, "results": merged}, indent=2) + "\n")
     print("\n| scenario | user sees | healed | redone | rows lost/dup | left | s |")
     print("|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in json.loads(args.out.read_text())["results"]:
         print(
             f"| {r['scenario']} | {r['user_sees'][:160]} | {r['healed']} | {r['rounds_redone']} | "
             f"{r.get('rows_lost')}/{r.get('rows_duplicated')} | "

@@ -302,3 +302,13 @@ def test_an_owner_file_of_an_older_version_still_resumes_its_own_run(train_input
         TrainingChanged, match=r"written by an older opd \(run_key.json holds no config\)"
     ):
         _train(run).claim()
+
+
+def test_restart_train_is_a_parameter_of_both_flows():
+    """So a deployment run (UI form, `prefect deployment run ... --param restart_train=true`)
+    can ask for it, as `opd run --restart-train` does."""
+    from flows.opd import opd_flow, stage_flow
+
+    for flow in (opd_flow, stage_flow):
+        assert flow.parameters.properties["restart_train"]["type"] == "boolean"
+        assert flow.parameters.properties["restart_train"]["default"] is False
