@@ -1,12 +1,16 @@
 """The `opd` command line.
 
     opd run --config configs/toy.yaml [section.field=value ...]   the whole pipeline
+    opd run ... --restart-train                                   and delete another setup's rounds
     opd stage train --run-dir artifacts/latest [overrides]        rerun one stage
     opd serve --model-path DIR --host 127.0.0.1 --port 30000      SGLang-protocol server
     opd convert hf-to-torch-dist --hf DIR --out DIR               checkpoint conversion
     opd convert torch-dist-to-hf --ckpt DIR --hf-config DIR --out DIR [--step N]
 
 Heavy imports (torch, prefect) happen inside the commands, so `opd --help` is instant.
+`run` and `stage` start a watchdog first (flows/watchdog.py): whatever they start (Prefect's
+temporary server when no PREFECT_API_URL is set, model servers, a local Ray cluster) is
+stopped when the command ends, however it ends (SIGKILL included).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.watchdog import stop_with_this_process
 from opd_core.megatron.cli import convert_app
 
 app = typer.Typer(
@@ -34,6 +39,14 @@ console = Console()
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="section.field=value overrides, e.g. train.lr=1e-3")
 ]
+RestartTrain = Annotated[
+    bool,
+    typer.Option(
+        "--restart-train",
+        help="if the training setup changed, delete the finished rounds of the old one and "
+        "train from round 0 (without it the run stops, saying what changed)",
+    ),
+]
 
 
 def _offline_defaults() -> None:
@@ -41,6 +54,8 @@ def _offline_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # opd_core's own log lines (resume points, cache misses and why) in the run's logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "opd")
 
 
 @app.command()
@@ -49,6 +64,7 @@ def run(
         "configs/toy.yaml"
     ),
     overrides: Overrides = None,
+    restart_train: RestartTrain = False,
 ) -> None:
     """Run the whole pipeline.
 
@@ -58,9 +74,12 @@ def run(
     from opd_core.config import load_config
 
     load_config(config, overrides)  # fail fast, before any server starts, with the field named
+    stop_with_this_process()
     from flows.opd import opd_flow
 
-    result = opd_flow(config_path=str(config), overrides=overrides or [])
+    result = opd_flow(
+        config_path=str(config), overrides=overrides or [], restart_train=restart_train
+    )
     _print_result(result)
 
 
@@ -74,12 +93,16 @@ def stage(
         Path, typer.Option("--run-dir", help="a run directory, e.g. artifacts/latest")
     ],
     overrides: Overrides = None,
+    restart_train: RestartTrain = False,
 ) -> None:
     """Rerun one stage from what is stored in a run directory."""
     _offline_defaults()
+    stop_with_this_process()
     from flows.opd import stage_flow
 
-    result = stage_flow(stage=name, run_dir=str(run_dir), overrides=overrides or [])
+    result = stage_flow(
+        stage=name, run_dir=str(run_dir), overrides=overrides or [], restart_train=restart_train
+    )
     console.print_json(data=result, default=str)
 
 

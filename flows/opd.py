@@ -7,11 +7,15 @@
     download -> convert -> teacher -> baseline_eval -> train -> final_eval
 
 Only orchestration lives here: order, the teacher's lifetime, names. Each stage is a task in
-`tasks/` that is a cache hit when its inputs and config section are unchanged.
+`tasks/` that is a cache hit when its inputs and config section are unchanged. Checks that
+can fail a run are made as early as their facts are known: the parallel layout against the
+models right after download, and whether training may take over `train/` (it refuses to
+delete finished rounds of another setup unless `restart_train`) before a teacher starts.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +42,11 @@ FILE_STAGES = {
     "baseline_eval": baseline_eval,
     "final_eval": final_eval,
 }
+
+# opd_core logs what it decides (a resume point, a cache miss and why) on `opd.*` loggers;
+# PREFECT_LOGGING_EXTRA_LOGGERS=opd (set by the CLI and prefect.yaml) sends them to the run's
+# logs, at INFO.
+logging.getLogger("opd").setLevel(logging.INFO)
 
 
 def resolve_config(
@@ -107,7 +116,11 @@ def opd_flow(
     config: OPDRunConfig | None = None,
     config_path: str | None = None,
     overrides: list[str] | None = None,
+    restart_train: bool = False,
 ) -> dict:
+    """`restart_train`: if the training setup changed and train/ holds finished rounds of
+    the old one, delete them and train from round 0 (without it the run stops, saying what
+    changed, and deletes nothing)."""
     cfg = resolve_config(config, config_path, overrides)
     run_dir = open_run(cfg)
     logger = get_run_logger()
@@ -117,11 +130,14 @@ def opd_flow(
         )
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
+    Train(cfg, run_dir).check_layout()  # a hub model's shapes are known from here on
     convert(cfg, run_dir)
+    training_stage = Train(cfg, run_dir)
+    training_stage.check_claim(restart_train)  # before evals and a teacher spend time
     baseline = baseline_eval(cfg, run_dir)
     # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
-    with teacher_server(cfg, run_dir, skip=Train(cfg, run_dir).is_cached()) as teacher_urls:
-        training = train(cfg, run_dir, teacher_urls)
+    with teacher_server(cfg, run_dir, skip=training_stage.is_cached()) as teacher_urls:
+        training = train(cfg, run_dir, teacher_urls, restart_train)
     final = final_eval(cfg, run_dir)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
@@ -133,8 +149,11 @@ def opd_flow(
     on_cancellation=[teardown_hook],
     on_crashed=[teardown_hook],
 )
-def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> dict:
-    """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides)."""
+def stage_flow(
+    stage: str, run_dir: str, overrides: list[str] | None = None, restart_train: bool = False
+) -> dict:
+    """Rerun one stage from what is stored in `run_dir` (its config.yaml, plus overrides).
+    `restart_train` (stage train): as for flow `opd`."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     rd = RunDir.open(run_dir)
@@ -144,8 +163,12 @@ def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> 
         write_text(rd.config_file, cfg.to_yaml())
     if stage in FILE_STAGES:
         return FILE_STAGES[stage](cfg, rd)
-    skip_teacher = stage == "train" and Train(cfg, rd).is_cached()
+    skip_teacher = False
+    if stage == "train":
+        training_stage = Train(cfg, rd)
+        training_stage.check_claim(restart_train)
+        skip_teacher = training_stage.is_cached()
     with teacher_server(cfg, rd, skip=skip_teacher) as teacher_urls:
         if stage == "teacher":
             return {"urls": teacher_urls}
-        return train(cfg, rd, teacher_urls)
+        return train(cfg, rd, teacher_urls, restart_train)

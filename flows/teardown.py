@@ -4,15 +4,17 @@
     @flow(on_cancellation=[teardown_hook], on_crashed=[teardown_hook])
 
 A normal end (success or exception) stops the servers in `finally:` blocks (flows/opd.py's
-`teacher_server`, the rollout engines in `opd_core.trainer.loop.Rounds`). A process killed outright (SIGKILL,
-an out-of-memory kill, or a cancellation whose SIGTERM grace period ran out) runs no
-`finally:`, and its servers, each in its own session, would keep running. Two safety nets:
+`teacher_server`, the rollout engines in `opd_core.trainer.loop.Rounds`). A process killed
+outright (SIGKILL, an out-of-memory kill, or a cancellation whose SIGTERM grace period ran
+out) runs no `finally:`, and its servers, each in its own session, would keep running. Two
+safety nets besides the CLI's watchdog (flows/watchdog.py), which covers `opd run` / `opd stage`
+but not a flow run by a deployment's worker:
   - the flows call `stop_run_servers` when they open a run directory (leftovers of a killed
     earlier run on the same directory, e.g. before a resume);
   - `teardown_hook` runs as on_cancellation / on_crashed hook; for deployments, Prefect's
     worker runs it after it has stopped the flow-run process.
-Ray needs neither: a local cluster started by `ray.init()` shares the driver's fate, and on a
-real cluster Ray removes a dead driver's (non-detached) actors and placement groups.
+Ray needs neither: on a real cluster Ray removes a dead driver's (non-detached) actors and
+placement groups (a local cluster's agents outlive a killed driver: the watchdog stops them).
 
 A server of a run is recognised by its command line: a server module of
 `opd_core.engine.launcher.MODULES` with `--model-path` inside the run directory.

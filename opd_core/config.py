@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import yaml
@@ -332,6 +333,9 @@ class TrainConfig(Section):
     that schedule resolved in steps.
     """
 
+    # How many old exports stay on disk does not change what is trained.
+    NOT_IN_CACHE_KEY = frozenset({"keep_hf_exports"})
+
     lr: float = Field(1e-3, gt=0)
     # ppo critic's AdamW lr; None = train.lr.
     critic_lr: float | None = Field(None, gt=0)
@@ -356,6 +360,8 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(64, gt=0)
     # Rounds between checkpoints (resume points); the last round is always saved.
     save_interval: int = Field(1, ge=1)
+    # HF exports of rounds kept: the last N, plus every resume point and `final`; 0 = all.
+    keep_hf_exports: int = Field(2, ge=0)
     # auto = bf16 on CUDA, fp32 on CPU.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     parallel: ParallelConfig = ParallelConfig()
@@ -557,7 +563,34 @@ class OPDRunConfig(Section):
         if self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
         self._check_lr_schedule()
+        self._check_parallel_layout()
         return self
+
+    def _check_parallel_layout(self) -> None:
+        """TP must divide the heads and kv groups and PP the layers of every model the
+        training actors hold: checked here, before any stage runs, wherever the shapes are
+        known without downloading (the toy specs, a local HF dir's config.json); a hub
+        model's are checked as soon as it is downloaded (`opd_core.stages.Train.check_layout`)."""
+        parallel = self.train.parallel
+        tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        if tp == pp == 1:
+            return
+        # Imported only when there is a layout to check: loading a config stays torch-free.
+        from opd_core.megatron.model import check_parallel_layout
+
+        roles = (
+            ("student", "teacher") if self.algorithm.teacher_source == "megatron" else ("student",)
+        )
+        for role in roles:
+            source = getattr(self.models, role)
+            if source == "toy":
+                check_parallel_layout(
+                    getattr(self.toy, role), tp, pp, f"models.{role} (toy.{role})"
+                )
+            elif (Path(source) / "config.json").is_file():
+                shape = json.loads((Path(source) / "config.json").read_text())
+                shape.setdefault("num_key_value_heads", shape.get("num_attention_heads"))
+                check_parallel_layout(SimpleNamespace(**shape), tp, pp, f"models.{role} ({source})")
 
     def _check_lr_schedule(self) -> None:
         t = self.train
@@ -604,9 +637,13 @@ class OPDRunConfig(Section):
             decay_style=t.lr_decay_style,
         )
 
+    def sections_dump(self, *names: str) -> dict[str, Any]:
+        """Some sections as JSON-able values, without their NOT_IN_CACHE_KEY fields."""
+        return {n: _dump(getattr(self, n)) for n in names}
+
     def section_hash(self, *names: str) -> str:
         """Stable hash of some sections: the config part of a stage's cache key."""
-        payload = {n: _dump(getattr(self, n)) for n in names}
+        payload = self.sections_dump(*names)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -1,12 +1,15 @@
 """Atomic file writes and Arrow IPC files, the glue between stages.
 
 Every write goes to a temporary name in the same directory and is renamed into place, so a
-crash never leaves a half-written file that a later stage would read.
+crash never leaves a half-written file that a later stage would read. A write that fails
+because the disk is full raises `DiskFullError` ("no space left on <dir> ..."), with the
+previous version of the file still in place and the partial temporary file removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -25,11 +28,72 @@ class ArtifactError(ValueError):
     """A stored artifact is missing or does not have the expected shape."""
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space; the message names the directory. An OSError with
+    errno ENOSPC, built from (errno, message) only, so it survives pickling (Ray actors)."""
+
+    def __str__(self) -> str:
+        return str(self.args[1])
+
+
+# What the kernel's ENOSPC / EDQUOT look like once a library has wrapped them: safetensors
+# (Rust) reports `StorageFull`, and torch.save to a path ends in an `unexpected pos` enforce
+# failure of its C++ writer with the errno lost (its context is `basic_ios::clear: iostream
+# error`), so for that one the free space decides (below).
+_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "StorageFull")
+_LOST_ERRNO_MESSAGES = ("unexpected pos", "iostream error")
+# A write that failed for lack of space leaves the filesystem about this full: the kernel
+# fills it to the last block before it returns ENOSPC.
+_FULL_BELOW_BYTES = 16 << 20
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes available to this user on the filesystem holding `path` (None if unknown)."""
+    for candidate in (Path(path), *Path(path).parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def is_disk_full(err: BaseException, path: str | Path) -> bool:
+    """Whether `err`, raised while writing under `path`, means the disk (or quota) is full."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(message in str(e) for message in _FULL_MESSAGES):
+            return True
+    lost_errno = any(m in str(e) for e in _chain(err) for m in _LOST_ERRNO_MESSAGES)
+    free = free_bytes(path)
+    return lost_errno and free is not None and free < _FULL_BELOW_BYTES
+
+
+def disk_full_error(path: str | Path, what: str, kept: str) -> DiskFullError:
+    """The error to raise instead: `no space left on <dir> while writing <what> ...; <kept>`."""
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    free = free_bytes(directory)
+    left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on {directory}{left} while writing {what}; {kept}. "
+        "Free some space (or point run.artifacts_dir at a bigger disk) and run again.",
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
 
-    Works for files and directories alike (a directory target is replaced whole).
+    Works for files and directories alike (a directory target is replaced whole). If the
+    block fails because the disk is full, `DiskFullError` names the directory, and `path` is
+    left as it was (the temporary copy is deleted, which also gives the space back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +111,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except BaseException as err:  # torch.distributed.checkpoint's errors are BaseExceptions
+        stop = (DiskFullError, KeyboardInterrupt, SystemExit, GeneratorExit)
+        if isinstance(err, stop) or not is_disk_full(err, path.parent):
+            raise
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise disk_full_error(path.parent, path, kept) from err
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
@@ -141,15 +211,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_tree(root: str | Path, hash_file: Callable[[Path], str] = sha256_file) -> dict[str, str]:
-    """sha256 of every file under `root`, keyed by relative path (sorted, hidden files skipped)."""
+def tree_files(root: str | Path) -> list[Path]:
+    """Every file under `root`, sorted, hidden files and directories (temporaries) skipped."""
     root = Path(root)
-    files = sorted(
+    return sorted(
         p
         for p in root.rglob("*")
         if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
     )
-    return {str(p.relative_to(root)): hash_file(p) for p in files}
+
+
+def sha256_tree(root: str | Path, hash_file: Callable[[Path], str] = sha256_file) -> dict[str, str]:
+    """sha256 of every file under `root`, keyed by relative path (sorted, hidden files skipped)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): hash_file(p) for p in tree_files(root)}
 
 
 def copy_tree(src: str | Path, dst: str | Path) -> Path:

@@ -11,7 +11,12 @@ from tasks.common import StageProgress, run_stage
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) -> dict:
+def train(
+    cfg: OPDRunConfig,
+    run_dir: RunDir,
+    teacher_urls: list[str] | None,
+    restart_train: bool = False,
+) -> dict:
     logger = get_run_logger()
     stage = Train(cfg, run_dir)
     rounds = cfg.rollout.rounds
@@ -31,4 +36,6 @@ def train(cfg: OPDRunConfig, run_dir: RunDir, teacher_urls: list[str] | None) ->
 
     if not stage.is_cached() and stage.resumes():
         logger.info("train: resuming from %s if a round was checkpointed", stage.out_dir)
-    return run_stage(stage, teacher_urls=teacher_urls, on_round=on_round)
+    return run_stage(
+        stage, teacher_urls=teacher_urls, on_round=on_round, restart_train=restart_train
+    )

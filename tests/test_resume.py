@@ -1,16 +1,21 @@
 """A training run killed mid-way resumes from its last checkpointed round, with the same result.
 
-`opd run` (the CLI, a subprocess) is SIGKILLed while round 1 trains (as soon as round 0's
-checkpoint is recorded in `train/state.json`), then run again on the same run directory. The
-rerun must continue at round 1 (round 0's files untouched), and every round's metrics must
-equal those of an uninterrupted run with the same seed. Nothing the killed run started (model
-servers, the Ray cluster and its actors) may be left running after the rerun.
+`opd run` (the CLI, a subprocess, with its own temporary Prefect server) is SIGKILLed while
+round 1 trains (as soon as round 0's checkpoint is recorded in `train/state.json`). Within
+seconds everything it started is gone (its Prefect server and model servers: the watchdog of
+flows/watchdog.py stops them), and Ray has removed its actors. It is then run again on the
+same run directory: the rerun must continue at round 1 (round 0's files untouched), every
+round's metrics must equal those of an uninterrupted run with the same seed, and every
+round's rows must be there exactly once. A copy of the killed run directory, taken before the rerun
+and resumed after the original is deleted, must do the same from its own files. A run
+directory whose newest checkpoint lost a shard resumes from the checkpoint before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +27,9 @@ from pathlib import Path
 import psutil
 import pytest
 from tiny_runs import SMALL_BATCHES, TINY_TOY
+
+from opd_core.io import read_arrow
+from opd_core.schemas import ROLLOUTS, TEACHER_LOGPROBS
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 2
@@ -39,13 +47,16 @@ SMALL_RUN = (
 TIMING_KEYS = {"seconds"}
 
 
-def _opd_run(api_url: str, artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
+def _opd_run(artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
+    """`opd run` in a subprocess, as a user runs it: no PREFECT_API_URL, so with its own
+    temporary Prefect server (PREFECT_HOME under `artifacts`: the real home is not touched)."""
     env = {
         **os.environ,
-        "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "RAY_AUTH_MODE": "disabled",
+        "PREFECT_HOME": str(artifacts / "prefect-home"),
     }
+    env.pop("PREFECT_API_URL", None)
     command = [
         sys.executable,
         "-m",
@@ -72,6 +83,31 @@ def _round_metrics(run_dir: Path) -> list[dict]:
             {k: v for k, v in metrics.items() if k not in TIMING_KEYS and not k.startswith("time_")}
         )
     return rounds
+
+
+def _rows_exactly_once(run_dir: Path) -> None:
+    """Every round has its rollout and teacher rows exactly once, and one metrics row."""
+    per_round = 4 * 2  # SMALL_BATCHES: 4 prompts x 2 samples
+    for index in range(ROUNDS):
+        round_dir = run_dir / "train" / f"round_{index:04d}"
+        rollouts = read_arrow(round_dir / "rollouts.arrow", ROLLOUTS)
+        scores = read_arrow(round_dir / "teacher_logprobs.arrow", TEACHER_LOGPROBS)
+        for table in (rollouts, scores):
+            keys = list(zip(table["prompt_index"].to_pylist(), table["sample_index"].to_pylist()))
+            assert len(keys) == len(set(keys)) == per_round, (round_dir, len(keys), len(set(keys)))
+        assert set(rollouts["round"].to_pylist()) == {index}
+    metrics_rounds = read_arrow(run_dir / "train" / "metrics.arrow")["round"].to_pylist()
+    assert metrics_rounds == list(range(ROUNDS))
+
+
+def _prefect_servers(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Prefect's temporary server (uvicorn running prefect's app) among `processes`."""
+    found = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if "prefect.server.api.server:create_app" in " ".join(process.cmdline()):
+                found.append(process)
+    return found
 
 
 def _checkpointed_round(run_dir: Path) -> int | None:
@@ -163,17 +199,15 @@ def reference_run(prefect_harness, ray_cluster, tmp_path_factory) -> Path:
 def test_killed_training_resumes_with_identical_metrics(
     prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch
 ):
-    from prefect.settings import PREFECT_API_URL
-
     from flows.opd import opd_flow
 
     monkeypatch.chdir(REPO)
-    api_url = PREFECT_API_URL.value()  # the session's test server: no ephemeral server per run
     artifacts = tmp_path.resolve()
     run_dir = artifacts / "killed"
 
-    # 1. `opd run` (joining the cluster), SIGKILLed while round 1 trains (round 0 checkpointed).
-    process = _opd_run(api_url, artifacts, "killed", f"train.ray.address={ray_cluster}")
+    # 1. `opd run` (joining the cluster, with its own temporary Prefect server), SIGKILLed
+    #    while round 1 trains (round 0 checkpointed).
+    process = _opd_run(artifacts, "killed", f"train.ray.address={ray_cluster}")
     deadline = time.monotonic() + 600
     while _checkpointed_round(run_dir) is None:
         assert process.poll() is None, (
@@ -183,13 +217,27 @@ def test_killed_training_resumes_with_identical_metrics(
         assert time.monotonic() < deadline, "round 0 never checkpointed"
         time.sleep(0.2)
     started_by_killed_run = psutil.Process(process.pid).children(recursive=True)
+    assert len(_prefect_servers(started_by_killed_run)) == 1, "no temporary Prefect server"
+    assert len(_processes_naming(run_dir)) >= 2, "the teacher and rollout servers are not up"
     os.kill(process.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
     process.wait()
     assert _checkpointed_round(run_dir) == 0
     assert not (run_dir / "final_eval" / "summary.json").exists()
     round0 = run_dir / "train" / "round_0000" / "metrics.json"
     round0_mtime = round0.stat().st_mtime_ns
+    # A copy of the killed run directory, to be resumed from its own files once the original
+    # is gone (state.json and the stage markers hold paths relative to the run directory).
+    copy_root = artifacts / "copies"
+    copy_root.mkdir()
+    shutil.copytree(run_dir, copy_root / "moved", symlinks=True)
     try:
+        # Everything the driver started (its temporary Prefect server, the teacher and rollout
+        # servers, the watchdog itself) dies with it: the watchdog stops them.
+        _, alive = psutil.wait_procs(
+            started_by_killed_run, timeout=max(0.0, 15 - (time.monotonic() - killed_at))
+        )
+        assert not _alive(alive), f"the killed run left running: {_alive(alive)}"
         # Ray removes a dead driver's training actors and placement group by itself.
         assert not _ray_leftovers(timeout=60), f"on the cluster after the kill: {_ray_leftovers()}"
 
@@ -202,6 +250,7 @@ def test_killed_training_resumes_with_identical_metrics(
         )
         assert _checkpointed_round(run_dir) == ROUNDS - 1
         assert (run_dir / "final_eval" / "summary.json").exists()
+        _rows_exactly_once(run_dir)
 
         # Nothing of the killed run is left: its model servers were stopped by the rerun.
         assert not _alive(started_by_killed_run), (
@@ -214,10 +263,65 @@ def test_killed_training_resumes_with_identical_metrics(
 
         # 3. Same seed, same metrics as the uninterrupted run, round by round.
         assert _round_metrics(run_dir) == _round_metrics(reference_run)
+
+        # 4. The copy, with the original deleted, resumes from its own round-0 checkpoint.
+        shutil.rmtree(run_dir)
+        moved = copy_root / "moved"
+        copied_round0_mtime = (moved / "train" / "round_0000" / "metrics.json").stat().st_mtime_ns
+        opd_flow(
+            config_path="configs/toy.yaml",
+            overrides=SMALL_RUN
+            + [f"run.artifacts_dir={copy_root}", f"train.ray.address={ray_cluster}"]
+            + ["run.run_id=moved"],
+        )
+        assert (
+            moved / "train" / "round_0000" / "metrics.json"
+        ).stat().st_mtime_ns == copied_round0_mtime
+        assert (moved / "final_eval" / "summary.json").exists()
+        assert _round_metrics(moved) == _round_metrics(reference_run)
+        _rows_exactly_once(moved)
     finally:
         for leftover in started_by_killed_run:  # leave no orphans on the machine if it failed
             with contextlib.suppress(psutil.Error):
                 leftover.kill()
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(
+    prefect_harness, ray_cluster, reference_run, tmp_path, monkeypatch, caplog
+):
+    from flows.opd import opd_flow
+
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(reference_run, run_dir, symlinks=True)
+    shard = sorted(
+        (run_dir / "train" / "checkpoints" / "torch_dist" / "iter_0000002").glob("*.distcp")
+    )[0]
+    shard.unlink()
+    round0 = run_dir / "train" / "round_0000" / "metrics.json"
+    round0_mtime = round0.stat().st_mtime_ns
+
+    overrides = SMALL_RUN + [
+        f"run.artifacts_dir={tmp_path}",
+        "run.run_id=damaged",
+        f"train.ray.address={ray_cluster}",
+    ]
+    with caplog.at_level(logging.WARNING, logger="opd"):
+        result = opd_flow(config_path="configs/toy.yaml", overrides=overrides)
+
+    # Not a cache hit (an output is missing), and the resume says where it resumes and why.
+    assert not result["train"]["cached"]
+    assert f"train/checkpoints/torch_dist/iter_0000002/{shard.name} missing" in caplog.text
+    assert (
+        f"train: checkpoint of round 1 is damaged (train/checkpoints/torch_dist/iter_0000002/"
+        f"{shard.name} missing)"
+    ) in caplog.text
+    assert "train: resuming from round 0's checkpoint, redoing round 1" in caplog.text
+    assert round0.stat().st_mtime_ns == round0_mtime  # only round 1 was redone
+    assert shard.is_file()
+    assert _round_metrics(run_dir) == _round_metrics(reference_run)
+    _rows_exactly_once(run_dir)
 
 
 def test_teardown_hook_stops_only_the_runs_servers(tmp_path):
@@ -274,6 +378,7 @@ def test_run_failing_mid_training_leaves_no_servers_or_ray(
     monkeypatch.chdir(REPO)
     # A copy of a finished run (download, convert, baseline_eval are cache hits) with a reward
     # function that raises: train starts the teacher, the rollout server and the actors, then fails.
+    # (A new reward is another training setup: restart_train lets it replace the copied rounds.)
     shutil.copytree(reference_run, tmp_path / "failing", symlinks=True)
     (
         tmp_path / "failing" / "teacher" / "endpoint.json"
@@ -288,7 +393,7 @@ def test_run_failing_mid_training_leaves_no_servers_or_ray(
     ]
 
     with pytest.raises(Exception, match="reward function failed mid-training"):
-        opd_flow(config_path="configs/toy.yaml", overrides=overrides)
+        opd_flow(config_path="configs/toy.yaml", overrides=overrides, restart_train=True)
 
     run_dir = (tmp_path / "failing").resolve()
     # It failed while training: the teacher and the rollout server had been started.

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from opd_core.io import ArtifactError, write_text
+from opd_core.io import ArtifactError, disk_full_error, is_disk_full, write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # A copy of the HF config (and tokenizer) in every checkpoint root, so a torch_dist
@@ -92,6 +92,8 @@ def save_model(
 
     `extra(tmp_dir)` runs on every rank before the rename (side files such as optimizer and RNG
     state); `sharded_extra` is merged into the sharded state dict (Megatron optimizer state).
+    A full disk raises `DiskFullError` naming `root`, with the previous checkpoints and the
+    tracker untouched and the partial temporary directory deleted.
     """
     from megatron.core import dist_checkpointing  # not at the top: see the module docstring
 
@@ -107,9 +109,21 @@ def save_model(
     state = model.sharded_state_dict()
     if sharded_extra:
         state.update(sharded_extra)
-    dist_checkpointing.save(state, str(tmp))
-    if extra is not None:
-        extra(tmp)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        if extra is not None:
+            extra(tmp)
+    except BaseException as err:  # dist_checkpointing's CheckpointException is a BaseException
+        full = is_disk_full(err, root)  # before the temporary files are deleted
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        kept = f"the previous checkpoints in {root} are kept" + (
+            f" (newest: step {(root / TRACKER).read_text().strip()})"
+            if (root / TRACKER).is_file()
+            else ""
+        )
+        raise disk_full_error(root, f"checkpoint {final.name}", kept) from err
     _barrier()
     if rank0:
         if final.exists():

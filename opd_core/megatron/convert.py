@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,7 +45,12 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"no *.safetensors files in {hf_dir}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as err:  # e.g. a truncated file: name it
+            raise ArtifactError(
+                f"{file}: not a readable safetensors file ({file.stat().st_size} bytes): {err}"
+            ) from err
     return state
 
 

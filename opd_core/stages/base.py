@@ -7,9 +7,13 @@
 
 A stage's cache key is the content hash of its input files, the hash of its config sections
 and the code version (`opd_core.rundir.stage_key`); a stage whose key is recorded in
-`<stage>/_stage.json` is a cache hit and returns the stored result. Prefect tasks in `tasks/`
-wrap `run` with retries and UI artifacts; nothing here imports Prefect, so a notebook goes
-through the same key and resume checks as the flow.
+`<stage>/_stage.json`, and whose outputs are still as that marker records them (size and
+sha256 of every file), is a cache hit and returns the stored result. Before its own work a
+stage checks its inputs against the records of the stages that wrote them, so a damaged
+file is an error naming it, not a failure deep inside the work. Results are stored with
+paths relative to the run directory. Prefect tasks in `tasks/` wrap `run` with retries and
+UI artifacts; nothing here imports Prefect, so a notebook goes through the same key and
+resume checks as the flow.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from opd_core.config import OPDRunConfig
-from opd_core.rundir import RunDir, is_done, run_cached, stage_key
+from opd_core.rundir import RunDir, is_done, run_cached, stage_key, verify_inputs
 
 __all__ = ["CachedStage", "Stage", "StageOutcome"]
 
@@ -28,7 +32,9 @@ __all__ = ["CachedStage", "Stage", "StageOutcome"]
 @dataclass(frozen=True)
 class StageOutcome:
     name: str
-    result: dict[str, Any]  # what the stage returned (stored in its marker, so a hit returns it)
+    # What the stage returned, paths relative to the run directory (stored in its marker, so a
+    # hit returns it).
+    result: dict[str, Any]
     cached: bool
     key: str
     out_dir: Path
@@ -77,13 +83,19 @@ class CachedStage(Stage):
 
     def is_cached(self) -> bool:
         try:
-            return is_done(self.out_dir, self.key)
+            return is_done(self.out_dir, self.key, self.run_dir.root)
         except FileNotFoundError:  # an input is missing: not cached, and `run` will say which
             return False
 
     def run(self, **kwargs: Any) -> StageOutcome:
-        """The stored result when the key is unchanged, else `build(**kwargs)`'s."""
-        result, cached = run_cached(self.out_dir, self.key, lambda: self.build(**kwargs))
+        """The stored result when the key is unchanged and the outputs are intact, else
+        `build(**kwargs)`'s, once the inputs are checked against their writers' records."""
+
+        def checked_build() -> dict[str, Any]:
+            verify_inputs(self.run_dir.root, self.inputs(), self.name)
+            return self.build(**kwargs)
+
+        result, cached = run_cached(self.out_dir, self.key, checked_build, root=self.run_dir.root)
         return StageOutcome(self.name, result, cached, self.key, self.out_dir)
 
     def build(self, **kwargs: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ class BaselineEval(CachedStage):
             context_length=generator.context_length,
             chat_template_kwargs=self.cfg.data.chat_template_kwargs,
         )
-        summary["model_dir"] = str(self.model_dir)
+        summary["model_dir"] = self.run_dir.relative(self.model_dir)
         write_eval(self.out_dir, samples, summary)
         return summary
 

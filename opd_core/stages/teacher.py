@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 from opd_core.engine.fleet import ServerFleet, start_servers
 from opd_core.io import write_json
+from opd_core.rundir import verify_inputs
 from opd_core.stages.base import Stage
 
 
@@ -30,6 +31,8 @@ class Teacher(Stage):
     def start(self) -> ServerFleet:
         """Start (or check) the teacher servers and record them in `endpoint.json`."""
         teacher = self.cfg.teacher
+        # A damaged weight file is named here, not in a server log after a failed start.
+        verify_inputs(self.run_dir.root, [self.run_dir.teacher_hf], self.name)
         fleet = start_servers(
             "teacher",
             teacher,
