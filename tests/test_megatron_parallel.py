@@ -168,7 +168,7 @@ def test_a_layout_that_does_not_fit_the_model_is_refused_before_any_actor_starts
     hf_dir, ckpt = student  # 2 layers, 4 heads, 2 kv heads
     with pytest.raises(
         ValueError,
-        match=r"train.parallel does not fit the student .*pipeline_model_parallel_size 4 "
+        match=r"train.parallel does not fit models.student .*pipeline_model_parallel_size 4 "
         r"does not divide num_hidden_layers 2",
     ):
         TrainerGroup(config(pp=4), hf_dir, ckpt)
