@@ -50,7 +50,10 @@ def run(
     ),
     overrides: Overrides = None,
 ) -> None:
-    """Run the whole pipeline (download -> convert -> teacher -> baseline_eval -> train -> final_eval)."""
+    """Run the whole pipeline.
+
+    download -> convert -> teacher -> baseline_eval -> train -> final_eval
+    """
     _offline_defaults()
     from opd_core.config import load_config
 
@@ -80,19 +83,20 @@ def stage(
     console.print_json(data=result, default=str)
 
 
-@app.command()
-def serve(
-    model_path: Annotated[Path, typer.Option("--model-path", help="HF model directory")],
-    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 30000,
-    api_key: Annotated[
-        str | None, typer.Option("--api-key", help="require Authorization: Bearer KEY")
-    ] = None,
-) -> None:
-    """Serve a model over SGLang's HTTP protocol (the built-in engine)."""
-    from opd_core.engine.server import serve as serve_model
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve a model over SGLang's HTTP protocol (the built-in engine).
 
-    serve_model(model_path, host=host, port=port, api_key=api_key)
+    Takes sglang.launch_server's flags (`opd serve --help` lists them): --model-path DIR
+    --host --port --api-key --context-length --enable-deterministic-inference ...; other
+    SGLang flags are accepted and ignored with a log line each.
+    """
+    from opd_core.engine.server import main as serve_main
+
+    serve_main(ctx.args)
 
 
 def _print_result(result: dict) -> None:

@@ -1,4 +1,5 @@
-"""EngineClient against real built-in servers over HTTP: scoring, batching, failover, retries, cache."""
+"""EngineClient against real built-in servers over HTTP: scoring, batching, failover, retries,
+cache."""
 
 from __future__ import annotations
 
@@ -234,17 +235,29 @@ def test_scores_to_table():
         scores_to_table([0], [0, 1], [np.zeros(1)])
 
 
-def test_call_seed_gives_distinct_reproducible_samples(url):
+def test_call_seed_gives_distinct_reproducible_samples(url, model_dir):
+    """Seeds count only on a server started with --enable-deterministic-inference, as in
+    SGLang; `seed` is the client's alias of SGLang's `sampling_seed`."""
     params = {"max_new_tokens": 6, "temperature": 1.0, "seed": 1234, "ignore_eos": True}
-    with EngineClient(url, batch_size=3) as client:
-        first = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
-        again = [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
-        other = [
-            tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, {**params, "seed": 99})
-        ]
+
+    def samples(client, params):
+        return [tuple(o["output_ids"]) for o in client.generate([[5, 6, 7]] * 6, params)]
+
+    with (
+        BackgroundServer(create_app(str(model_dir), deterministic=True)) as seeded_url,
+        EngineClient(seeded_url, batch_size=3) as client,
+    ):
+        client.wait_until_healthy(60)
+        first, again = samples(client, params), samples(client, params)
+        other = samples(client, {**params, "seed": 99})
+        unseeded = {k: v for k, v in params.items() if k != "seed"}
+        # SGLang seeds every unseeded request with 42 under the flag: n identical samples.
+        assert samples(client, unseeded) == [samples(client, {**unseeded, "seed": 42})[0]] * 6
     assert first == again  # reproducible
     assert len(set(first)) > 1  # n samples of one prompt are not copies of each other
     assert first != other
+    with EngineClient(url, batch_size=3) as client:  # without the flag: seeds are ignored
+        assert samples(client, params) != samples(client, params)
 
 
 def test_opening_clients_freezes_long_lived_objects_once(url, monkeypatch):

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_core.engine.generation import Generator, RequestError
+from opd_core.engine.protocol import PromptTooLongError
 from opd_core.hf_utils import make_tiny_qwen3
 
 TOL = 1e-4
@@ -127,7 +128,7 @@ def test_output_logprobs_are_temperature_scaled(generator, hf_model):
                 "sampling_params": {
                     "max_new_tokens": 3,
                     "temperature": temperature,
-                    "seed": 3,
+                    "sampling_seed": 3,
                     "ignore_eos": True,
                 },
             }
@@ -154,7 +155,7 @@ def test_batch_equals_single(generator):
             "sampling_params": {
                 "max_new_tokens": 5,
                 "temperature": 0.9,
-                "seed": 11,
+                "sampling_seed": 11,
                 "ignore_eos": True,
             },
         }
@@ -173,7 +174,11 @@ def test_batch_equals_single(generator):
 
 def test_stop_conditions(generator):
     prompt = PROMPTS[0]
-    seeded = {"max_new_tokens": 12, "temperature": 1.0, "seed": 7}  # seeded: same draws each run
+    seeded = {
+        "max_new_tokens": 12,
+        "temperature": 1.0,
+        "sampling_seed": 7,
+    }  # seeded: same draws each run
     [free] = generator.generate(
         [{"input_ids": prompt, "sampling_params": {**seeded, "ignore_eos": True}}]
     )
@@ -196,6 +201,16 @@ def test_stop_conditions(generator):
         stop_text not in stop_str["text"]
         and stop_str["output_ids"] == ids[: len(stop_str["output_ids"])]
     )
+    # A stop on the last allowed token is a stop, not `length` (SGLang checks stops first).
+    last = {**seeded, "max_new_tokens": k + 1}
+    token_last, string_last = generator.generate(
+        [
+            {"input_ids": prompt, "sampling_params": {**last, "stop_token_ids": [ids[k]]}},
+            {"input_ids": prompt, "sampling_params": {**last, "stop": [stop_text]}},
+        ]
+    )
+    assert token_last["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[k]}
+    assert string_last["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_text}
 
 
 def test_eos_stops_generation_unless_ignore_eos(generator):
@@ -229,29 +244,46 @@ def test_eos_stops_generation_unless_ignore_eos(generator):
 def test_text_input_and_seeded_reproducibility(generator):
     request = {
         "text": "What is 1 + 2?",
-        "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True},
+        "sampling_params": {
+            "max_new_tokens": 6,
+            "temperature": 1.0,
+            "sampling_seed": 5,
+            "ignore_eos": True,
+        },
     }
     a, b = generator.generate([request, request])
     assert a["output_ids"] == b["output_ids"] and a["meta_info"]["prompt_tokens"] == len(
         generator.tokenizer.encode("What is 1 + 2?")
     )
     other = generator.generate(
-        [{**request, "sampling_params": {**request["sampling_params"], "seed": 6}}]
+        [{**request, "sampling_params": {**request["sampling_params"], "sampling_seed": 6}}]
     )[0]
     assert isinstance(other["text"], str)
 
 
-def test_context_clips_max_new_tokens(generator):
-    prompt = list(range(10, 10 + generator.context_length - 2))
+def test_context_limits_follow_sglang(generator):
+    """SGLang's rules (protocol.ContextLimits): 400 when prompt + max_new_tokens > context or
+    the prompt reaches max_req_input_len = context - 6; then max_new_tokens is lowered to
+    context - 2 - prompt. `generate_ids(context_length=...)` caps max_new_tokens to fit."""
+    context = generator.context_length
+    greedy = {"temperature": 0, "ignore_eos": True}
+    prompt = list(range(10, 10 + context - 8))
+    with pytest.raises(RequestError, match="Requested token count exceeds"):
+        generator.prepare({"input_ids": prompt, "sampling_params": {"max_new_tokens": 9}})
     [out] = generator.generate(
-        [
-            {
-                "input_ids": prompt,
-                "sampling_params": {"max_new_tokens": 50, "temperature": 0, "ignore_eos": True},
-            }
-        ]
+        [{"input_ids": prompt, "sampling_params": {**greedy, "max_new_tokens": 8}}]
     )
-    assert out["meta_info"]["completion_tokens"] == 2
+    assert out["meta_info"]["completion_tokens"] == 6  # the scheduler's silent clip
+    with pytest.raises(RequestError, match=r"Input length \(58 tokens\) exceeds"):
+        generator.prepare({"input_ids": prompt + [1, 2], "sampling_params": {"max_new_tokens": 0}})
+    with pytest.raises(RequestError, match=r"The input \(64 tokens\) is longer"):
+        generator.prepare({"input_ids": [1] * context, "sampling_params": {"max_new_tokens": 0}})
+    [capped] = generator.generate_ids(
+        [prompt], {**greedy, "max_new_tokens": 50}, context_length=context
+    )
+    assert capped["output_ids"] == out["output_ids"]
+    with pytest.raises(PromptTooLongError, match="sequence 1 \\(58 tokens\\)"):
+        generator.generate_ids([prompt, prompt + [1, 2]], greedy, context_length=context)
 
 
 @pytest.mark.parametrize(
@@ -269,9 +301,23 @@ def test_context_clips_max_new_tokens(generator):
         ({"input_ids": ["1"]}, "input_ids"),
         ({"input_ids": [1], "text": "x"}, "exactly one"),
         (
-            {"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 2},
+            {
+                "input_ids": [1, 2],
+                "return_logprob": True,
+                "logprob_start_len": 2,
+                "sampling_params": {"max_new_tokens": 0},
+            },
             "logprob_start_len",
         ),
+        ({"input_ids": [1], "sampling_params": {"seed": 1}}, "sampling_params.seed"),
+        ({"input_ids": [1], "sampling_params": {"top_k": 2**63}}, "top_k must be -1"),
+        ({"input_ids": [1], "sampling_params": {"n": 2}}, "sampling_params.n"),
+        (
+            {"input_ids": [1], "return_logprob": True, "top_logprobs_num": 385},
+            "more than the vocabulary",
+        ),
+        ({"input_ids": [1], "sampling_params": {"stop_token_ids": [384]}}, "stop_token_ids[0]"),
+        ({"input_ids": [1], "sampling_params": {"frequency_penalty": 0.5}}, "supports only 0.0"),
     ],
 )
 def test_bad_requests_name_the_field(generator, request_, field):
@@ -288,18 +334,25 @@ def test_load_weights_swaps_in_place(generator, model_dir, tmp_path):
         "sampling_params": {"max_new_tokens": 0},
     }
     before = generator.generate([request])[0]["meta_info"]["input_token_logprobs"]
-    old_fingerprint = generator.model_info()["weights_fingerprint"]
     try:
         generator.load_weights(other)
         after = generator.generate([request])[0]["meta_info"]["input_token_logprobs"]
         assert after[1][0] != pytest.approx(before[1][0])
-        assert generator.model_info()["weights_fingerprint"] != old_fingerprint
+        info = generator.model_info()  # like SGLang: the path moves, the version only if named
+        assert info["model_path"] == str(other) and info["weight_version"] == "default"
+        assert "weights_fingerprint" not in info
         wide = make_tiny_qwen3(tmp_path / "wide", hidden_size=48, max_position_embeddings=64)
         with pytest.raises(RequestError, match="shape"):
             generator.load_weights(wide)
+        broken = make_tiny_qwen3(tmp_path / "broken", max_position_embeddings=64)
+        [weights] = broken.glob("*.safetensors")
+        weights.write_bytes(weights.read_bytes()[:1000])
+        with pytest.raises(RequestError, match=f"{weights}.*unreadable"):
+            generator.load_weights(broken)
         assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"] == after
     finally:
-        generator.load_weights(model_dir)
+        generator.load_weights(model_dir, weight_version="v2")
+    assert generator.weight_version == "v2"
     assert generator.generate([request])[0]["meta_info"]["input_token_logprobs"][1][
         0
     ] == pytest.approx(before[1][0], abs=TOL)
@@ -333,7 +386,7 @@ def test_top_k_top_p_restrict_the_draw(generator, hf_model):
                     "sampling_params": {
                         "max_new_tokens": 4,
                         "temperature": 1.5,
-                        "seed": 0,
+                        "sampling_seed": 0,
                         "ignore_eos": True,
                         **restrict,
                     },
@@ -347,7 +400,12 @@ def test_top_k_top_p_restrict_the_draw(generator, hf_model):
         [
             {
                 "input_ids": prompt,
-                "sampling_params": {"max_new_tokens": 1, "temperature": 2.0, "top_k": 3, "seed": s},
+                "sampling_params": {
+                    "max_new_tokens": 1,
+                    "temperature": 2.0,
+                    "top_k": 3,
+                    "sampling_seed": s,
+                },
             }
             for s in range(40)
         ]

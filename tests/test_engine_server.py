@@ -54,13 +54,15 @@ def test_health_endpoints_and_model_info(server, model_dir):
     url, _ = server
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/health_generate").status_code == 200
-    info = httpx.get(f"{url}/get_model_info").json()
+    info = httpx.get(f"{url}/model_info").json()
+    assert httpx.get(f"{url}/get_model_info").json() == info  # SGLang's deprecated alias
     assert info["model_path"] == str(model_dir) and info["is_generation"] is True
-    assert (
-        info["vocab_size"] == 384
-        and info["context_length"] == 64
-        and len(info["weights_fingerprint"]) == 16
-    )
+    # SGLang's keys: no weights fingerprint, no context length, version "default".
+    assert info["weight_version"] == "default" and info["architectures"] == ["Qwen3ForCausalLM"]
+    assert "weights_fingerprint" not in info and "context_length" not in info
+    server_info = httpx.get(f"{url}/server_info").json()
+    assert httpx.get(f"{url}/get_server_info").json()["max_req_input_len"] == 58
+    assert server_info["context_length"] is None  # as SGLang: only --context-length sets it
     response = httpx.post(f"{url}/flush_cache")
     assert response.status_code == 200 and "flushed" in response.text.lower()
 
@@ -200,8 +202,19 @@ def test_concurrent_requests_share_one_forward(server):
     "body, field",
     [
         ({"input_ids": [1, 400]}, "input_ids[1]: token id 400 is outside the vocabulary"),
-        ({"input_ids": [[1], [2, -3]]}, "[1] input_ids[1]"),
-        ({"input_ids": list(range(1, 66))}, "longer than the model's context length 64"),
+        (
+            {"input_ids": [[1], [2, -3]], "sampling_params": {"max_new_tokens": 1}},
+            "[1] input_ids[1]",
+        ),
+        (
+            {"input_ids": list(range(1, 66))},
+            "The input (65 tokens) is longer than the model's context length (64 tokens)",
+        ),
+        ({"input_ids": [1, 2]}, "Requested token count exceeds"),  # default max_new_tokens 128
+        (
+            {"input_ids": list(range(1, 59)), "sampling_params": {"max_new_tokens": 0}},
+            "Input length (58 tokens) exceeds the maximum allowed length (58 tokens)",
+        ),
         (
             {"input_ids": [1], "sampling_params": {"max_new_tokens": -1}},
             "sampling_params.max_new_tokens",
@@ -212,8 +225,17 @@ def test_concurrent_requests_share_one_forward(server):
         ),
         ({"input_ids": "1 2 3"}, "input_ids"),
         ({"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
-        ({"input_ids": [1], "bogus": 1}, "bogus: Extra inputs are not permitted"),
         ({"input_ids": [1], "sampling_params": {"temprature": 0}}, "sampling_params.temprature"),
+        (
+            {"input_ids": [1], "sampling_params": {"seed": 1}},
+            "sampling_params.seed",
+        ),  # not SGLang's
+        ({"input_ids": [1], "return_hidden_states": True}, "return_hidden_states: not supported"),
+        (
+            {"input_ids": [[1]], "return_logprob": [True], "sampling_params": {"n": 2}},
+            "return_logprob: Cannot use a list with n > 1",
+        ),
+        ({"input_ids": [[1], [2]], "rid": ["a", "a"]}, "rid: duplicate request ids"),
         (
             {"input_ids": [[1], [2]], "sampling_params": [{}]},
             "sampling_params: has 1 entries but the batch has 2",
@@ -232,6 +254,25 @@ def test_bad_requests_get_400_naming_the_field(server, body, field):
     response = post(url, body)
     assert response.status_code == 400, response.text
     assert field in response.json()["error"]["message"]
+
+
+def test_unknown_top_level_fields_are_ignored_as_in_sglang(server):
+    """What sglang-router adds to every request it forwards."""
+    url, _ = server
+    greedy = {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}
+    plain = post(url, {"input_ids": [5, 6], "sampling_params": greedy}).json()
+    router_fields = {
+        "model": None,
+        "log_metrics": True,
+        "return_hidden_states": False,
+        "background": False,
+        "no_logs": False,
+        "return_bytes": False,
+        "return_entropy": False,
+        "some_future_field": {"x": 1},
+    }
+    routed = post(url, {"input_ids": [5, 6], "sampling_params": greedy, **router_fields})
+    assert routed.status_code == 200 and routed.json()["output_ids"] == plain["output_ids"]
 
 
 def test_invalid_json_then_server_still_serves(server):
@@ -254,30 +295,41 @@ def test_update_weights_from_disk(server, model_dir, tmp_path):
         "sampling_params": {"max_new_tokens": 0},
     }
     before = post(url, body).json()["meta_info"]["input_token_logprobs"]
-    fingerprint = httpx.get(f"{url}/get_model_info").json()["weights_fingerprint"]
     other = make_tiny_qwen3(tmp_path / "other", seed=3, max_position_embeddings=64)
+    broken = make_tiny_qwen3(tmp_path / "broken", seed=4, max_position_embeddings=64)
+    [weights] = broken.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # One keep-alive connection for everything: a failed update must not reset it.
+    http = httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1))
     try:
-        response = httpx.post(
-            f"{url}/update_weights_from_disk", json={"model_path": str(other)}, timeout=60
-        )
+        response = http.post("/update_weights_from_disk", json={"model_path": str(other)})
         assert response.status_code == 200 and response.json()["success"] is True
-        after = post(url, body).json()["meta_info"]["input_token_logprobs"]
+        after = http.post("/generate", json=body).json()["meta_info"]["input_token_logprobs"]
         assert after[1][0] != pytest.approx(before[1][0])
-        info = httpx.get(f"{url}/get_model_info").json()
-        assert info["weights_fingerprint"] != fingerprint and info["model_path"] == str(other)
-        bad = httpx.post(
-            f"{url}/update_weights_from_disk", json={"model_path": str(tmp_path / "missing")}
-        )
+        info = http.get("/model_info").json()
+        assert info["model_path"] == str(other) and info["weight_version"] == "default"
+        for bad_path, named in ((tmp_path / "missing", "missing"), (broken, str(weights))):
+            bad = http.post("/update_weights_from_disk", json={"model_path": str(bad_path)})
+            assert bad.status_code == 400 and bad.json()["success"] is False, bad.text
+            assert named in bad.json()["message"]
+        assert http.post("/update_weights_from_disk", json={"path": "x"}).status_code == 400
+        # untouched by the failures, on the same connection
         assert (
-            bad.status_code == 400
-            and bad.json()["success"] is False
-            and "missing" in bad.json()["message"]
+            http.post("/generate", json=body).json()["meta_info"]["input_token_logprobs"] == after
         )
-        assert httpx.post(f"{url}/update_weights_from_disk", json={"path": "x"}).status_code == 400
-        assert (
-            post(url, body).json()["meta_info"]["input_token_logprobs"] == after
-        )  # untouched by the failures
+        response = http.post(
+            "/update_weights_from_disk", json={"model_path": str(model_dir), "weight_version": "r1"}
+        )
+        assert response.json()["success"] is True
+        assert http.get("/model_info").json()["weight_version"] == "r1"
+        version = http.post("/update_weight_version", json={"new_version": "default"})
+        assert version.json() == {
+            "success": True,
+            "message": "Weight version updated to default",
+            "new_version": "default",
+        }
     finally:
+        http.close()
         httpx.post(
             f"{url}/update_weights_from_disk", json={"model_path": str(model_dir)}, timeout=60
         )
@@ -292,7 +344,7 @@ def test_api_key(model_dir):
         body = {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}}
         assert post(url, body).status_code == 401
         assert post(url, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(f"{url}/get_model_info").status_code == 401
+        assert httpx.get(f"{url}/model_info").status_code == 401
         assert post(url, body, headers={"Authorization": "Bearer sekret"}).status_code == 200
 
 
@@ -308,7 +360,7 @@ def test_unloadable_model_reports_503_not_crash(tmp_path):
         assert (
             response.status_code == 503 and "failed to load" in response.json()["error"]["message"]
         )
-        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 503  # like SGLang: as /health_generate
         assert post(url, {"input_ids": [1]}).status_code == 503
 
 

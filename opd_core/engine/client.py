@@ -1,6 +1,7 @@
 """A robust client for SGLang-protocol servers (the real SGLang or the built-in one).
 
-    with EngineClient(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], cache_dir=".cache/t") as client:
+    urls = ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+    with EngineClient(urls, cache_dir=".cache/t", cache_namespace=model_namespace(dir)) as client:
         client.wait_until_healthy(600)
         outputs = client.generate(prompt_ids, {"max_new_tokens": 64, "temperature": 1.0})
         teacher_logprobs = client.score(prompt_ids, response_ids, progress="teacher")
@@ -9,18 +10,39 @@ One pooled `httpx.Client`; at most `max_concurrency` requests in flight; sequenc
 `batch_size` at a time as one batch request; failover between URLs and retries with backoff
 on connection errors, 5xx and malformed answers (never on a 4xx): see `transport.py`.
 
-`score` is teacher scoring as slime does it: prompt+response `input_ids`, `max_new_tokens`
-0, `return_logprob`, `logprob_start_len` 0; drop entry 0 (its logprob is None) and keep the
-last `len(response)` values. Results are cached under `cache_dir`, keyed by the teacher's
-fingerprint (model path + weights fingerprint/version from /get_model_info) and the ids.
+`score` is teacher scoring as slime does it, asking for less: prompt+response `input_ids`,
+`max_new_tokens` 0, `return_logprob`, `logprob_start_len = len(prompt) - 1` (the input
+log-probs from the last prompt token on: SGLang then reuses the prompt's prefix cache across
+its n samples, which `logprob_start_len` 0 forbids, and returns a fraction of the JSON);
+drop entry 0 (its logprob is None) and keep the `len(response)` values after it.
+
+Results are cached under `cache_dir`, keyed by a namespace for the teacher's weights and the
+ids. Pass `cache_namespace` (e.g. `logprob_cache.model_namespace(teacher_dir)`, the content
+hash of its weight files). Without it the client derives one from the server's /model_info
+`model_path` when that is a directory it can read (the same content hash), and otherwise
+does not cache at all (one warning): real SGLang reports no weights fingerprint and keeps
+`weight_version` "default", so path + version alone would serve stale log-probs after the
+files under that path change. A weight update through this client moves the namespace to
+the new checkpoint's.
+
+`generate(..., context_length=N)` caps each sequence's max_new_tokens so that SGLang accepts
+it (see `protocol.ContextLimits`), taking the limits from the server's /server_info when it
+reports them (real SGLang reports `max_req_input_len`, and `context_length` when started
+with --context-length; sglang-router answers that endpoint about itself), else from N.
+
+With `engine_urls` (the engines behind a router given as `urls`), weight updates, cache
+flushes and model_info go to each engine directly: the router does not route
+/update_weights_from_disk.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,12 +51,14 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from opd_core.engine.gc_freeze import freeze_long_lived_objects
-from opd_core.engine.logprob_cache import LogprobCache
-from opd_core.engine.protocol import per_sequence_params
+from opd_core.engine.logprob_cache import LogprobCache, model_namespace
+from opd_core.engine.protocol import ContextLimits, cap_max_new_tokens, per_sequence_params
 from opd_core.engine.transport import EngineError, EngineRequestError, FailoverTransport
 from opd_core.schemas import TEACHER_LOGPROBS
 
 __all__ = ["EngineClient", "EngineError", "EngineRequestError", "scores_to_table"]
+
+logger = logging.getLogger("opd.engine.client")
 
 
 class EngineClient:
@@ -49,6 +73,8 @@ class EngineClient:
         cache_dir: str | None = None,
         backoff_initial: float = 0.2,
         backoff_max: float = 10.0,
+        cache_namespace: str | None = None,
+        engine_urls: Sequence[str] | None = None,
     ):
         self.transport = FailoverTransport(
             urls, timeout, max_concurrency, max_retries, api_key, backoff_initial, backoff_max
@@ -58,20 +84,25 @@ class EngineClient:
             self.transport.http,
             self.transport.request,
         )
+        self.engine_urls = [u.rstrip("/") for u in engine_urls] if engine_urls else self.urls
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
         self.cache_dir = cache_dir
         self._cache: LogprobCache | None = None
-        self._fingerprint: str | None = None
+        # The cache key's first part; `_namespace_known` once it is decided (None = no cache).
+        self._namespace, self._namespace_known = cache_namespace, cache_namespace is not None
+        self._weight_version: str | None = None  # set by this client's weight updates
+        self._limits: ContextLimits | None = None
+        self._limits_asked = False
         self._lock = threading.Lock()
         # Decoding big log-prob responses must not rescan every long-lived object (gc_freeze.py).
         freeze_long_lived_objects()
 
     @classmethod
     def from_config(
-        cls, urls: str | Sequence[str], cfg, api_key: str | None = None
+        cls, urls: str | Sequence[str], cfg, api_key: str | None = None, **kwargs: Any
     ) -> EngineClient:
-        """From an `opd_core.config.ClientConfig`."""
+        """From an `opd_core.config.ClientConfig` (`kwargs`: cache_namespace, engine_urls)."""
         return cls(
             urls,
             timeout=cfg.timeout,
@@ -80,6 +111,7 @@ class EngineClient:
             max_retries=cfg.max_retries,
             api_key=api_key,
             cache_dir=cfg.cache_dir,
+            **kwargs,
         )
 
     # ------------------------------------------------------------------- generation
@@ -90,15 +122,22 @@ class EngineClient:
         sampling_params: dict | list[dict],
         return_logprob: bool = False,
         progress: str | None = None,
+        context_length: int | None = None,
         **request_fields: Any,
     ) -> list[dict]:
         """SGLang /generate for many sequences; responses in input order.
 
         `sampling_params` is one dict for all or one per sequence; `request_fields` are other
         /generate fields (logprob_start_len, top_logprobs_num, ...) applied to every sequence.
-        A `seed` (or `sampling_seed`) in a shared dict seeds the whole call: sequence i is
+        A `sampling_seed` (or `seed`) in a shared dict seeds the whole call: sequence i is
         sampled with seed + i, so repeated prompts get different samples and a rerun with the
-        same seed reproduces all of them.
+        same seed reproduces all of them (on a server started with
+        --enable-deterministic-inference: SGLang ignores seeds otherwise).
+
+        `context_length` (the model's, e.g. its config's max_position_embeddings) caps each
+        sequence's max_new_tokens to what the server accepts; a prompt that cannot fit at
+        all raises `PromptTooLongError` naming it. Without it nothing is capped and a
+        sequence that does not fit is the server's 400.
         """
         per_sequence = isinstance(sampling_params, list)
         if per_sequence and len(sampling_params) != len(input_ids):
@@ -106,6 +145,12 @@ class EngineClient:
                 f"sampling_params: {len(sampling_params)} entries for {len(input_ids)} sequences"
             )
         sampling_params = per_sequence_params(sampling_params, len(input_ids))
+        if context_length is not None:
+            sampling_params = cap_max_new_tokens(
+                [len(ids) for ids in input_ids],
+                sampling_params,
+                self.context_limits(context_length),
+            )
         per_sequence = isinstance(sampling_params, list)
 
         def payload(start: int, stop: int) -> dict:
@@ -153,14 +198,52 @@ class EngineClient:
                     self._cache = LogprobCache(self.cache_dir)
         return self._cache
 
-    def fingerprint(self) -> str:
-        """Identifies the teacher's weights: the cache key's first part."""
+    def context_limits(self, context_length: int) -> ContextLimits:
+        """What the server accepts: its /server_info's `context_length` and
+        `max_req_input_len` where it reports them, else `context_length` by SGLang's rules.
+        The server is asked once per client."""
         with self._lock:
-            if self._fingerprint is None:
+            if not self._limits_asked:
+                self._limits_asked = True
+                self._limits = self._reported_limits()
+            reported = self._limits
+        if reported is None:
+            return ContextLimits(context_length)
+        context = reported.context_length or context_length
+        return ContextLimits(context, reported.max_req_input_len)
+
+    def _reported_limits(self) -> ContextLimits | None:
+        for path in ("/server_info", "/get_server_info"):
+            try:
+                info = self.request("GET", path)
+            except EngineRequestError:  # 404 on servers that predate the name
+                continue
+            if isinstance(info, dict) and (
+                info.get("max_req_input_len") or info.get("context_length")
+            ):
+                return ContextLimits(info.get("context_length") or 0, info.get("max_req_input_len"))
+        return None
+
+    def cache_namespace(self) -> str | None:
+        """The teacher-logprob cache key's first part, or None: do not cache (see the module
+        docstring for where it comes from)."""
+        with self._lock:
+            if not self._namespace_known:
+                self._namespace_known = True
                 info = self.model_info()
-                version = info.get("weights_fingerprint") or info.get("weight_version") or ""
-                self._fingerprint = f"{info.get('model_path', '?')}|{version}"
-            return self._fingerprint
+                path = info.get("model_path")
+                if path and Path(path).is_dir():
+                    self._namespace = model_namespace(path)
+                    self._weight_version = info.get("weight_version")
+                if self._namespace is None:
+                    logger.warning(
+                        "teacher-logprob cache off: the server's model_path %r is not a "
+                        "directory this client can hash and no cache_namespace was given",
+                        path,
+                    )
+            if self._namespace is None:
+                return None
+            return f"{self._namespace}|{self._weight_version or 'default'}"
 
     def score(
         self,
@@ -185,9 +268,9 @@ class EngineClient:
             else:
                 todo.append(i)
         keys = {}
-        if self.cache is not None and todo:
-            fingerprint = self.fingerprint()
-            keys = {i: LogprobCache.key(fingerprint, prompt_ids[i], response_ids[i]) for i in todo}
+        namespace = self.cache_namespace() if self.cache is not None and todo else None
+        if namespace is not None:
+            keys = {i: LogprobCache.key(namespace, prompt_ids[i], response_ids[i]) for i in todo}
             hits = self.cache.get_many(list(keys.values()))
             for i in todo:
                 if keys[i] in hits:
@@ -206,7 +289,7 @@ class EngineClient:
             results[i] = fresh[i] = _response_logprobs(
                 output, response_ids[i], where=f"sequence {i}"
             )
-        if self.cache is not None and fresh:
+        if keys and fresh:
             self.cache.put_many({keys[i]: v for i, v in fresh.items()})
         return results  # type: ignore[return-value]
 
@@ -231,11 +314,8 @@ class EngineClient:
 
         def payload(start: int, stop: int) -> dict:
             rows = todo[start:stop]
-            # Entries from the last prompt token on: the top-k of prompt positions would be
-            # thrown away, and at k entries a position they are most of the response's bytes.
             return {
                 **_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
-                "logprob_start_len": [len(prompt_ids[i]) - 1 for i in rows],
                 "top_logprobs_num": k,
             }
 
@@ -291,18 +371,33 @@ class EngineClient:
             time.sleep(poll)
 
     def model_info(self) -> dict:
-        return self.request("GET", "/get_model_info")
+        """/model_info of an engine (/get_model_info on servers that predate the name)."""
+        for url in self.engine_urls:
+            try:
+                response = self.http.get(f"{url}/model_info", timeout=30)
+                if response.status_code == 404:
+                    response = self.http.get(f"{url}/get_model_info", timeout=30)
+            except httpx.TransportError:
+                continue
+            if response.status_code == 200:
+                return response.json()
+        return self.request("GET", "/get_model_info")  # retries and says what failed
 
     def update_weights_from_disk(
         self, model_path: str, weight_version: str | None = None
     ) -> list[dict]:
-        """Reload weights on EVERY server (each rollout engine must hold the same policy)."""
+        """Reload weights on EVERY engine (each rollout engine must hold the same policy).
+
+        Like SGLang, an engine's `weight_version` changes only when one is given here. The
+        logprob-cache namespace moves to the new checkpoint's (`model_namespace`), or the
+        cache stops if that path is not readable here.
+        """
         body = {
             "model_path": str(model_path),
             **({"weight_version": weight_version} if weight_version else {}),
         }
         answers = []
-        for url in self.urls:
+        for url in self.engine_urls:
             try:
                 response = self.http.post(
                     f"{url}/update_weights_from_disk", json=body, timeout=None
@@ -318,13 +413,22 @@ class EngineClient:
                     response.status_code,
                 )
             answers.append(answer)
-        with self._lock:
-            self._fingerprint = None  # new weights, new cache namespace
+        with self._lock:  # new weights, new cache namespace
+            self._namespace, self._namespace_known = model_namespace(model_path), True
+            if weight_version:
+                self._weight_version = weight_version
         return answers
 
-    def flush_cache(self) -> None:
-        for url in self.urls:
-            self.http.post(f"{url}/flush_cache").raise_for_status()
+    def flush_cache(self, timeout: float = 0.0) -> None:
+        """Flush every engine's prefix cache, waiting up to `timeout` s for in-flight
+        requests (an engine with requests in flight refuses: EngineRequestError)."""
+        for url in self.engine_urls:
+            response = self.http.post(f"{url}/flush_cache", params={"timeout": timeout})
+            if response.status_code != 200:
+                raise EngineRequestError(
+                    f"{url}/flush_cache: HTTP {response.status_code}: {response.text.strip()}",
+                    response.status_code,
+                )
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -340,14 +444,15 @@ class EngineClient:
 
 
 def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
-    """slime's teacher scoring request: prompt+response, no new tokens, log-probs from position 0."""
+    """The teacher scoring request: prompt+response, no new tokens, input log-probs from the
+    last prompt token on (its entry is None; the response's follow)."""
     return {
         "input_ids": [
             list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)
         ],
         "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
         "return_logprob": True,
-        "logprob_start_len": 0,
+        "logprob_start_len": [len(p) - 1 for p in prompt_ids],
     }
 
 
@@ -377,7 +482,8 @@ def scores_to_table(
     """Rows of `opd_core.schemas.TEACHER_LOGPROBS` (top-k columns null unless given)."""
     if not len(prompt_index) == len(sample_index) == len(logprobs):
         raise ValueError(
-            f"prompt_index ({len(prompt_index)}), sample_index ({len(sample_index)}) and logprobs ({len(logprobs)}) differ in length"
+            f"prompt_index ({len(prompt_index)}), sample_index ({len(sample_index)}) and "
+            f"logprobs ({len(logprobs)}) differ in length"
         )
     nested = lambda rows, dtype: (
         [None] * len(logprobs) if rows is None else [np.asarray(r, dtype).tolist() for r in rows]

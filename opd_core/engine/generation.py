@@ -9,24 +9,47 @@
 prefill forward over the prompts, then one forward per new token with a KV cache
 (transformers `DynamicCache`). Requests are dicts (or `SingleRequest`s) in SGLang's shape;
 responses are SGLang's response dicts (see `sequence.py`). `prepare` validates a request
-without running it (token ids inside the vocabulary, prompt within the context), raising
-`RequestError` with the field name, so a server can reject one bad request up front.
+without running it (token ids inside the vocabulary, SGLang's context-length rules from
+`protocol.ContextLimits`), raising `RequestError` with the field name, so a server can reject
+one bad request up front. `encode_texts` tokenizes without holding the GIL, so a server can
+run it on a thread of its own while the event loop keeps answering.
+
+`sampling_seed_mode` says what a request's `sampling_seed` does:
+- "honour" (the default, in process): it seeds that sequence's random stream; sequences
+  without one draw from a stream seeded by `seed`, or from torch's global RNG;
+- "ignore": what SGLang does unless started with `--enable-deterministic-inference`
+  (srt/sampling/sampling_batch_info.py only builds the seed tensor under that flag): every
+  sequence draws as if unseeded;
+- "deterministic": SGLang with that flag: honoured, and a sequence without one is seeded
+  with 42 (SGLang's default there), so unseeded samples of one prompt are identical.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import ValidationError
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from opd_core.engine.protocol import SingleRequest, per_sequence_params, validation_message
+from opd_core.engine.protocol import (
+    ContextLimits,
+    SingleRequest,
+    cap_max_new_tokens,
+    per_sequence_params,
+    validation_message,
+)
 from opd_core.engine.sampling import output_logprobs, sample_tokens, top_logprobs
 from opd_core.engine.sequence import Sequence
+
+logger = logging.getLogger("opd.engine")
+
+SamplingSeedMode = Literal["honour", "ignore", "deterministic"]
+DETERMINISTIC_DEFAULT_SEED = 42  # SGLang's seed for unseeded requests under the flag
 
 # SGLang clamps log-probs to the dtype's lowest finite value: -inf is not valid JSON.
 _LOGPROB_FLOOR = torch.finfo(torch.float32).min
@@ -36,23 +59,12 @@ class RequestError(ValueError):
     """A request the engine cannot run; the message names the field (an HTTP 400)."""
 
 
-def weights_fingerprint(model_path: str | Path) -> str:
-    """A cheap content fingerprint of a model dir's weight files.
-
-    Hashes every weight file's name, size, and first and last MiB: it changes whenever the
-    weights are retrained or re-exported, and costs milliseconds even for a 60 GB teacher.
-    """
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(model_path).iterdir() if p.suffix in (".safetensors", ".bin"))
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
-            if size > 2 << 20:
-                handle.seek(-(1 << 20), 2)
-                digest.update(handle.read())
-    return digest.hexdigest()[:16]
+def check_model_path(model_path: str | Path) -> None:
+    """A path that is clearly meant to be local (absolute, ./ or ../) must be a directory;
+    anything else may be a hub id, which from_pretrained resolves."""
+    text = str(model_path)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        raise RequestError(f"model_path: {text} is not a directory")
 
 
 class Generator:
@@ -63,8 +75,14 @@ class Generator:
         dtype: torch.dtype | str | None = None,
         seed: int | None = None,
         context_length: int | None = None,
+        sampling_seed_mode: SamplingSeedMode = "honour",
+        trust_remote_code: bool = False,
     ):
+        check_model_path(model_path)
         self.model_path = str(model_path)
+        self.trust_remote_code = trust_remote_code
+        self.sampling_seed_mode = sampling_seed_mode
+        self._ignored_seed_logged = False
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(dtype, str):
             dtype = {
@@ -76,32 +94,46 @@ class Generator:
                 "fp16": torch.float16,
             }[dtype]
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.model_path, trust_remote_code=trust_remote_code
+        )
         self.model = self._load_model(self.model_path)
         config = self.model.config
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.context_length_arg = context_length  # what /server_info reports, as SGLang does
         self.context_length = int(
             context_length or getattr(config, "max_position_embeddings", 1 << 30)
         )
+        self.limits = ContextLimits(self.context_length)
         self.eos_ids = frozenset(self._eos_ids())
         self.pad_id = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
             else min(self.eos_ids, default=0)
         )
-        self.weight_version = "default"
-        self.fingerprint = weights_fingerprint(self.model_path)
+        self.weight_version = "default"  # SGLang's; only an update that names one changes it
         # Without a per-request seed, rollouts are still reproducible when the server has one.
         self._seed_source = torch.Generator().manual_seed(seed) if seed is not None else None
 
     # ---------------------------------------------------------------------------- model
 
     def _load_model(self, model_path: str) -> torch.nn.Module:
+        """The HF causal LM in `model_path`; RequestError naming the file if it is unreadable."""
+        check_model_path(model_path)
+        for weights in sorted(Path(model_path).glob("*.safetensors")):
+            try:  # reads only the header, which also checks the file's length
+                with safe_open(str(weights), framework="pt"):
+                    pass
+            except Exception as err:
+                raise RequestError(f"model_path: {weights} is unreadable: {err}") from err
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
-        except (OSError, ValueError) as err:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+        except Exception as err:  # any way a checkpoint can be broken is this request's 400
             raise RequestError(
-                f"model_path: cannot load an HF causal LM from {model_path}: {err}"
+                f"model_path: cannot load an HF causal LM from {model_path}: "
+                f"{type(err).__name__}: {err}"
             ) from err
         return model.to(self.device).eval()
 
@@ -115,8 +147,9 @@ class Generator:
     def load_weights(self, model_path: str | Path, weight_version: str | None = None) -> str:
         """Swap in the weights of another checkpoint of the same architecture, in place.
 
-        The new checkpoint is loaded fully before anything is copied, so a bad path or a
-        shape mismatch leaves the current weights untouched.
+        The new checkpoint is loaded fully before anything is copied, so a bad path, a
+        truncated file or a shape mismatch leaves the current weights untouched. Like SGLang,
+        `weight_version` changes only when the caller names the new one.
         """
         model_path = str(model_path)
         if not Path(model_path).is_dir():
@@ -127,86 +160,119 @@ class Generator:
             missing = sorted(set(current) - set(new_state))[:3]
             extra = sorted(set(new_state) - set(current))[:3]
             raise RequestError(
-                f"model_path: {model_path} has different parameters (missing {missing}, extra {extra})"
+                f"model_path: {model_path} has different parameters "
+                f"(missing {missing}, extra {extra})"
             )
         for name, tensor in new_state.items():
             if tensor.shape != current[name].shape:
                 raise RequestError(
-                    f"model_path: {model_path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(current[name].shape)}"
+                    f"model_path: {model_path}: {name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(current[name].shape)}"
                 )
         self.model.load_state_dict(new_state)
         self.model_path = model_path
-        self.fingerprint = weights_fingerprint(model_path)
-        self.weight_version = weight_version or str(
-            int(self.weight_version) + 1 if self.weight_version.isdigit() else 1
-        )
+        if weight_version is not None:
+            self.weight_version = weight_version
         return f"Succeeded to update model weights from {model_path}."
 
     def model_info(self) -> dict[str, Any]:
-        # SGLang's /get_model_info keys, plus what a client needs for caching and checks.
+        """SGLang's /model_info keys (http_server.py `model_info`): no weights fingerprint,
+        no context length (SGLang reports neither here)."""
+        config = self.model.config
         return {
             "model_path": self.model_path,
+            "served_model_name": self.model_path,
             "tokenizer_path": self.model_path,
             "is_generation": True,
             "preferred_sampling_params": None,
             "weight_version": self.weight_version,
-            "weights_fingerprint": self.fingerprint,
-            "context_length": self.context_length,
-            "vocab_size": self.vocab_size,
-            "eos_token_ids": sorted(self.eos_ids),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "backend": "builtin",
+            "load_format": "auto",
+            "reasoning_parser": None,
+            "tool_call_parser": None,
+            "disaggregation_mode": "null",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": getattr(config, "model_type", None),
+            "architectures": getattr(config, "architectures", None),
         }
 
     # ------------------------------------------------------------------------- requests
 
-    def prepare(self, request: SingleRequest | dict[str, Any]) -> Sequence:
-        """Validate one request and turn it into decoding state; RequestError if it is bad."""
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, as `tokenizer.encode` gives them. A fast tokenizer's
+        `encode_batch` releases the GIL (its `encode` does not: a 10 MB text held it ~15 s)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a slow (Python) tokenizer
+            return [self.tokenizer.encode(text) for text in texts]
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+
+    def prepare(
+        self, request: SingleRequest | dict[str, Any], prompt_ids: list[int] | None = None
+    ) -> Sequence:
+        """Validate one request and turn it into decoding state; RequestError if it is bad.
+
+        `prompt_ids` are the request's text already tokenized (by `encode_texts`).
+        """
         if not isinstance(request, SingleRequest):
             try:
                 request = SingleRequest.model_validate(request)
             except ValidationError as err:
                 raise RequestError(validation_message(err)) from None
-        if request.input_ids is not None:
-            prompt = list(request.input_ids)
-            if prompt and (
-                min(prompt) < 0 or max(prompt) >= self.vocab_size
-            ):  # fast path: C-level min/max
-                pos = next(p for p, t in enumerate(prompt) if not 0 <= t < self.vocab_size)
-                raise RequestError(
-                    f"input_ids[{pos}]: token id {prompt[pos]} is outside the vocabulary [0, {self.vocab_size})"
-                )
-        else:
-            prompt = self.tokenizer.encode(request.text)
         field = "input_ids" if request.input_ids is not None else "text"
+        if request.input_ids is not None:
+            prompt = request.input_ids
+            self._check_ids(prompt, field)
+        else:
+            prompt = prompt_ids if prompt_ids is not None else self.encode_texts([request.text])[0]
         if not prompt:
             raise RequestError(f"{field}: the prompt is empty (need at least one token)")
-        if len(prompt) > self.context_length:
-            raise RequestError(
-                f"{field}: the prompt has {len(prompt)} tokens, longer than the model's context length {self.context_length}"
-            )
+        params = request.sampling_params
         if request.return_logprob and request.logprob_start_len >= len(prompt):
             raise RequestError(
-                f"logprob_start_len: {request.logprob_start_len} is not below the prompt length {len(prompt)}"
+                f"logprob_start_len: {request.logprob_start_len} is not below the prompt "
+                f"length {len(prompt)}"
             )
-        params = request.sampling_params
-        for token in params.stop_token_ids or []:
-            if not 0 <= token < self.vocab_size:
-                raise RequestError(
-                    f"sampling_params.stop_token_ids: {token} is outside the vocabulary [0, {self.vocab_size})"
-                )
-        seed = params.effective_seed
-        if seed is None and self._seed_source is not None:
-            seed = int(torch.randint(0, 2**62, (), generator=self._seed_source))
+        if request.top_logprobs_num > self.vocab_size:
+            raise RequestError(
+                f"top_logprobs_num: {request.top_logprobs_num} is more than the vocabulary "
+                f"({self.vocab_size})"
+            )
+        self._check_ids(params.stop_token_ids or [], "sampling_params.stop_token_ids")
+        too_long = self.limits.error(len(prompt), params.max_new_tokens)
+        if too_long:
+            raise RequestError(f"{field}: {too_long}")
         return Sequence(
             request=request,
-            prompt_ids=prompt,
-            max_new_tokens=min(params.max_new_tokens, self.context_length - len(prompt)),
+            prompt_ids=list(prompt),
+            max_new_tokens=self.limits.generated_tokens(len(prompt), params.max_new_tokens),
             eos_ids=self.eos_ids,
-            generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+            seed=self._seed_of(params.sampling_seed),
             **({"rid": request.rid} if request.rid else {}),
         )
+
+    def _check_ids(self, ids: list[int], field: str) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # fast path: C-level min/max
+            pos = next(p for p, t in enumerate(ids) if not 0 <= t < self.vocab_size)
+            raise RequestError(
+                f"{field}[{pos}]: token id {ids[pos]} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+
+    def _seed_of(self, sampling_seed: int | None) -> int | None:
+        """The seed of one sequence's random stream, by `sampling_seed_mode`."""
+        if self.sampling_seed_mode == "ignore" and sampling_seed is not None:
+            if not self._ignored_seed_logged:
+                self._ignored_seed_logged = True
+                logger.warning(
+                    "sampling_seed is ignored, as by SGLang without "
+                    "--enable-deterministic-inference (logged once)"
+                )
+            sampling_seed = None
+        if sampling_seed is None and self.sampling_seed_mode == "deterministic":
+            return DETERMINISTIC_DEFAULT_SEED
+        if sampling_seed is None and self._seed_source is not None:
+            return int(torch.randint(0, 2**62, (), generator=self._seed_source))
+        return sampling_seed
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -234,10 +300,19 @@ class Generator:
         input_ids: list[list[int]],
         sampling_params: dict | list[dict],
         return_logprob: bool = False,
+        context_length: int | None = None,
         **fields: Any,
     ) -> list[dict[str, Any]]:
-        """`EngineClient.generate`'s signature, in process (same call-wide seed rule)."""
+        """`EngineClient.generate`'s signature, in process (same call-wide seed rule).
+
+        With `context_length`, each sequence's max_new_tokens is capped to fit
+        `min(context_length, the model's)` by SGLang's rules (`protocol.cap_max_new_tokens`);
+        a prompt that cannot fit at all is a `PromptTooLongError` naming it.
+        """
         params = per_sequence_params(sampling_params, len(input_ids))
+        if context_length is not None:
+            limits = ContextLimits(min(context_length, self.context_length))
+            params = cap_max_new_tokens([len(ids) for ids in input_ids], params, limits)
         return self.generate(
             [
                 {
@@ -288,6 +363,11 @@ class Generator:
         del out, logits
 
         while not all(s.finished for s in seqs):
+            for seq in seqs:  # a client that went away: stop spending steps on its sequences
+                if seq.cancelled and not seq.finished:
+                    seq.abort("the client disconnected")
+            if all(s.finished for s in seqs):
+                break
             rows = [s.row for s in seqs]
             need_logprobs = any(s.request.return_logprob and not s.finished for s in seqs)
             logprobs = output_logprobs(next_logits, rows) if need_logprobs else None
@@ -334,7 +414,8 @@ class Generator:
         """Prompt log-probs at temperature 1 for positions logprob_start..end, first one None.
 
         One gather and one logsumexp for the whole (left-padded) batch: the logits in column
-        c predict the token in column c+1, so log p(token c+1) = logit[c, token] - logsumexp(logit[c]).
+        c predict the token in column c+1, so
+        log p(token c+1) = logit[c, token] - logsumexp(logit[c]).
         """
         targets = input_ids[:, 1:].unsqueeze(2)
         shifted = logits[:, :-1]

@@ -6,12 +6,14 @@
 
 `builtin` runs `python -m opd_core.engine.server` and `sglang` runs
 `python -m sglang.launch_server`, with the SAME flag names (--model-path --host --port
---tp-size --mem-fraction-static --api-key + `extra_args`), so the CPU tests exercise the
-exact code path a GPU run takes. The server gets its own process group (start_new_session)
-and `stop()` signals the whole group (SIGTERM, then SIGKILL after a grace period): SGLang
-forks scheduler and detokenizer processes that must not outlive the run. Startup waits on
-/health_generate up to `startup_timeout`; if the process dies first, the error shows the
-tail of its log.
+--tp-size --mem-fraction-static --api-key [--enable-deterministic-inference] + `extra_args`),
+so the CPU tests exercise the exact code path a GPU run takes. The server gets its own
+process group (start_new_session) and `stop()` signals the whole group (SIGTERM, then
+SIGKILL after a grace period): SGLang forks scheduler and detokenizer processes that must
+not outlive the run. It runs under `parent_guard.py`, so it also dies when the driver is
+killed (SIGKILL included). Startup waits on /health_generate up to `startup_timeout`; if the
+process exits first (the built-in engine exits when its model cannot load), the error
+names the reason from its log at once instead of waiting out the timeout.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +35,7 @@ import httpx
 import opd_core
 
 MODULES = {"builtin": "opd_core.engine.server", "sglang": "sglang.launch_server"}
+DETERMINISTIC_FLAG = "--enable-deterministic-inference"
 
 
 class EngineLaunchError(RuntimeError):
@@ -51,13 +55,32 @@ def log_tail(path: str | Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def error_line(text: str) -> str | None:
+    """The last line of a log that reports an error (the reason a server exited)."""
+    for line in reversed(text.splitlines()):
+        if re.search(r"\b(ERROR|CRITICAL|Error|error:)|exiting", line):
+            return line.strip()
+    return None
+
+
 def server_command(
-    backend: str, model_path: str | Path, host: str, port: int, cfg: Any
+    backend: str,
+    model_path: str | Path,
+    host: str,
+    port: int,
+    cfg: Any,
+    deterministic: bool | None = None,
 ) -> list[str]:
-    """The command line of a server: sglang.launch_server's flags for both backends."""
+    """The command line of a server: sglang.launch_server's flags for both backends.
+
+    `deterministic` (default: `cfg.enable_deterministic_inference`, False if the config has
+    no such field)
+    adds --enable-deterministic-inference, without which SGLang ignores `sampling_seed`.
+    """
     if backend not in MODULES:
         raise ValueError(
-            f"teacher.backend: {backend!r} cannot be launched (builtin or sglang; external is only checked)"
+            f"teacher.backend: {backend!r} cannot be launched "
+            "(builtin or sglang; external is only checked)"
         )
     command = [
         sys.executable,
@@ -77,31 +100,40 @@ def server_command(
         command += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
     if cfg.api_key:
         command += ["--api-key", cfg.api_key]
-    if cfg.enable_deterministic_inference:
-        command += ["--enable-deterministic-inference"]
-    return command + [str(a) for a in cfg.extra_args]
+    extra = [str(a) for a in cfg.extra_args]
+    if deterministic is None:
+        deterministic = bool(getattr(cfg, "enable_deterministic_inference", False))
+    if deterministic and DETERMINISTIC_FLAG not in extra:
+        command.append(DETERMINISTIC_FLAG)
+    return command + extra
 
 
-class ServerProcess:
-    """A running server; a context manager that stops its whole process group on exit."""
-
-    def __init__(
-        self,
-        process: subprocess.Popen,
-        url: str,
-        backend: str,
-        log_path: Path,
-        command: list[str],
-        api_key: str | None = None,
-    ):
-        self.process, self.url, self.backend, self.log_path, self.command = (
-            process,
-            url,
-            backend,
-            log_path,
-            command,
+def start_guarded(command: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `command` under `parent_guard` (it dies with this process), as the leader of a
+    new process group, output appended to `log_path`, this checkout on its PYTHONPATH."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    process_env = {**os.environ, **(env or {})}
+    # `python -m opd_core...` must import this checkout even when it is not pip-installed.
+    root = str(Path(opd_core.__file__).resolve().parent.parent)
+    process_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, process_env.get("PYTHONPATH")) if p
+    )
+    guard = [sys.executable, "-m", "opd_core.engine.parent_guard", str(os.getpid()), "--"]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            guard + command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=process_env,
+            start_new_session=True,
         )
-        self.api_key = api_key
+
+
+class ManagedProcess:
+    """A process group started by `start_guarded`; a context manager that stops it on exit."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path, command: list[str]):
+        self.process, self.url, self.log_path, self.command = process, url, log_path, command
 
     @property
     def pid(self) -> int:
@@ -121,10 +153,34 @@ class ServerProcess:
             os.killpg(group, signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ServerProcess(ManagedProcess):
+    """A running teacher or rollout server."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        url: str,
+        backend: str,
+        log_path: Path,
+        command: list[str],
+        api_key: str | None = None,
+    ):
+        super().__init__(process, url, log_path, command)
+        self.backend, self.api_key = backend, api_key
+
     def model_info(self) -> dict[str, Any]:
-        """The server's /get_model_info."""
+        """The server's /model_info (/get_model_info on servers older than SGLang 0.5)."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        response = httpx.get(f"{self.url}/get_model_info", headers=headers, timeout=30)
+        response = httpx.get(f"{self.url}/model_info", headers=headers, timeout=30)
+        if response.status_code == 404:
+            response = httpx.get(f"{self.url}/get_model_info", headers=headers, timeout=30)
         response.raise_for_status()
         return response.json()
 
@@ -137,35 +193,28 @@ class ServerProcess:
             "command": self.command,
         }
 
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def launch_server(
-    backend: str, model_path: str | Path, cfg: Any, log_path: str | Path, env: dict | None = None
+    backend: str,
+    model_path: str | Path,
+    cfg: Any,
+    log_path: str | Path,
+    env: dict | None = None,
+    deterministic: bool | None = None,
 ) -> ServerProcess:
-    """Start a server from an `opd_core.config.TeacherConfig` and wait until it generates."""
+    """Start a server from an `opd_core.config.TeacherConfig` and wait until it generates.
+
+    `deterministic`: see `server_command` (default `cfg.enable_deterministic_inference`).
+    """
     if backend == "sglang" and importlib.util.find_spec("sglang") is None:
         raise EngineLaunchError(
-            "teacher.backend=sglang but sglang is not installed: `pip install .[sglang]` on a GPU machine"
+            "teacher.backend=sglang but sglang is not installed: "
+            "`pip install .[sglang]` on a GPU machine"
         )
     port = cfg.port or free_port(cfg.host)
-    command = server_command(backend, model_path, cfg.host, port, cfg)
+    command = server_command(backend, model_path, cfg.host, port, cfg, deterministic)
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    process_env = {**os.environ, **(env or {})}
-    # `python -m opd_core...` must import this checkout even when it is not pip-installed.
-    root = str(Path(opd_core.__file__).resolve().parent.parent)
-    process_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, process_env.get("PYTHONPATH")) if p
-    )
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=process_env, start_new_session=True
-        )
+    process = start_guarded(command, log_path, env)
     server = ServerProcess(
         process, f"http://{cfg.host}:{port}", backend, log_path, command, api_key=cfg.api_key
     )
@@ -184,9 +233,12 @@ def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str |
         while True:
             code = server.process.poll()
             if code is not None:
+                tail = log_tail(server.log_path)
                 raise EngineLaunchError(
-                    f"{server.backend} server exited with code {code} before becoming healthy.\n"
-                    f"command: {' '.join(server.command)}\nlast lines of {server.log_path}:\n{log_tail(server.log_path)}"
+                    f"{server.backend} server exited with code {code} before becoming healthy: "
+                    f"{error_line(tail) or 'see its log'}\n"
+                    f"command: {' '.join(server.command)}\n"
+                    f"last lines of {server.log_path}:\n{tail}"
                 )
             try:
                 response = http.get(f"{server.url}/health_generate")
@@ -197,7 +249,8 @@ def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str |
                 last = f"{type(err).__name__}"
             if time.monotonic() > deadline:
                 raise EngineLaunchError(
-                    f"{server.backend} server at {server.url} not healthy after {timeout:.0f}s (last: {last}).\n"
+                    f"{server.backend} server at {server.url} not healthy after {timeout:.0f}s "
+                    f"(last: {last}).\n"
                     f"last lines of {server.log_path}:\n{log_tail(server.log_path)}"
                 )
             time.sleep(0.25)

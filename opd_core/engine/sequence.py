@@ -8,11 +8,14 @@ stop conditions, and the finish reason. `Sequence.response()` gives exactly what
      "cached_tokens", "finish_reason", ["input_token_logprobs", "output_token_logprobs",
      "input_top_logprobs", "output_top_logprobs"]}}
 
-SGLang details followed here (from `schedule_batch.py` and the detokenizer):
-- the finish check order is length first, then a stop token, then a stop string; with
-  `ignore_eos` neither eos nor `stop_token_ids` stop generation;
-- finish_reason is `{"type": "length", "length": max_new_tokens}` or
-  `{"type": "stop", "matched": <token id or stop string>}`;
+SGLang details followed here (sglang 0.5.23 srt/managers/schedule_batch.py
+`Req.update_finish_state`, and the detokenizer):
+- the finish checks run in the order stop string, then stop token / eos, then length: a stop
+  on the last allowed token is reported as `stop`, not `length`; with `ignore_eos` neither
+  eos nor `stop_token_ids` stop generation;
+- finish_reason is `{"type": "length", "length": max_new_tokens}`,
+  `{"type": "stop", "matched": <token id or stop string>}`, or for a request whose client
+  went away `{"type": "abort", "message": ...}`;
 - `output_ids` keep the matched stop token; `text` drops it (and cuts the text before a
   matched stop string) unless `no_stop_trim`;
 - logprob entries are `[logprob, token_id, text_or_None]`; the text is only filled with
@@ -22,7 +25,7 @@ SGLang details followed here (from `schedule_batch.py` and the detokenizer):
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,14 +40,31 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int  # already clipped to the context length
     eos_ids: frozenset[int]
-    generator: torch.Generator | None
+    seed: int | None  # this sequence's own random stream; None = the global torch RNG
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False  # set from the server's event loop when the client went away
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top: list[tuple[list[float], list[int]]] = field(default_factory=list)
     input_logprobs: list[float | None] | None = None
     input_top: list[tuple[list[float], list[int]] | None] | None = None
     finish_reason: dict[str, Any] | None = None
+    generator: torch.Generator | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+    def restarted(self) -> Sequence:
+        """The same request from the start: no output yet, the random stream rewound."""
+        return replace(
+            self,
+            output_ids=[],
+            output_logprobs=[],
+            output_top=[],
+            input_logprobs=None,
+            input_top=None,
+            finish_reason=None,
+        )
 
     @property
     def params(self):
@@ -74,13 +94,6 @@ class Sequence:
             self.output_logprobs.append(logprob)
         if top is not None:
             self.output_top.append(top)
-        if len(self.output_ids) >= self.max_new_tokens:
-            self.finish_reason = {"type": "length", "length": self.max_new_tokens}
-            return
-        stop_ids = self.params.stop_token_ids or ()
-        if not self.params.ignore_eos and (token in self.eos_ids or token in stop_ids):
-            self.finish_reason = {"type": "stop", "matched": token}
-            return
         stops = self.params.stop_strings
         if stops:
             text = decode(self.output_ids, self.params.skip_special_tokens)
@@ -88,9 +101,19 @@ class Sequence:
                 if stop in text:
                     self.finish_reason = {"type": "stop", "matched": stop}
                     return
+        stop_ids = self.params.stop_token_ids or ()
+        if not self.params.ignore_eos and (token in self.eos_ids or token in stop_ids):
+            self.finish_reason = {"type": "stop", "matched": token}
+            return
+        if len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = {"type": "length", "length": self.max_new_tokens}
 
     def finish_without_decoding(self) -> None:
         self.finish_reason = {"type": "length", "length": self.max_new_tokens}
+
+    def abort(self, message: str) -> None:
+        """Stop here (SGLang's FINISH_ABORT); what was generated so far is kept."""
+        self.finish_reason = {"type": "abort", "message": message, "status_code": 400}
 
     def text(self, decode) -> str:
         ids = self.output_ids
@@ -104,7 +127,8 @@ class Sequence:
         return text
 
     def response(self, decode, token_text) -> dict[str, Any]:
-        """The SGLang response dict (`decode(ids, skip_special)`, `token_text(id)` from the tokenizer)."""
+        """The SGLang response dict; `decode(ids, skip_special)` and `token_text(id)` come from
+        the tokenizer."""
         req = self.request
         meta: dict[str, Any] = {
             "id": self.rid,
