@@ -17,8 +17,9 @@ optimizer steps, same seed:
   opd_kl2.0    top-8 OPD with opd_kl_coef 2.0
 
 Every method keeps the config's lr schedule, batch and rounds (one optimizer step a round).
-Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a table, writes
-`benchmarks/results/opd_vs_baselines.json` and `benchmarks/results/opd_vs_baselines.png`.
+Greedy pass@1 on the eval split every `--eval-every` rounds (and after the last). Prints a
+table, writes `benchmarks/results/opd_vs_baselines.json` and
+`benchmarks/results/opd_vs_baselines.png`.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
         with EngineClient.from_config(teacher_url, cfg.client) as teacher:
             exports = offpolicy_distillation(cfg, run, teacher)
     else:
-        Train(cfg, run).build(teacher_urls=[teacher_url] if cfg.algorithm.use_opd else None)
+        Train(cfg, run).build(teacher=[teacher_url] if cfg.algorithm.use_opd else None)
         exports = [run.hf_export(r) for r in range(cfg.rollout.num_rollout)]
     seconds = time.perf_counter() - started
     return {"exports": exports, "seconds": seconds}
@@ -215,7 +216,8 @@ def main() -> None:
                     }
                 )
                 Console().print(
-                    f"[bold]{name}[/] seed {seed}: pass@1 by round {[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
+                    f"[bold]{name}[/] seed {seed}: pass@1 by round "
+                    f"{[f'{p:.3f}' for p in curve]} ({out['seconds']:.0f} s)"
                 )
     for name, runs in per_seed.items():
         results["methods"][name] = {
@@ -231,7 +233,8 @@ def main() -> None:
     plot(results, RESULTS / "opd_vs_baselines.png")
 
     table = Table(
-        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} eval prompts"
+        title=f"toy task, {len(args.seeds)} seed(s), greedy pass@1 on {args.eval_prompts} "
+        "eval prompts"
     )
     for column in ("method", "final pass@1", "gain over baseline", "train seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")

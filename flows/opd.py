@@ -63,12 +63,13 @@ def open_run(cfg: OPDRunConfig) -> RunDir:
 
 @contextmanager
 def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
-    """Yields the teacher urls (None if no server is needed); stops what it started."""
+    """Yields the running teacher (a ServerFleet; None if no server is needed) and stops
+    what it started."""
     if skip or not Teacher(cfg, run_dir).needed:
         yield None
         return
     with start_teacher(cfg, run_dir) as fleet:
-        yield fleet.urls
+        yield fleet
 
 
 def _run_name() -> str:
@@ -120,8 +121,8 @@ def opd_flow(
     convert(cfg, run_dir)
     baseline = baseline_eval(cfg, run_dir)
     # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
-    with teacher_server(cfg, run_dir, skip=Train(cfg, run_dir).is_cached()) as teacher_urls:
-        training = train(cfg, run_dir, teacher_urls)
+    with teacher_server(cfg, run_dir, skip=Train(cfg, run_dir).is_cached()) as teacher:
+        training = train(cfg, run_dir, teacher)
     final = final_eval(cfg, run_dir)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
@@ -145,7 +146,7 @@ def stage_flow(stage: str, run_dir: str, overrides: list[str] | None = None) -> 
     if stage in FILE_STAGES:
         return FILE_STAGES[stage](cfg, rd)
     skip_teacher = stage == "train" and Train(cfg, rd).is_cached()
-    with teacher_server(cfg, rd, skip=skip_teacher) as teacher_urls:
+    with teacher_server(cfg, rd, skip=skip_teacher) as teacher:
         if stage == "teacher":
-            return {"urls": teacher_urls}
-        return train(cfg, rd, teacher_urls)
+            return {"urls": teacher.urls if teacher else None}
+        return train(cfg, rd, teacher)

@@ -116,8 +116,11 @@ class ServerConfig(Section):
     the same code with the same flags (those of `python -m sglang.launch_server`).
     """
 
-    # Where a server runs and how long we wait for it does not change what it computes.
-    NOT_IN_CACHE_KEY = frozenset({"url", "host", "port", "api_key", "startup_timeout"})
+    # Where a server runs, how requests reach it and how long we wait for it or how often we
+    # relaunch it does not change what it computes.
+    NOT_IN_CACHE_KEY = frozenset(
+        {"url", "host", "port", "api_key", "startup_timeout", "max_restarts", "router_policy"}
+    )
 
     # builtin = the project's own engine (opd serve); sglang = python -m sglang.launch_server;
     # external = servers someone else runs, at `url`.
@@ -138,6 +141,12 @@ class ServerConfig(Section):
     # (the built-in engine follows the same rule), at some cost in throughput.
     enable_deterministic_inference: bool = False
     startup_timeout: float = Field(600.0, gt=0)
+    # Relaunches of a server that died, per role and run (self-healing; each one is logged and
+    # counted in the round's metrics); one more death fails the run, naming the server.
+    max_restarts: int = Field(3, ge=0)
+    # sglang-router's --policy, when the role has more than one server (the router is only
+    # started then); cache_aware sends a prompt's samples where its prefix is cached.
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
 
     @property
     def urls(self) -> list[str]:
@@ -255,7 +264,9 @@ class ParallelConfig(Section):
 
 
 class RayConfig(Section):
-    NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout"})
+    """Where training actors, rollout engines and teacher replicas run (opd_core.cluster)."""
+
+    NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout", "colocate", "max_restarts"})
 
     # None = start a local cluster.
     address: str | None = None
@@ -264,8 +275,14 @@ class RayConfig(Section):
     actor_num_gpus_per_node: int = Field(0, ge=0)
     # None = cpu_count // world size (at least 1).
     actor_num_cpus_per_rank: int | None = Field(None, gt=0)
-    # Seconds to wait for the placement group.
+    # Seconds to wait for each role's placement group.
     placement_timeout: float = Field(300.0, gt=0)
+    # slime's --colocate: rollout engine e runs on the GPUs of training actors e*g .. e*g+g-1
+    # (g = rollout.num_gpus_per_engine), sharing them; false = every role has its own GPUs.
+    colocate: bool = False
+    # Rebuilds of the training actors from the last checkpoint after one died (the lost
+    # rounds are redone); one more death fails the run.
+    max_restarts: int = Field(3, ge=0)
 
 
 class TrainConfig(Section):

@@ -20,8 +20,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local cluster started as the train stage starts it, under an orchestrator's SIGTERM handler."""
-    from opd_core.trainer.group import start_ray
+    """A local cluster started as the train stage starts it, under an orchestrator's SIGTERM
+    handler."""
+    from opd_core.cluster import start_ray
 
     def orchestrator_sigterm(
         signum, frame
@@ -38,7 +39,8 @@ def cluster():
 
 
 def test_starting_ray_keeps_the_orchestrators_sigterm_handler(cluster):
-    """ray.init installs `sys.exit` for SIGTERM; left there, a Prefect cancel ends CRASHED, not CANCELLED."""
+    """ray.init installs `sys.exit` for SIGTERM; left there, a Prefect cancel ends CRASHED, not
+    CANCELLED."""
     assert signal.getsignal(signal.SIGTERM) is cluster
 
 
@@ -133,7 +135,8 @@ def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(single_rank, s
 
 def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student, tmp_path):
     """Pipeline parallel 2 (one layer per stage, the tied embedding on both ends) through
-    Megatron's 1F1B schedule: same losses and log-probs; its checkpoint and HF export load at PP=1."""
+    Megatron's 1F1B schedule: same losses and log-probs; its checkpoint and HF export load at
+    PP=1."""
     from transformers import AutoModelForCausalLM
 
     from opd_core.trainer.group import TrainerGroup

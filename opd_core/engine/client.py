@@ -32,15 +32,28 @@ with --context-length; sglang-router answers that endpoint about itself), else f
 
 With `engine_urls` (the engines behind a router given as `urls`), weight updates, cache
 flushes and model_info go to each engine directly: the router does not route
-/update_weights_from_disk.
+/update_weights_from_disk. Through sglang-router 0.3.2 two more things differ (measured in
+tests/test_fleet.py): it answers 422 to a batch whose `sampling_params` is a list (one per
+sequence) or whose `logprob_start_len` is a list, since its request type holds one value
+for the batch. So a routed batch with per-sequence sampling params (e.g. per-sequence seeds)
+is sent as runs of sequences with equal params (one request per sequence when every seed
+differs, as slime sends its rollouts), and scoring sends one `logprob_start_len` per batch:
+the shortest prompt's length - 1 (only the response's entries are kept, so a longer prompt
+returning a few more prompt entries changes nothing).
+
+`recover(error)` (e.g. `ServerFleet.recover`, which relaunches dead servers) is called when a
+batch request failed on every URL after all retries; if it returns True the batch is sent
+again, up to `MAX_RECOVERIES` times. Each batch's answers land at that batch's positions, so
+a resent batch never duplicates or drops a row.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,6 +73,8 @@ __all__ = ["EngineClient", "EngineError", "EngineRequestError", "scores_to_table
 
 logger = logging.getLogger("opd.engine.client")
 
+MAX_RECOVERIES = 5  # per batch request: resends after `recover` said the servers are back
+
 
 class EngineClient:
     def __init__(
@@ -75,6 +90,7 @@ class EngineClient:
         backoff_max: float = 10.0,
         cache_namespace: str | None = None,
         engine_urls: Sequence[str] | None = None,
+        recover: Callable[[EngineError], bool] | None = None,
     ):
         self.transport = FailoverTransport(
             urls, timeout, max_concurrency, max_retries, api_key, backoff_initial, backoff_max
@@ -85,6 +101,8 @@ class EngineClient:
             self.transport.request,
         )
         self.engine_urls = [u.rstrip("/") for u in engine_urls] if engine_urls else self.urls
+        self.routed = set(self.engine_urls) != set(self.urls)  # `urls` is a router
+        self.recover = recover
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="opd-client")
         self.cache_dir = cache_dir
@@ -102,7 +120,8 @@ class EngineClient:
     def from_config(
         cls, urls: str | Sequence[str], cfg, api_key: str | None = None, **kwargs: Any
     ) -> EngineClient:
-        """From an `opd_core.config.ClientConfig` (`kwargs`: cache_namespace, engine_urls)."""
+        """From an `opd_core.config.ClientConfig` (`kwargs`: cache_namespace, engine_urls,
+        recover)."""
         return cls(
             urls,
             timeout=cfg.timeout,
@@ -154,17 +173,31 @@ class EngineClient:
         per_sequence = isinstance(sampling_params, list)
 
         def payload(start: int, stop: int) -> dict:
+            params = sampling_params[start:stop] if per_sequence else sampling_params
+            if self.routed and per_sequence:  # a run of equal params: the router takes one
+                params = params[0]
             return {
                 "input_ids": [list(map(int, ids)) for ids in input_ids[start:stop]],
-                "sampling_params": sampling_params[start:stop] if per_sequence else sampling_params,
+                "sampling_params": params,
                 "return_logprob": return_logprob,
                 **request_fields,
             }
 
-        return self._batched(len(input_ids), payload, progress)
+        spans = None
+        if self.routed and per_sequence:
+            spans = _equal_runs(sampling_params, self.batch_size)
+        return self._batched(len(input_ids), payload, progress, spans)
 
-    def _batched(self, total: int, make_payload, progress: str | None) -> list[dict]:
-        spans = [(s, min(s + self.batch_size, total)) for s in range(0, total, self.batch_size)]
+    def _batched(
+        self,
+        total: int,
+        make_payload,
+        progress: str | None,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> list[dict]:
+        """One request per span (default: `batch_size` sequences each), answers in order."""
+        if spans is None:
+            spans = [(s, min(s + self.batch_size, total)) for s in range(0, total, self.batch_size)]
         bar = tqdm(total=total, desc=progress, unit="seq", disable=progress is None, leave=False)
 
         def send(span: tuple[int, int]) -> list[dict]:
@@ -178,7 +211,17 @@ class EngineClient:
                 ):
                     raise ValueError(f"expected a list of {size} responses with meta_info")
 
-            answer = self.request("POST", "/generate", make_payload(*span), check=check)
+            for recoveries in itertools.count():
+                try:
+                    answer = self.request("POST", "/generate", make_payload(*span), check=check)
+                    break
+                except EngineRequestError:
+                    raise  # the request is wrong, not the server
+                except EngineError as err:
+                    if self.recover is None or recoveries >= MAX_RECOVERIES:
+                        raise
+                    if not self.recover(err):
+                        raise
             bar.update(size)
             return answer
 
@@ -281,6 +324,7 @@ class EngineClient:
             return _score_payload(
                 [prompt_ids[i] for i in todo[start:stop]],
                 [response_ids[i] for i in todo[start:stop]],
+                self.routed,
             )
 
         outputs = self._batched(len(todo), payload, progress)
@@ -315,7 +359,9 @@ class EngineClient:
         def payload(start: int, stop: int) -> dict:
             rows = todo[start:stop]
             return {
-                **_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
+                **_score_payload(
+                    [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], self.routed
+                ),
                 "top_logprobs_num": k,
             }
 
@@ -443,16 +489,30 @@ class EngineClient:
         self.close()
 
 
-def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
+def _equal_runs(values: list, limit: int) -> list[tuple[int, int]]:
+    """Spans of consecutive equal values, at most `limit` long."""
+    spans, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start] or i - start == limit:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def _score_payload(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], routed: bool = False
+) -> dict:
     """The teacher scoring request: prompt+response, no new tokens, input log-probs from the
-    last prompt token on (its entry is None; the response's follow)."""
+    last prompt token on (its entry is None; the response's follow). `routed`: one start for
+    the batch, the shortest prompt's (see the module docstring)."""
+    starts = [len(p) - 1 for p in prompt_ids]
     return {
         "input_ids": [
             list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)
         ],
         "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
         "return_logprob": True,
-        "logprob_start_len": [len(p) - 1 for p in prompt_ids],
+        "logprob_start_len": min(starts) if routed else starts,
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from opd_core.io import read_json, write_json
 from opd_core.stages.base import CachedStage
-from opd_core.trainer.loop import RoundCallback, run_rounds
+from opd_core.trainer.loop import RoundCallback, TeacherServers, run_rounds
 
 OWNER_FILE = "run_key.json"  # the cache key of the training run that owns train/
 
@@ -45,13 +45,14 @@ class Train(CachedStage):
         return False
 
     def build(
-        self, teacher_urls: list[str] | None = None, on_round: RoundCallback | None = None
+        self, teacher: TeacherServers = None, on_round: RoundCallback | None = None
     ) -> dict[str, Any]:
-        if self.cfg.algorithm.teacher_source == "server" and not teacher_urls:
+        """`teacher`: the teacher stage's fleet, or the URLs of teacher servers run elsewhere."""
+        if self.cfg.algorithm.teacher_source == "server" and not teacher:
             raise ValueError(
                 "algorithm.opd_type=sglang needs a teacher server: run the teacher stage first"
             )
         self.claim()
         return run_rounds(
-            self.cfg, self.run_dir, teacher_urls, self.teacher_checkpoint, on_round=on_round
+            self.cfg, self.run_dir, teacher, self.teacher_checkpoint, on_round=on_round
         )

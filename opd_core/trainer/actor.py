@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.losses import policy_loss, value_loss
 from opd_core.algorithm.opd import OPDTerm
+from opd_core.cluster import where
 from opd_core.config import AlgorithmConfig, LRSchedule, OPDRunConfig, ParallelConfig, TrainConfig
 from opd_core.megatron import checkpoint, mapping
 from opd_core.megatron.convert import load_hf_config, write_hf_dir
@@ -150,6 +151,10 @@ class TrainActor:
         self.iteration = 0
 
     # ------------------------------------------------------------------------ setup
+
+    def placement(self) -> dict:
+        """This rank's node and GPU ids (`opd_core.cluster.where`), for the placement table."""
+        return where()
 
     def node_address(self) -> tuple[str, int]:
         """(ip, free port) on this actor's node: the rendezvous of the process group."""

@@ -1,6 +1,6 @@
 """The teacher as the round loop sees it: one `score(batch)`, over HTTP or inside the actors.
 
-    teacher = open_teacher(cfg, teacher_urls, trainer)      # None without OPD
+    teacher = open_teacher(cfg, teacher_servers, trainer)   # None without OPD
     scores = teacher.score(batch, label="round 3 teacher")  # TeacherScores
     scores.attach(batch)                                     # top-k OPD: the ids the loss needs
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.engine.client import EngineClient, scores_to_table
+from opd_core.engine.fleet import ServerFleet
 from opd_core.trainer.group import TrainerGroup
 
 __all__ = ["MegatronTeacher", "ServerTeacher", "Teacher", "TeacherScores", "open_teacher"]
@@ -86,14 +87,18 @@ class MegatronTeacher:
 
 
 def open_teacher(
-    cfg: OPDRunConfig, teacher_urls: list[str] | None, trainer: TrainerGroup
+    cfg: OPDRunConfig, servers: ServerFleet | Sequence[str] | None, trainer: TrainerGroup
 ) -> Teacher | None:
-    """The teacher `cfg.algorithm.teacher_source` asks for (None = no OPD). The train stage
-    checks that a server teacher has its URLs before anything starts."""
+    """The teacher `cfg.algorithm.teacher_source` asks for (None = no OPD). `servers`: the
+    teacher stage's fleet (its client waits out a replica's relaunch) or the URLs of servers
+    run elsewhere. The train stage checks that a server teacher has them before anything
+    starts."""
     source, topk = cfg.algorithm.teacher_source, cfg.algorithm.opd_topk
     if source == "none":
         return None
     if source == "megatron":
         return MegatronTeacher(trainer, topk)
-    client = EngineClient.from_config(teacher_urls, cfg.client, api_key=cfg.teacher.api_key)
+    if isinstance(servers, ServerFleet):
+        return ServerTeacher(servers.client(cfg.client), topk)
+    client = EngineClient.from_config(servers, cfg.client, api_key=cfg.teacher.api_key)
     return ServerTeacher(client, topk)
