@@ -256,10 +256,14 @@ class EngineClient:
         return ContextLimits(context, reported.max_req_input_len)
 
     def _reported_limits(self) -> ContextLimits | None:
+        # Asked of an engine: behind a router, the router answers /server_info about itself.
         for path in ("/server_info", "/get_server_info"):
             try:
-                info = self.request("GET", path)
-            except EngineRequestError:  # 404 on servers that predate the name
+                response = self.http.get(f"{self.engine_urls[0]}{path}", timeout=30)
+                info = response.json() if response.status_code == 200 else None
+            except (httpx.TransportError, ValueError):
+                info = None
+            if info is None:  # 404 on servers that predate the name
                 continue
             if isinstance(info, dict) and (
                 info.get("max_req_input_len") or info.get("context_length")

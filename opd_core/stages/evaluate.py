@@ -7,6 +7,7 @@ for its before/after report: `report.md`, `curves.png`). The work is
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ class BaselineEval(CachedStage):
         """pass@1 / pass@k of `model_dir` on the eval split -> `<stage>/`."""
         prompts = read_arrow(self.run_dir.eval_data, PROMPTS)
         generator = Generator(self.model_dir)
+        # max_new_tokens capped per prompt to fit the context (SGLang's rule: no 400s).
+        generate = partial(generator.generate_ids, context_length=generator.context_length)
         samples, summary = evaluate(
-            generator.generate_ids, generator.tokenizer, prompts, self.cfg.eval, seed=self.cfg.seed
+            generate, generator.tokenizer, prompts, self.cfg.eval, seed=self.cfg.seed
         )
         summary["model_dir"] = str(self.model_dir)
         write_eval(self.out_dir, samples, summary)

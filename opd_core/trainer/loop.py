@@ -50,13 +50,14 @@ from opd_core.cluster import ClusterResources, Layout, colocated_devices, ray_se
 from opd_core.config import OPDRunConfig
 from opd_core.engine.client import EngineClient
 from opd_core.engine.fleet import ServerFleet, start_servers
+from opd_core.engine.protocol import per_sequence_params
 from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS, ROLLOUTS
 from opd_core.trainer.group import TrainerGroup, TrainingActorDied
 from opd_core.trainer.state import TrainState
-from opd_core.trainer.teachers import Teacher, TeacherScores, open_teacher
+from opd_core.trainer.teachers import ServerTeacher, Teacher, TeacherScores, open_teacher
 from opd_core.verifier import is_correct
 
 logger = logging.getLogger("opd.train")
@@ -212,6 +213,7 @@ class Rounds:
             self.teacher: Teacher | None = open_teacher(cfg, self.teacher_servers, self.trainer)
             if self.teacher is not None:
                 stack.callback(lambda: self.teacher.close())
+            self.score_limit = self._score_limit()
             self._write_placement()
             self._stack = stack.pop_all()  # entered whole: keep it open until __exit__
         return self
@@ -269,6 +271,19 @@ class Rounds:
             state.hf_export or self.run_dir.student_hf, str(state.next_round)
         )
         self._write_placement()
+
+    def _score_limit(self) -> int | None:
+        """The longest prompt + response the teacher servers score (SGLang answers 400 above
+        its max_req_input_len); None for an in-actor teacher or none at all."""
+        if not isinstance(self.teacher, ServerTeacher):
+            return None
+        config = self.run_dir.teacher_hf / "config.json"
+        context = (
+            getattr(AutoConfig.from_pretrained(config.parent), "max_position_embeddings", None)
+            if config.is_file()
+            else None
+        )
+        return self.teacher.client.context_limits(context or 1 << 30).max_prompt_tokens
 
     def _write_placement(self) -> None:
         """train/placement.json: which actor, engine and replica got which node and GPUs."""
@@ -339,6 +354,7 @@ class Rounds:
             self.tokenizer,
             context_length=self.context_length,
             weight_version=self.engines.weight_version,
+            max_total_tokens=self.score_limit,
         )
 
     def reward(self, rollouts: Rollouts) -> np.ndarray:
@@ -406,10 +422,13 @@ def generate_rollouts(
     tokenizer: PreTrainedTokenizerBase,
     context_length: int | None = None,
     weight_version: str | None = None,
+    max_total_tokens: int | None = None,
 ) -> Rollouts:
     """A round's prompts (seeded by round) and their responses from the engines at `client`.
 
     `context_length`: the student's; each request's max_new_tokens is capped to fit it.
+    `max_total_tokens`: the longest prompt + response the teacher scores; responses are capped
+    to stay within it too.
     `weight_version`: what the engines were set to, recorded where a response does not say
     (real SGLang reports it per response in meta_info, the built-in engine does not)."""
     rollout = cfg.rollout
@@ -428,9 +447,18 @@ def generate_rollouts(
     # the samples share their params, so a router takes them as batches (see EngineClient).
     if rollout.enable_deterministic_inference:
         params["sampling_seed"] = seed  # SGLang's name; sample i gets seed + i
+    sampling = per_sequence_params(params, len(rows))  # a seed: sample i gets seed + i
+    if max_total_tokens is not None:  # room left for the response in what the teacher scores
+        budgets = [max(0, max_total_tokens - len(prompt_ids[i])) for i in rows]
+        if any(b < rollout.rollout_max_response_len for b in budgets):
+            shared = sampling if isinstance(sampling, list) else [sampling] * len(rows)
+            sampling = [
+                {**p, "max_new_tokens": min(p["max_new_tokens"], b)}
+                for p, b in zip(shared, budgets)
+            ]
     responses = client.generate(
         [prompt_ids[i] for i in rows],
-        params,
+        sampling,
         return_logprob=True,
         progress=f"round {round_index} rollout",
         context_length=context_length,
