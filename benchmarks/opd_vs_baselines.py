@@ -46,7 +46,7 @@ from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS
 from opd_core.stages import Convert, Train
 from opd_core.trainer.group import TrainerGroup
-from opd_core.trainer.loop import generate_rollouts
+from opd_core.trainer.rollouts import generate_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

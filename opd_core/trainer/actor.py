@@ -35,7 +35,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -44,7 +43,6 @@ from pydantic import BaseModel, ConfigDict
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.losses import policy_loss, value_loss
 from opd_core.algorithm.opd import OPDTerm
-from opd_core.cluster import where
 from opd_core.config import AlgorithmConfig, LRSchedule, OPDRunConfig, ParallelConfig, TrainConfig
 from opd_core.megatron import checkpoint, mapping
 from opd_core.megatron.convert import load_hf_config, write_hf_dir
@@ -152,12 +150,18 @@ class TrainActor:
 
     # ------------------------------------------------------------------------ setup
 
+    # Ray is imported in the two methods that need it, not at the top: scripts/gpu_check.py
+    # runs a TrainActor in its own process on a machine without Ray.
     def placement(self) -> dict:
         """This rank's node and GPU ids (`opd_core.cluster.where`), for the placement table."""
+        from opd_core.cluster import where
+
         return where()
 
     def node_address(self) -> tuple[str, int]:
         """(ip, free port) on this actor's node: the rendezvous of the process group."""
+        import ray
+
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return ip, free_port("" if ip != "127.0.0.1" else "127.0.0.1")
 
