@@ -151,26 +151,24 @@ class Layout:
     def from_config(cls, cfg: OPDRunConfig) -> Layout:
         """What `cfg` asks for. External servers hold nothing of this cluster; the teacher
         takes a place only when its log-probs come from servers (opd_type=sglang)."""
-        ray_cfg, parallel = cfg.train.ray, cfg.train.parallel
-        roles = []
-        teacher = cfg.teacher
+        ray_cfg, teacher, rollout = cfg.train.ray, cfg.teacher, cfg.rollout
+        servers: list[RoleSpec] = []  # the SGLang-protocol servers this cluster runs
         if cfg.algorithm.teacher_source == "server" and teacher.backend != "external":
-            roles.append(RoleSpec("teacher", teacher.num_replicas, teacher.num_gpus_per_engine, 1))
-        world = parallel.world_size
-        actor_gpus = 1 if ray_cfg.actor_num_gpus_per_node else 0
-        roles.append(RoleSpec("actor", world, actor_gpus, actor_cpus(cfg)))
-        rollout = cfg.rollout
+            servers.append(
+                RoleSpec("teacher", teacher.num_replicas, teacher.num_gpus_per_engine, 1)
+            )
         if rollout.backend != "external":
             colocated = ray_cfg.colocate and rollout.num_gpus_per_engine > 0
-            roles.append(
-                RoleSpec(
-                    "rollout",
-                    rollout.num_engines,
-                    rollout.num_gpus_per_engine,
-                    0 if colocated else 1,
-                    colocated,
-                )
-            )
+            engines = (rollout.num_engines, rollout.num_gpus_per_engine, 0 if colocated else 1)
+            servers.append(RoleSpec("rollout", *engines, colocated))
+        server_cpus = sum(r.cpus * r.count for r in servers)
+        actors = RoleSpec(
+            "actor",
+            cfg.train.parallel.world_size,
+            1 if ray_cfg.actor_num_gpus_per_node else 0,
+            actor_cpus(cfg, server_cpus),
+        )
+        roles = sorted([*servers, actors], key=lambda r: ROLES.index(r.name))
         layout = cls(tuple(roles))
         layout._check_colocation()
         return layout
@@ -233,11 +231,13 @@ class Layout:
             free[node][1] -= role.cpus
 
 
-def actor_cpus(cfg: OPDRunConfig) -> int:
-    """CPUs per training-actor rank: train.ray.actor_num_cpus_per_rank, else this machine's
-    cores split over the ranks (at least 1)."""
+def actor_cpus(cfg: OPDRunConfig, servers: float = 0) -> int:
+    """CPUs each training-actor rank reserves in Ray: train.ray.actor_num_cpus_per_rank, else
+    this machine's cores less the `servers`' (one per engine and replica), split over the
+    ranks (at least 1). How many threads a rank runs is decided apart (TrainerGroup)."""
     world = cfg.train.parallel.world_size
-    return cfg.train.ray.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // world)
+    spare = (os.cpu_count() or 1) - servers
+    return cfg.train.ray.actor_num_cpus_per_rank or max(1, int(spare // world))
 
 
 # ----------------------------------------------------------------------------- Ray itself

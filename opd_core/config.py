@@ -127,19 +127,24 @@ class ServerConfig(Section):
     backend: Literal["builtin", "sglang", "external"] = "builtin"
     # backend=external: the running server(s), comma-separated.
     url: str | None = None
+    # Where each server binds; on a Ray cluster of several nodes, 127.0.0.1 becomes the
+    # server's node IP (the driver and the router must reach it).
     host: str = "127.0.0.1"
-    # 0 = a free port for each server.
+    # 0 = a free port for each server; else the first of consecutive ones.
     port: int = Field(0, ge=0, le=65535)
+    # SGLang --api-key: clients send it as a Bearer token.
     api_key: str | None = None
     # GPUs each server holds, its SGLang --tp-size (slime: --rollout-num-gpus-per-engine);
     # 0 = a CPU server (built-in engine only).
     num_gpus_per_engine: int = Field(0, ge=0)
+    # SGLang --mem-fraction-static: the share of each GPU for weights + KV cache.
     mem_fraction_static: float | None = Field(None, gt=0, le=1)
     # Passed to the server as they are, e.g. ["--chunked-prefill-size", "4096"].
     extra_args: list[str] = []
     # SGLang --enable-deterministic-inference: only then does SGLang honour `sampling_seed`
     # (the built-in engine follows the same rule), at some cost in throughput.
     enable_deterministic_inference: bool = False
+    # Seconds a server may take to answer /health_generate after it starts.
     startup_timeout: float = Field(600.0, gt=0)
     # Relaunches of a server that died, per role and run (self-healing; each one is logged and
     # counted in the round's metrics); one more death fails the run, naming the server.
@@ -157,6 +162,7 @@ class ServerConfig(Section):
 class TeacherConfig(ServerConfig):
     """The teacher's servers (opd_type=sglang; unused when opd_type=megatron)."""
 
+    # Teacher servers, each with num_gpus_per_engine GPUs (behind sglang-router when > 1).
     num_replicas: int = Field(1, ge=1)
 
 
@@ -177,12 +183,19 @@ class RolloutConfig(ServerConfig):
     num_rollout: int = Field(8, ge=0)
     # Prompts per round.
     rollout_batch_size: int = Field(32, gt=0)
+    # Responses sampled per prompt (one GRPO group).
     n_samples_per_prompt: int = Field(8, gt=0)
+    # max_new_tokens of a rollout; lowered per prompt so prompt + response fit the student's
+    # context and what the teacher servers score.
     rollout_max_response_len: int = Field(16, gt=0)
+    # Sampling temperature of the rollouts.
     rollout_temperature: float = Field(1.0, ge=0)
+    # Nucleus sampling: the smallest set of tokens with this much probability.
     rollout_top_p: float = Field(1.0, gt=0, le=1)
+    # Sample among the k most likely tokens; -1 = all.
     rollout_top_k: int = -1
-    # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per engine).
+    # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per
+    # engine); with more than one, requests go through sglang-router.
     num_engines: int = Field(1, ge=1)
 
     @property
@@ -270,6 +283,7 @@ class RayConfig(Section):
 
     # None = start a local cluster.
     address: str | None = None
+    # Nodes the training actors span (world size = nodes x actor_num_gpus_per_node).
     actor_num_nodes: int = Field(1, ge=1)
     # 0 = CPU actors.
     actor_num_gpus_per_node: int = Field(0, ge=0)

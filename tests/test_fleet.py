@@ -145,3 +145,18 @@ def test_a_lone_engine_killed_is_waited_out_and_the_budget_is_bounded(cluster, m
                 r"died: exit code -9; no restarts left",
             ):
                 client.generate(PROMPTS, GREEDY)
+
+
+def test_external_servers_are_used_as_given_never_started_or_relaunched(models, tmp_path):
+    """backend=external: no Ray, no router; weight updates still reach the server, and a
+    failure is not "healed" (someone else runs it)."""
+    from opd_core.config import RolloutConfig
+    from opd_core.engine.launcher import launch_server
+
+    with launch_server("builtin", models[0], RolloutConfig(), tmp_path / "ext.log") as server:
+        cfg = _config(backend="external", url=server.url)
+        with start_servers("rollout", cfg, models[0], tmp_path / "unused.log") as fleet:
+            assert fleet.url == [server.url] and fleet.router is None and not fleet.placement
+            fleet.update_weights(models[1], "7")
+            assert fleet.weight_versions() == {server.url: "7"}
+            assert fleet.recover(RuntimeError("down")) is False

@@ -23,6 +23,7 @@ session it joined.
 from __future__ import annotations
 
 import contextlib
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -84,8 +85,12 @@ class TrainerGroup:
             )
         self._check_layout(teacher_ckpt_dir)  # before any actor starts
         role = Layout.from_config(cfg).role("actor")
+        # Threads per rank on CPU: its share of this machine (Ray's CPUs only schedule).
+        threads = ray_cfg.actor_num_cpus_per_rank or max(
+            1, (os.cpu_count() or 1) // self.world_size
+        )
         spec = ActorSpec.from_config(
-            cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=int(role.cpus)
+            cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=threads
         )
         self.actors, self.placement = [], []
         self._stack = ExitStack()
