@@ -4,6 +4,7 @@ cache."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 
@@ -19,6 +20,8 @@ from transformers import AutoModelForCausalLM
 from opd_core.config import ClientConfig
 from opd_core.engine.background import BackgroundServer
 from opd_core.engine.client import EngineClient, EngineError, EngineRequestError, scores_to_table
+from opd_core.engine.logprob_cache import model_namespace
+from opd_core.engine.protocol import ContextLimits, PromptTooLongError
 from opd_core.engine.server import create_app
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.schemas import TEACHER_LOGPROBS
@@ -60,8 +63,13 @@ def test_score_matches_direct_forward_and_zero_length(url, model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with EngineClient(url, batch_size=2) as client:
         sent = counting(client)
+        bodies = []
+        client.http.event_hooks["request"].append(lambda r: bodies.append(json.loads(r.content)))
         scores = client.score(PROMPTS, RESPONSES)
     assert len(sent) == 2  # 4 non-empty sequences, 2 per batch request; the empty one is not sent
+    # Log-probs only from the last prompt token on: batched by prompt length (1, 2 | 2, 4
+    # tokens), each request from its shortest prompt's last token.
+    assert sorted(body["logprob_start_len"] for body in bodies) == [0, 1]
     for prompt, response, got in zip(PROMPTS, RESPONSES, scores):
         assert got.dtype == np.float32 and got.shape == (len(response),)
         if not response:
@@ -276,3 +284,86 @@ def test_opening_clients_freezes_long_lived_objects_once(url, monkeypatch):
         with EngineClient(url):
             pass
     assert calls == ["collect", "freeze"]
+
+
+def test_generate_caps_max_new_tokens_to_the_context(url, model_dir):
+    """SGLang answers 400 when prompt + max_new_tokens > context: with `context_length` the
+    client lowers max_new_tokens per sequence, and names prompts that cannot fit at all."""
+    long_prompt, short_prompt = list(range(10, 60)), [5, 6]
+    params = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    with EngineClient(url) as client:
+        with pytest.raises(EngineRequestError, match="Requested token count exceeds"):
+            client.generate([long_prompt], params)
+        long_out, short_out = client.generate(
+            [long_prompt, short_prompt], params, context_length=64
+        )
+        # 64 - 50 = 14 asked; SGLang's scheduler then generates at most 64 - 2 - 50 = 12.
+        assert long_out["meta_info"]["completion_tokens"] == 12
+        assert short_out["meta_info"]["completion_tokens"] == 30
+        with pytest.raises(PromptTooLongError, match=r"sequence 1 \(58 tokens\)"):
+            client.generate([short_prompt, list(range(1, 59))], params, context_length=64)
+    # A server that reports its limits (/server_info) overrides the caller's guess.
+    with (
+        BackgroundServer(create_app(str(model_dir), context_length=32)) as small,
+        EngineClient(small) as client,
+    ):
+        client.wait_until_healthy(60)
+        assert client.context_limits(64) == ContextLimits(32, 26)
+        with pytest.raises(PromptTooLongError, match="context length 32"):
+            client.generate([list(range(1, 30))], params, context_length=64)
+
+
+class RenamedModel:
+    """A real HTTP proxy whose /model_info reports a hub id, as an SGLang server started with
+    `--model-path Qwen/...` does: nothing this client can hash."""
+
+    def __init__(self, target: str):
+        self.app = FastAPI()
+
+        @self.app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def proxy(path: str, request: Request):
+            async with httpx.AsyncClient(timeout=60) as http:
+                response = await http.request(
+                    request.method,
+                    f"{target}/{path}",
+                    content=await request.body(),
+                    headers={"content-type": "application/json"},
+                )
+            answer = response.json()
+            if path in ("model_info", "get_model_info"):
+                answer["model_path"] = "Qwen/Qwen3-8B"
+            return JSONResponse(answer, status_code=response.status_code)
+
+
+def test_cache_namespace_is_the_weights_content_or_nothing(url, model_dir, tmp_path, caplog):
+    import shutil
+
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    with EngineClient(url, cache_dir=str(tmp_path / "c")) as client:
+        namespace = client.cache_namespace()
+        assert namespace == f"{model_namespace(model_dir)}|default"
+        first = client.score(PROMPTS, RESPONSES)
+    # Same weights under another path (a copied run directory): the same namespace, hits.
+    with BackgroundServer(create_app(str(copy))) as copy_url:
+        with EngineClient(copy_url, cache_dir=str(tmp_path / "c")) as client:
+            client.wait_until_healthy(60)
+            assert client.cache_namespace() == namespace
+            sent = counting(client)
+            again = client.score(PROMPTS, RESPONSES)
+            assert not [s for s in sent if "/generate" in s]
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+        # A server whose model_path is a hub id: no safe namespace, so no cache at all.
+        renamed = RenamedModel(copy_url)
+        with (
+            BackgroundServer(renamed.app) as proxy_url,
+            EngineClient(proxy_url, cache_dir=str(tmp_path / "c")) as client,
+        ):
+            assert client.cache_namespace() is None
+            assert "teacher-logprob cache off" in caplog.text
+            sent = counting(client)
+            client.score(PROMPTS, RESPONSES)
+            assert [s for s in sent if "/generate" in s]  # scored, not answered from the cache
+            explicit = EngineClient(proxy_url, cache_dir=str(tmp_path / "c"), cache_namespace="t1")
+            with explicit:
+                assert explicit.cache_namespace() == "t1|default"

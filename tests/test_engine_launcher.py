@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import psutil
 import pytest
 
 from opd_core.config import TeacherConfig
@@ -61,15 +67,53 @@ def test_sglang_and_builtin_share_flag_names(tmp_path):
         server_command("external", "/m", "h", 1, cfg)
 
 
+def test_deterministic_inference_flag():
+    """Without --enable-deterministic-inference SGLang ignores sampling_seed."""
+    flag = "--enable-deterministic-inference"
+    assert flag not in server_command("sglang", "/m", "h", 1, TeacherConfig())
+    assert flag in server_command("sglang", "/m", "h", 1, TeacherConfig(), deterministic=True)
+    with_field = SimpleNamespace(**TeacherConfig().model_dump(), deterministic=True)
+    assert server_command("builtin", "/m", "h", 1, with_field).count(flag) == 1
+
+
+# What configs/qwen3-8b-opd.yaml passes, and flags the built-in engine does not know.
+SGLANG_FLAGS = [
+    "--chunked-prefill-size",
+    "4096",
+    "--max-running-requests",
+    "16",
+    "--base-gpu-id",
+    "0",
+    "--context-length",
+    "64",
+    "--disable-radix-cache",
+    "--schedule-policy=lpm",
+    "--random-seed",
+    "1",
+]
+
+
 def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
-    cfg = TeacherConfig(api_key="secret", startup_timeout=120, extra_args=["--random-seed", "1"])
+    cfg = TeacherConfig(api_key="secret", startup_timeout=120, extra_args=SGLANG_FLAGS)
     log = tmp_path / "server.log"
-    with launch_server("builtin", model_dir, cfg, log) as server:
+    with launch_server("builtin", model_dir, cfg, log, deterministic=True) as server:
         assert server.alive() and server.url.startswith("http://127.0.0.1:")
         with EngineClient(server.url, api_key="secret") as client:
             [scores] = client.score([[5, 6]], [[7, 8]])
             assert scores.shape == (2,)
         assert server.model_info()["model_path"] == str(model_dir)
+        info = httpx.get(
+            f"{server.url}/server_info", headers={"Authorization": "Bearer secret"}
+        ).json()
+        assert info["enable_deterministic_inference"] is True and info["context_length"] == 64
+        assert info["max_running_requests"] == 16
+        text = log.read_text()
+        for ignored in (
+            "--chunked-prefill-size 4096",
+            "--disable-radix-cache",
+            "--schedule-policy lpm",
+        ):
+            assert f"ignoring {ignored}: an SGLang flag" in text
         info = check_external([server.url], api_key="secret", timeout=10)
         assert info["healthy"] == [server.url] and info["model_info"]["model_path"] == str(
             model_dir
@@ -90,6 +134,58 @@ def test_dead_server_shows_log_tail(tmp_path):
         match=r"exited with code 1(.|\n)*--tp-size: the built-in server runs on one device",
     ):
         launch_server("builtin", tmp_path, cfg, tmp_path / "server.log")
+
+
+def test_an_unloadable_model_exits_at_once_with_the_reason(tmp_path):
+    """Not a server that answers 503 until the start-up timeout (600 s by default)."""
+    cfg = TeacherConfig(startup_timeout=600)
+    started = time.monotonic()
+    with pytest.raises(EngineLaunchError) as err:
+        launch_server("builtin", "/nonexistent", cfg, tmp_path / "server.log")
+    first_line = str(err.value).splitlines()[0]
+    assert "exited with code 1 before becoming healthy" in first_line
+    assert "cannot serve /nonexistent" in first_line and "not a directory" in first_line
+    assert time.monotonic() - started < cfg.startup_timeout  # it did not wait it out
+
+
+DRIVER = """
+import sys, time
+from opd_core.config import TeacherConfig
+from opd_core.engine.launcher import launch_server
+server = launch_server("builtin", sys.argv[1], TeacherConfig(startup_timeout=120), sys.argv[2])
+print(server.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_servers_die_with_a_sigkilled_driver(model_dir, tmp_path):
+    root = str(Path(__file__).resolve().parent.parent)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(model_dir), str(tmp_path / "server.log")],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": root},
+        text=True,
+    )
+    try:
+        guard = psutil.Process(int(driver.stdout.readline()))
+        server = guard.children()[0]
+        assert "opd_core.engine.server" in " ".join(server.cmdline())
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while not (gone(guard.pid) and gone(server.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gone(server.pid) and gone(guard.pid), "the server outlived its driver"
+        assert "parent process" in (tmp_path / "server.log").read_text()
+    finally:
+        driver.kill()
 
 
 def test_check_external_fails_clearly_on_dead_url():

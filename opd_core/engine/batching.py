@@ -84,7 +84,7 @@ class BatchingEngine:
         self.in_flight = 0  # requests submitted and not yet answered, dropped or failed
         self.last_progress = 0.0  # time.monotonic() of the last decoding step
         self.requests_served = 0  # answered with generations (the router test counts them)
-        self.dropped = 0  # abandoned before compute
+        self.dropped = 0  # sequences whose client left before their compute started
 
     async def load(self) -> None:
         try:
@@ -130,7 +130,7 @@ class BatchingEngine:
 
     async def _run_batch(self, batch: list[_Work]) -> None:
         live = [work for work in batch if not work.abandoned]
-        self.dropped += len(batch) - len(live)
+        self.dropped += sum(len(work.seqs) for work in batch if work.abandoned)
         self.in_flight -= len(batch) - len(live)
         if not live:
             return
@@ -161,7 +161,7 @@ class BatchingEngine:
             chunk = owners[start : start + self.max_batch_size]
             seqs = [work.seqs[i] for work, i in chunk]
             started = time.perf_counter()
-            outputs = await self.run(self.generator.generate, seqs, self._on_step(chunk))
+            outputs = await self.run(self._generate_live, seqs, self._on_step(chunk))
             logger.debug("batch of %d sequences in %.3fs", len(seqs), time.perf_counter() - started)
             for (work, i), output in zip(chunk, outputs):
                 work.results[i] = output
@@ -170,6 +170,15 @@ class BatchingEngine:
             if not work.future.done():  # cancelled when its client went away
                 self.requests_served += 1
                 work.future.set_result([work.results[i] for i in range(len(work.seqs))])
+
+    def _generate_live(self, seqs: list[Sequence], on_step) -> list[dict | None]:
+        """On the compute thread: generate for the sequences whose client is still there
+        (a client may leave while its batch waits for the thread); None for the others."""
+        keep = [not seq.cancelled for seq in seqs]  # decided once: flags may change meanwhile
+        live = [seq for seq, kept in zip(seqs, keep) if kept]
+        self.dropped += len(seqs) - len(live)  # sequences, counted on this one thread
+        outputs = iter(self.generator.generate(live, on_step) if live else [])
+        return [next(outputs) if kept else None for kept in keep]
 
     def _fail(self, work: _Work, err: Exception) -> None:
         self.in_flight -= 1

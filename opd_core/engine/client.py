@@ -14,7 +14,8 @@ on connection errors, 5xx and malformed answers (never on a 4xx): see `transport
 `max_new_tokens` 0, `return_logprob`, `logprob_start_len = len(prompt) - 1` (the input
 log-probs from the last prompt token on: SGLang then reuses the prompt's prefix cache across
 its n samples, which `logprob_start_len` 0 forbids, and returns a fraction of the JSON);
-drop entry 0 (its logprob is None) and keep the `len(response)` values after it.
+keep the last `len(response)` values. Sequences are batched by prompt length and each
+request asks from its shortest prompt (sglang-router takes no per-sequence list there).
 
 Results are cached under `cache_dir`, keyed by a namespace for the teacher's weights and the
 ids. Pass `cache_namespace` (e.g. `logprob_cache.model_namespace(teacher_dir)`, the content
@@ -32,14 +33,12 @@ with --context-length; sglang-router answers that endpoint about itself), else f
 
 With `engine_urls` (the engines behind a router given as `urls`), weight updates, cache
 flushes and model_info go to each engine directly: the router does not route
-/update_weights_from_disk. Through sglang-router 0.3.2 two more things differ (measured in
-tests/test_fleet.py): it answers 422 to a batch whose `sampling_params` is a list (one per
-sequence) or whose `logprob_start_len` is a list, since its request type holds one value
-for the batch. So a routed batch with per-sequence sampling params (e.g. per-sequence seeds)
-is sent as runs of sequences with equal params (one request per sequence when every seed
-differs, as slime sends its rollouts), and scoring sends one `logprob_start_len` per batch:
-the shortest prompt's length - 1 (only the response's entries are kept, so a longer prompt
-returning a few more prompt entries changes nothing).
+/update_weights_from_disk. Through sglang-router 0.3.2 a batch whose `sampling_params` is
+a list (one per sequence) is a 422, since its request type holds one value for the batch
+(tests/test_fleet.py): so a routed batch with per-sequence sampling params (e.g.
+per-sequence seeds) is sent as runs of sequences with equal params (one request per
+sequence when every seed differs, as slime sends its rollouts). Scoring sends one
+`logprob_start_len` per batch for the same reason.
 
 `recover(error)` (e.g. `ServerFleet.recover`, which relaunches dead servers) is called when a
 batch request failed on every URL after all retries; if it returns True the batch is sent
@@ -323,12 +322,12 @@ class EngineClient:
                 if keys[i] in hits:
                     results[i] = hits[keys[i]]
             todo = [i for i in todo if results[i] is None]
+        todo.sort(key=lambda i: len(prompt_ids[i]))  # see _score_payload
 
         def payload(start: int, stop: int) -> dict:
             return _score_payload(
                 [prompt_ids[i] for i in todo[start:stop]],
                 [response_ids[i] for i in todo[start:stop]],
-                self.routed,
             )
 
         outputs = self._batched(len(todo), payload, progress)
@@ -359,13 +358,12 @@ class EngineClient:
         empty = (np.zeros(0, np.float32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
         results = [empty] * len(prompt_ids)
         todo = [i for i, response in enumerate(response_ids) if len(response)]
+        todo.sort(key=lambda i: len(prompt_ids[i]))  # see _score_payload
 
         def payload(start: int, stop: int) -> dict:
             rows = todo[start:stop]
             return {
-                **_score_payload(
-                    [prompt_ids[i] for i in rows], [response_ids[i] for i in rows], self.routed
-                ),
+                **_score_payload([prompt_ids[i] for i in rows], [response_ids[i] for i in rows]),
                 "top_logprobs_num": k,
             }
 
@@ -503,20 +501,19 @@ def _equal_runs(values: list, limit: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _score_payload(
-    prompt_ids: list[list[int]], response_ids: list[list[int]], routed: bool = False
-) -> dict:
+def _score_payload(prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
     """The teacher scoring request: prompt+response, no new tokens, input log-probs from the
-    last prompt token on (its entry is None; the response's follow). `routed`: one start for
-    the batch, the shortest prompt's (see the module docstring)."""
-    starts = [len(p) - 1 for p in prompt_ids]
+    last token of the batch's shortest prompt on (`_response_logprobs` keeps each
+    sequence's last len(response)). One number for the batch, not one per sequence:
+    sglang-router 0.3.2 answers 422 to a list (it types the field as i32); the callers sort
+    sequences by prompt length, so a batch's prompts differ little."""
     return {
         "input_ids": [
             list(map(int, p)) + list(map(int, r)) for p, r in zip(prompt_ids, response_ids)
         ],
         "sampling_params": {"max_new_tokens": 0, "temperature": 0, "skip_special_tokens": False},
         "return_logprob": True,
-        "logprob_start_len": min(starts) if routed else starts,
+        "logprob_start_len": min(len(p) for p in prompt_ids) - 1,
     }
 
 

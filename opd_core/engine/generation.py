@@ -27,6 +27,7 @@ run it on a thread of its own while the event loop keeps answering.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,9 @@ logger = logging.getLogger("opd.engine")
 
 SamplingSeedMode = Literal["honour", "ignore", "deterministic"]
 DETERMINISTIC_DEFAULT_SEED = 42  # SGLang's seed for unseeded requests under the flag
+# from_pretrained switches process-global state (it builds the model on torch's meta device):
+# two loads at once in one process (two in-process servers) break each other.
+_LOAD_LOCK = threading.Lock()
 
 # SGLang clamps log-probs to the dtype's lowest finite value: -inf is not valid JSON.
 _LOGPROB_FLOOR = torch.finfo(torch.float32).min
@@ -127,9 +131,10 @@ class Generator:
             except Exception as err:
                 raise RequestError(f"model_path: {weights} is unreadable: {err}") from err
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
-            )
+            with _LOAD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+                )
         except Exception as err:  # any way a checkpoint can be broken is this request's 400
             raise RequestError(
                 f"model_path: cannot load an HF causal LM from {model_path}: "
@@ -199,8 +204,9 @@ class Generator:
     # ------------------------------------------------------------------------- requests
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, as `tokenizer.encode` gives them. A fast tokenizer's
-        `encode_batch` releases the GIL (its `encode` does not: a 10 MB text held it ~15 s)."""
+        """Token ids of each text, as `tokenizer.encode` gives them, from the Rust tokenizer's
+        `encode_batch`, which releases the GIL (its plain `encode` holds it for the whole
+        text: 4 s for 2 MB here), so other threads, the event loop included, keep running."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is None:  # a slow (Python) tokenizer
             return [self.tokenizer.encode(text) for text in texts]
