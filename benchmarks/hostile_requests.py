@@ -357,7 +357,10 @@ def _bad_request_shape(draw):
                 {"input_ids": [[1], [2]], "rid": ["a"]},
                 {"input_ids": [1], "rid": ["a", "b"]},
                 {"input_ids": [1], "sampling_params": [{}]},
-                {"input_ids": list(range(1, CONTEXT - 2)), "sampling_params": {"max_new_tokens": 9}},
+                {
+                    "input_ids": list(range(1, CONTEXT - 2)),
+                    "sampling_params": {"max_new_tokens": 9},
+                },
                 {"input_ids": [1], "return_hidden_states": True},
                 {"input_ids": [1], "token_ids_logprob": [1, 2]},
                 {"input_ids": [1], "image_data": "http://x/y.png"},
@@ -457,11 +460,11 @@ def draw_requests(count: int, **kwargs) -> list[HostileRequest]:
 
 
 class ValidTraffic:
-    """A thread that keeps sending valid greedy requests and compares each answer with the
-    answer to the same request sent alone before (`expected`)."""
+    """A thread that keeps sending valid greedy requests (one every `pause` s) and compares
+    each answer with the answer to the same request sent alone before (`expected`)."""
 
-    def __init__(self, url: str, expected: dict[int, list[int]]):
-        self.url, self.expected = url, expected
+    def __init__(self, url: str, expected: dict[int, list[int]], pause: float = 0.05):
+        self.url, self.expected, self.pause = url, expected, pause
         self.sent, self.failures = 0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -480,6 +483,7 @@ class ValidTraffic:
                         self.failures.append(f"prompt {i}: different output")
                 except httpx.TransportError as err:
                     self.failures.append(type(err).__name__)
+                self._stop.wait(self.pause)
 
     def __enter__(self) -> ValidTraffic:
         self._thread.start()

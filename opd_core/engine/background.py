@@ -17,7 +17,10 @@ import uvicorn
 
 class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets that say
+        # they are TCP; without it Nagle holds each response body for the client's delayed
+        # ACK, 40 ms per request (uvicorn.run's own sockets come from getaddrinfo and do).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))  # port 0: the OS picks a free one, no race with others
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"

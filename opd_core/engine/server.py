@@ -211,7 +211,8 @@ def create_app(
             }
         )
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/flush_cache", operation_id="flush_cache_get")
+    @app.post("/flush_cache", operation_id="flush_cache_post")
     @_never_raises
     async def flush_cache(timeout: float = Query(0.0, ge=0.0, le=3600.0)) -> Response:
         # There is no prefix cache to drop (every batch starts from an empty KV cache), but
@@ -403,9 +404,35 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _content(*media_types: str) -> dict[str, Any]:
+    return {"content": {media: {"schema": {}} for media in media_types}}
+
+
+_JSON, _TEXT = _content("application/json"), _content("text/plain")
+_NO_BODY: dict[str, Any] = {}
+_ERRORS = {code: {"description": "error", **_JSON} for code in ("401", "500", "503")}
+# What each operation answers, with which content type (schemathesis checks both).
+_RESPONSES: dict[str, dict[str, dict]] = {
+    "/generate": {
+        "200": _content("application/json", "text/event-stream"),
+        **{code: _JSON for code in ("400", "413", "415", "499")},
+    },
+    "/update_weights_from_disk": {code: _JSON for code in ("200", "400", "413", "415")},
+    "/update_weight_version": {code: _JSON for code in ("200", "400", "413", "415")},
+    "/flush_cache": {"200": _TEXT, "400": _TEXT, "422": _JSON},
+    "/health": {"200": _NO_BODY},
+    "/health_generate": {"200": _NO_BODY},
+    "/model_info": {"200": _JSON},
+    "/get_model_info": {"200": _JSON},
+    "/server_info": {"200": _JSON},
+    "/get_server_info": {"200": _JSON},
+}
+
+
 def _openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema plus the request bodies the handlers parse themselves (they read raw
-    bytes for the orjson fast path and their own 400/413/415 answers)."""
+    bytes for the orjson fast path and their own 400/413/415 answers), and every status
+    code and content type each operation answers with."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version="1", routes=app.routes)
@@ -416,24 +443,22 @@ def _openapi_with_bodies(app: FastAPI) -> dict[str, Any]:
         "/update_weights_from_disk": UpdateWeightsRequest,
         "/update_weight_version": UpdateWeightVersionRequest,
     }
-    error = {"description": "error", "content": {"application/json": {"schema": {}}}}
     for path, model in bodies.items():
         body_schema = model.model_json_schema(ref_template=template)
         components.update(body_schema.pop("$defs", {}))
         components[model.__name__] = body_schema
-        operation = schema["paths"][path]["post"]
         reference = {"$ref": template.format(model=model.__name__)}
-        operation["requestBody"] = {
+        schema["paths"][path]["post"]["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": reference}},
         }
-        operation["responses"] = {
-            "200": {"description": "success", "content": {"application/json": {"schema": {}}}},
-            **{code: error for code in ("400", "401", "413", "415", "500", "503")},
-        }
-    schema["paths"]["/generate"]["post"]["responses"]["200"]["content"]["text/event-stream"] = {
-        "schema": {}
-    }
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            answers = {**_ERRORS, **_RESPONSES.get(path, {})}
+            operation["responses"] = {
+                code: {"description": "see the module docstring", **answer}
+                for code, answer in answers.items()
+            }
     app.openapi_schema = schema
     return schema
 
