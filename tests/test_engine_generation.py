@@ -278,6 +278,10 @@ def test_context_limits_follow_sglang(generator):
         generator.prepare({"input_ids": prompt + [1, 2], "sampling_params": {"max_new_tokens": 0}})
     with pytest.raises(RequestError, match=r"The input \(64 tokens\) is longer"):
         generator.prepare({"input_ids": [1] * context, "sampling_params": {"max_new_tokens": 0}})
+    # null is "the default" (SGLang); max_new_tokens null is "up to the context".
+    nulls = {"temperature": None, "top_k": None, "max_new_tokens": None, "n": None}
+    seq = generator.prepare({"input_ids": [5], "sampling_params": nulls})
+    assert seq.max_new_tokens == context - 3 and seq.params.temperature == 1.0
     [capped] = generator.generate_ids(
         [prompt], {**greedy, "max_new_tokens": 50}, context_length=context
     )

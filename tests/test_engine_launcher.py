@@ -174,15 +174,16 @@ def test_servers_die_with_a_sigkilled_driver(model_dir, tmp_path):
         text=True,
     )
     try:
-        guard = psutil.Process(int(driver.stdout.readline()))
-        server = guard.children()[0]
-        assert "opd_core.engine.server" in " ".join(server.cmdline())
+        server = psutil.Process(int(driver.stdout.readline()))
+        assert "opd_core.engine.server" in " ".join(server.cmdline())  # the server itself
+        [watcher] = server.children()  # parent_guard's watcher, in the server's group
+        assert "opd_core.engine.server" not in " ".join(watcher.cmdline())
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         deadline = time.monotonic() + 30
-        while not (gone(guard.pid) and gone(server.pid)) and time.monotonic() < deadline:
+        while not (gone(server.pid) and gone(watcher.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert gone(server.pid) and gone(guard.pid), "the server outlived its driver"
+        assert gone(server.pid) and gone(watcher.pid), "the server outlived its driver"
         assert "parent process" in (tmp_path / "server.log").read_text()
     finally:
         driver.kill()

@@ -244,13 +244,16 @@ class Generator:
                 f"({self.vocab_size})"
             )
         self._check_ids(params.stop_token_ids or [], "sampling_params.stop_token_ids")
-        too_long = self.limits.error(len(prompt), params.max_new_tokens)
+        max_new_tokens = params.max_new_tokens
+        if max_new_tokens is None:  # SGLang: no limit but the context's
+            max_new_tokens = max(0, self.context_length - len(prompt))
+        too_long = self.limits.error(len(prompt), max_new_tokens)
         if too_long:
             raise RequestError(f"{field}: {too_long}")
         return Sequence(
             request=request,
             prompt_ids=list(prompt),
-            max_new_tokens=self.limits.generated_tokens(len(prompt), params.max_new_tokens),
+            max_new_tokens=self.limits.generated_tokens(len(prompt), max_new_tokens),
             eos_ids=self.eos_ids,
             seed=self._seed_of(params.sampling_seed),
             **({"rid": request.rid} if request.rid else {}),

@@ -84,7 +84,8 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    max_new_tokens: int = Field(128, ge=0)  # SGLang's default; 0 = score the prompt only
+    # SGLang's default; 0 = score the prompt only; None = as many as the context allows
+    max_new_tokens: int | None = Field(128, ge=0)
     temperature: float = Field(1.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1  # -1 = no top-k; values past the vocabulary mean the whole vocabulary
@@ -112,6 +113,15 @@ class SamplingParams(BaseModel):
     logit_bias: dict[str, float] | None = None
     beam_width: int | None = Field(None, ge=1)
     watermark: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # SGLang's SamplingParams.__post_init__: "treat None as 'use default' so that callers
+        # can pass null" (max_new_tokens None keeps its meaning: no limit but the context).
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None or k == "max_new_tokens"}
+        return data
 
     @field_validator("top_k")
     @classmethod
@@ -445,6 +455,7 @@ def cap_max_new_tokens(
         )
         for i in range(len(prompt_lengths))
     ]
+    asked = [limits.context_length if m is None else m for m in asked]  # None: up to the end
     too_long = [i for i, n in enumerate(prompt_lengths) if n > limits.max_prompt_tokens]
     if too_long:
         shown = ", ".join(f"{i} ({prompt_lengths[i]} tokens)" for i in too_long[:10])
