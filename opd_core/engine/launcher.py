@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,32 +229,50 @@ def launch_server(
 
 def _wait_until_generating(server: ServerProcess, timeout: float, api_key: str | None) -> None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    deadline, last = time.monotonic() + timeout, "no answer yet"
     with httpx.Client(headers=headers, timeout=10) as http:
-        while True:
-            code = server.process.poll()
-            if code is not None:
-                tail = log_tail(server.log_path)
-                raise EngineLaunchError(
-                    f"{server.backend} server exited with code {code} before becoming healthy: "
-                    f"{error_line(tail) or 'see its log'}\n"
-                    f"command: {' '.join(server.command)}\n"
-                    f"last lines of {server.log_path}:\n{tail}"
-                )
+
+        def probe() -> tuple[bool, str]:
             try:
                 response = http.get(f"{server.url}/health_generate")
-                if response.status_code == 200:
-                    return
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
             except httpx.TransportError as err:
-                last = f"{type(err).__name__}"
-            if time.monotonic() > deadline:
-                raise EngineLaunchError(
-                    f"{server.backend} server at {server.url} not healthy after {timeout:.0f}s "
-                    f"(last: {last}).\n"
-                    f"last lines of {server.log_path}:\n{log_tail(server.log_path)}"
-                )
-            time.sleep(0.25)
+                return False, type(err).__name__
+            return (
+                response.status_code == 200,
+                f"HTTP {response.status_code}: {response.text[:200]}",
+            )
+
+        wait_until_ready(server, f"{server.backend} server", probe, timeout)
+
+
+def wait_until_ready(
+    managed: ManagedProcess,
+    name: str,
+    probe: Callable[[], tuple[bool, str]],
+    timeout: float,
+    poll: float = 0.25,
+) -> None:
+    """Poll `probe() -> (ready, what it saw)` until ready. EngineLaunchError if the process
+    exits first (naming the reason from its log, at once) or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code = managed.process.poll()
+        if code is not None:
+            tail = log_tail(managed.log_path)
+            raise EngineLaunchError(
+                f"{name} exited with code {code} before becoming healthy: "
+                f"{error_line(tail) or 'see its log'}\n"
+                f"command: {' '.join(managed.command)}\n"
+                f"last lines of {managed.log_path}:\n{tail}"
+            )
+        ready, last = probe()
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise EngineLaunchError(
+                f"{name} at {managed.url} not healthy after {timeout:.0f}s (last: {last}).\n"
+                f"last lines of {managed.log_path}:\n{log_tail(managed.log_path)}"
+            )
+        time.sleep(poll)
 
 
 def check_external(

@@ -17,7 +17,8 @@ with sglang-router 0.3.2 (tests/test_engine_router.py, benchmarks/router_overhea
   (`EngineClient(..., engine_urls=...)` does that).
 
 The router runs under the same process-group and parent-guard rules as the servers
-(`launcher.start_guarded`): it dies with the driver.
+(`launcher.start_guarded`): it dies with the driver. Each router gets its own Prometheus
+port (sglang-router binds 0.0.0.0:29000 by default, so a second router fails to start).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -34,8 +34,8 @@ from opd_core.engine.launcher import (
     EngineLaunchError,
     ManagedProcess,
     free_port,
-    log_tail,
     start_guarded,
+    wait_until_ready,
 )
 
 POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
@@ -81,6 +81,8 @@ def launch_router(
         *worker_urls,
         *map(str, extra_args),
     ]
+    if "--prometheus-port" not in command:  # its default, 29000, would clash between routers
+        command += ["--prometheus-host", host, "--prometheus-port", str(free_port(host))]
     log_path = Path(log_path or Path(tempfile.gettempdir()) / f"opd-router-{port}.log")
     router = RouterProcess(
         start_guarded(command, log_path), f"http://{host}:{port}", log_path, command, worker_urls
@@ -95,28 +97,15 @@ def launch_router(
 
 def _wait_until_routing(router: RouterProcess, timeout: float) -> None:
     """Until GET /workers lists every worker as healthy."""
-    deadline, last = time.monotonic() + timeout, "no answer yet"
     wanted = {url.rstrip("/") for url in router.worker_urls}
     with httpx.Client(timeout=5) as http:
-        while True:
-            code = router.process.poll()
-            if code is not None:
-                raise EngineLaunchError(
-                    f"sglang-router exited with code {code}.\n"
-                    f"last lines of {router.log_path}:\n{log_tail(router.log_path)}"
-                )
+
+        def probe() -> tuple[bool, str]:
             try:
                 workers = http.get(f"{router.url}/workers").json().get("workers", [])
                 healthy = {w["url"].rstrip("/") for w in workers if w.get("is_healthy")}
-                if wanted <= healthy:
-                    return
-                last = f"healthy workers: {sorted(healthy)}"
             except (httpx.TransportError, ValueError, KeyError, AttributeError) as err:
-                last = f"{type(err).__name__}: {err}"
-            if time.monotonic() > deadline:
-                raise EngineLaunchError(
-                    f"sglang-router at {router.url} did not register {sorted(wanted)} within "
-                    f"{timeout:.0f}s (last: {last}).\n"
-                    f"last lines of {router.log_path}:\n{log_tail(router.log_path)}"
-                )
-            time.sleep(0.2)
+                return False, f"{type(err).__name__}: {err}"
+            return wanted <= healthy, f"healthy workers {sorted(healthy)} of {sorted(wanted)}"
+
+        wait_until_ready(router, "sglang-router", probe, timeout, poll=0.2)
