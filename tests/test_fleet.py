@@ -48,11 +48,11 @@ def _config(**rollout) -> OPDRunConfig:
 
 
 def _server_process(url: str) -> psutil.Process:
-    """The process-group leader (the launcher's parent guard) serving `url`."""
+    """The server process (its process group's leader) serving `url`."""
     port = url.rsplit(":", 1)[1]
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "opd_core.engine.parent_guard" in cmdline and port in cmdline:
+        if "opd_core.engine.server" in cmdline and port in cmdline:
             return process
     raise AssertionError(f"no server process for {url}")
 
@@ -128,8 +128,11 @@ def test_a_killed_engine_behind_the_router_is_relaunched_with_the_current_weight
 
 def test_a_lone_engine_killed_is_waited_out_and_the_budget_is_bounded(cluster, models, tmp_path):
     """No router: the client's batch fails on the only URL, the fleet relaunches the engine,
-    the batch is sent again. One death more than `max_restarts` is an error naming it."""
-    cfg = _config(num_engines=1, max_restarts=1)
+    the batch is sent again. A killed Ray actor takes its server along and is replaced in its
+    bundle. One death more than `max_restarts` is an error naming the server."""
+    import ray
+
+    cfg = _config(num_engines=1, max_restarts=2)
     with start_servers("rollout", cfg, models[0], tmp_path / "rollout.log", watch=False) as fleet:
         assert fleet.router is None
         with fleet.client(cfg.client.model_copy(update={"max_retries": 1})) as client:
@@ -137,6 +140,12 @@ def test_a_lone_engine_killed_is_waited_out_and_the_budget_is_bounded(cluster, m
             os.killpg(_server_process(fleet.urls[0]).pid, signal.SIGKILL)
             assert _ids(client.generate(PROMPTS, GREEDY)) == expected
             assert fleet.restarts == 1
+
+            server = _server_process(fleet.urls[0])
+            ray.kill(fleet._servers[0].actor)  # the actor, not the server
+            server.wait(timeout=30)  # it dies with the actor that started it
+            assert _ids(client.generate(PROMPTS, GREEDY)) == expected
+            assert fleet.restarts == 2 and "its Ray actor died" in fleet.events[-2]
 
             os.killpg(_server_process(fleet.urls[0]).pid, signal.SIGKILL)
             with pytest.raises(

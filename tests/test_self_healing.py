@@ -53,7 +53,7 @@ def _victim():
             if any(part.startswith("ray::TrainActor") for part in cmdline):
                 return process, False
             continue
-        if "opd_core.engine.parent_guard" not in cmdline or "--model-path" not in cmdline:
+        if "opd_core.engine.server" not in cmdline or "--model-path" not in cmdline:
             continue
         model = cmdline[cmdline.index("--model-path") + 1]
         role = "teacher" if TARGET == "teacher" else "student"

@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,7 @@ class _Server:
     index: int
     url: str
     actor: Any = None  # its EngineActor handle; None for external servers
+    devices: list[str] | None = None  # its GPU ids when not its bundle's (colocated)
     placement: PlacementRow | None = None
 
 
@@ -221,18 +223,29 @@ class ServerFleet:
         reports it. A server that dies meanwhile is relaunched with these weights."""
         with self._lock:  # what a relaunch from now on loads
             self.model_path, self.weight_version = str(model_path), weight_version
+        with ThreadPoolExecutor(len(self.urls)) as pool:  # all servers at once, as slime does
+            list(
+                pool.map(
+                    lambda i: self._update_one(i, str(model_path), weight_version),
+                    range(len(self.urls)),
+                )
+            )
         with self._control() as control:
-            for _ in range(self.cfg.max_restarts + 2):
-                try:
-                    control.update_weights_from_disk(str(model_path), weight_version)
-                    break
-                except EngineError as err:
-                    status = getattr(err, "status_code", 500)
-                    if status < 500 and isinstance(err, EngineRequestError):
-                        raise  # the checkpoint is bad, not the server: no relaunch helps
-                    if not self.recover(err):
-                        raise
             self._check_versions(control, weight_version)
+
+    def _update_one(self, index: int, model_path: str, weight_version: str) -> None:
+        """Server `index`'s update, sent again after a relaunch (which loads these weights
+        too: a second load of the same files is harmless)."""
+        for _ in range(self.cfg.max_restarts + 2):
+            try:
+                with EngineClient(self.urls[index], api_key=self.cfg.api_key) as one:
+                    one.update_weights_from_disk(model_path, weight_version)
+                return
+            except EngineError as err:
+                if isinstance(err, EngineRequestError) and err.status_code < 500:
+                    raise  # the checkpoint is bad, not the server: no relaunch helps
+                if not self.recover(err):
+                    raise
 
     def weight_versions(self) -> dict[str, str | None]:
         """Each server's weight_version, from its /model_info (after any relaunch)."""
@@ -312,26 +325,14 @@ class ServerFleet:
     def _relaunch(self, server: _Server) -> None:
         if server.actor is None:
             server.actor = self._new_actor(server.index)
+        # The same port on the same host: the router's entry for it stays valid.
         port = int(server.url.rsplit(":", 1)[1])
-        info = ray.get(self._start(server.actor, server.index, port))
-        if info["url"] != server.url:  # not expected (same host, same port), but keep routing
-            self._replace_worker(server.url, info["url"])
-            server.url = self.urls[server.index] = info["url"]
+        info = ray.get(self._start(server.actor, server.index, port, server.devices))
+        server.placement = _row(self.role, server.index, info)
         if self.weight_version is not None:
             with self._control() as control:
                 _post_version(control, server.url, self.weight_version)
-        server.placement = _row(self.role, server.index, info)
         self.events.append(f"{self.label} {server.index} ({server.url}) is back")
-
-    def _replace_worker(self, old: str, new: str) -> None:
-        if self.router is None:
-            return
-        with httpx.Client(timeout=30) as http:
-            workers = http.get(f"{self.router.url}/workers").json().get("workers", [])
-            for worker in workers:
-                if worker["url"].rstrip("/") == old:
-                    http.delete(f"{self.router.url}/workers/{worker['id']}")
-            http.post(f"{self.router.url}/workers", json={"url": new})
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
@@ -436,12 +437,13 @@ def start_servers(
             fleet._stack.callback(reservation.release)
         fleet._reservation = reservation
         actors = [fleet._new_actor(i) for i in range(count)]
-        fleet._servers = [_Server(i, "", actor) for i, actor in enumerate(actors)]
+        fleet._servers = [
+            _Server(i, "", actor, devices[i] if devices else None) for i, actor in enumerate(actors)
+        ]
         # A fixed port is the first of `count` consecutive ones.
         ports = [server_cfg.port + i if server_cfg.port else 0 for i in range(count)]
         pending = [
-            fleet._start(actor, i, ports[i], devices[i] if devices else None)
-            for i, actor in enumerate(actors)
+            fleet._start(s.actor, s.index, ports[s.index], s.devices) for s in fleet._servers
         ]
         for server, info in zip(fleet._servers, _get_all(pending, fleet.label)):
             server.url = fleet.urls[server.index] = info["url"]
@@ -456,13 +458,6 @@ def start_servers(
                 fleet.urls,
                 policy=server_cfg.router_policy,
                 log_path=log_path.parent / f"{role}_router.log",
-                # Its metrics port defaults to 29000 for every router: two would collide.
-                extra_args=[
-                    "--prometheus-host",
-                    "127.0.0.1",
-                    "--prometheus-port",
-                    str(free_port()),
-                ],
                 startup_timeout=server_cfg.startup_timeout,
             )
     except BaseException:
