@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_runs import local_ray
 
 from opd_core.cluster import (
     ClusterResources,
@@ -30,13 +31,8 @@ QWEN3 = ROOT / "configs" / "qwen3-8b-opd.yaml"
 @pytest.fixture(scope="module")
 def eight_gpus():
     """A local Ray cluster with 8 logical GPUs (no GPU needed)."""
-    import ray
-
-    ray.init(num_cpus=16, num_gpus=8, include_dashboard=False)
-    try:
+    with local_ray(num_cpus=16, num_gpus=8):
         yield
-    finally:
-        ray.shutdown()
 
 
 def _placement_groups_left() -> list:

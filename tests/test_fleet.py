@@ -16,6 +16,7 @@ import time
 import httpx
 import psutil
 import pytest
+from tiny_runs import local_ray
 
 from opd_core.config import OPDRunConfig
 from opd_core.engine.fleet import FleetError, start_servers
@@ -27,13 +28,8 @@ GREEDY = {"max_new_tokens": 6, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-
-    ray.init(num_cpus=8, num_gpus=4, include_dashboard=False)
-    try:
+    with local_ray(num_cpus=8, num_gpus=4):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

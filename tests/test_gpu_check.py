@@ -54,24 +54,20 @@ def test_a_missing_package_is_one_clear_line():
     assert "gpu_check.sh" in str(err.value)
 
 
+def _shell(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_check.sh with this interpreter as the machine's python3."""
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_the_shell_entry_fails_fast_without_gpu_or_wheels(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable}
-    no_gpu = subprocess.run(
-        ["bash", "scripts/gpu_check.sh"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_gpu = _shell()  # this machine's torch is a CPU build
     assert no_gpu.returncode == 2 and "sees no GPU" in no_gpu.stderr, no_gpu.stderr
-    env["OPD_GPU_WHEELS"] = str(tmp_path / "empty")
-    no_wheels = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--tiny"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    no_wheels = _shell("--device", "cpu", "--tiny", OPD_GPU_WHEELS=str(tmp_path / "empty"))
     assert no_wheels.returncode == 2 and "make gpu-wheels" in no_wheels.stderr, no_wheels.stderr

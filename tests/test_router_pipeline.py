@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY
+from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray
 
 from opd_core.io import read_arrow, read_json
 from opd_core.schemas import EVAL_SAMPLES, ROLLOUTS
@@ -29,13 +29,8 @@ LONG = "Add up the digits: " + "1" * 470 + ". What is 2+3?"  # ~500 tokens with 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with local_ray(num_cpus=8) as address:
+        yield address
 
 
 def _prompts(path: Path) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY
+from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -85,13 +85,8 @@ def reward(samples):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False)
-    try:
+    with local_ray(num_cpus=8):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

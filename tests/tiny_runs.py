@@ -1,5 +1,8 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
-models, with no teacher or student training, and the smallest batches that run every stage."""
+models, with no teacher or student training, and the smallest batches that run every stage;
+and a local Ray cluster for a test module to share."""
+
+from contextlib import contextmanager
 
 TINY_TOY = [
     "toy.num_train=64",
@@ -44,3 +47,16 @@ def student_and_teacher(root, teacher_step: int | None = None) -> dict:
         "student_ckpt": hf_to_torch_dist(student, root / "student_torch_dist"),
         "teacher_ckpt": hf_to_torch_dist(teacher, root / "teacher_torch_dist", step=teacher_step),
     }
+
+
+@contextmanager
+def local_ray(**resources):
+    """A local Ray cluster (e.g. num_cpus=8, num_gpus=4 logical GPUs) for a test module: the
+    runs and fleets join it instead of starting their own. Yields its address."""
+    import ray
+
+    ray.init(include_dashboard=False, **resources)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
