@@ -44,11 +44,15 @@ def _config(**rollout) -> OPDRunConfig:
 
 
 def _server_process(url: str) -> psutil.Process:
-    """The server process (its process group's leader) serving `url`."""
+    """The server process (its process group's leader) serving `url`: one of this test
+    process's descendants (its Ray cluster's actors start the servers)."""
     port = url.rsplit(":", 1)[1]
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "opd_core.engine.server" in cmdline and port in cmdline:
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
+        if "opd_core.engine.server" in cmdline and cmdline[cmdline.index("--port") + 1] == port:
             return process
     raise AssertionError(f"no server process for {url}")
 
@@ -88,11 +92,14 @@ def test_engines_hold_their_own_gpus_and_share_the_requests(two_engines, models)
         assert row.url.startswith("http://127.0.0.1:")  # one node: loopback only
 
     before = fleet.requests_served()
-    with fleet.client(cfg.client) as client:  # seeded samples: one request each via the router
+    # Seeded samples (per-sequence seeds: batches the router 422s) go to the engines directly,
+    # 4 a request, in turn; shared params go through the router.
+    with fleet.client(cfg.client.model_copy(update={"batch_size": 4})) as client:
         out = client.generate(PROMPTS, {"max_new_tokens": 4, "sampling_seed": 11})
+        out += client.generate(PROMPTS, GREEDY)
     served = {url: fleet.requests_served()[url] - before[url] for url in fleet.urls}
     print(f"\nsequences served per engine: {served}")
-    assert len(out) == len(PROMPTS) and sum(served.values()) == len(PROMPTS)
+    assert len(out) == 2 * len(PROMPTS) and sum(served.values()) == 2 * len(PROMPTS)
     assert all(count > 0 for count in served.values()), served
 
     fleet.update_weights(models[1], "1")  # each engine directly (the router would 404)

@@ -47,8 +47,12 @@ calls = 0
 
 
 def _victim():
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
+    # Only this run's processes: descendants of this driver (its Ray cluster, its servers).
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
         if TARGET == "actor":
             if any(part.startswith("ray::TrainActor") for part in cmdline):
                 return process, False
