@@ -56,7 +56,9 @@ def ray_cluster():
     import ray
 
     ray.init(
-        num_cpus=os.cpu_count() or 2,
+        # The teacher, the training actor and the rollout engine each hold a bundle of >= 1 CPU
+        # (opd_core/cluster.py); Ray's CPUs only schedule, so 4 on 2 cores is fine.
+        num_cpus=max(4, os.cpu_count() or 2),
         include_dashboard=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )
@@ -109,5 +111,6 @@ def test_reruns_redo_only_what_changed(prefect_harness, ray_cluster, tmp_path, m
 
     print(
         f"\nfirst run {first_seconds:.1f} s | full cached rerun {cached_seconds:.1f} s | "
-        f"train.lr changed (train + final_eval) {train_seconds:.1f} s | eval.k changed (evals) {eval_seconds:.1f} s"
+        f"train.lr changed (train + final_eval) {train_seconds:.1f} s | "
+        f"eval.k changed (evals) {eval_seconds:.1f} s"
     )

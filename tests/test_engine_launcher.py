@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -72,7 +71,7 @@ def test_deterministic_inference_flag():
     flag = "--enable-deterministic-inference"
     assert flag not in server_command("sglang", "/m", "h", 1, TeacherConfig())
     assert flag in server_command("sglang", "/m", "h", 1, TeacherConfig(), deterministic=True)
-    with_field = SimpleNamespace(**TeacherConfig().model_dump(), deterministic=True)
+    with_field = TeacherConfig(enable_deterministic_inference=True)
     assert server_command("builtin", "/m", "h", 1, with_field).count(flag) == 1
 
 
