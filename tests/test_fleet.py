@@ -98,8 +98,9 @@ def test_engines_hold_their_own_gpus_and_share_the_requests(two_engines, models)
         out = client.generate(PROMPTS, {"max_new_tokens": 4, "sampling_seed": 11})
         out += client.generate(PROMPTS, GREEDY)
     served = {url: fleet.requests_served()[url] - before[url] for url in fleet.urls}
-    print(f"\nsequences served per engine: {served}")
-    assert len(out) == 2 * len(PROMPTS) and sum(served.values()) == 2 * len(PROMPTS)
+    print(f"\nrequests served per engine: {served}")
+    # 12 batch requests of 4 (a router health check may add one: /health generates a token).
+    assert len(out) == 2 * len(PROMPTS) and sum(served.values()) >= 2 * len(PROMPTS) // 4
     assert all(count > 0 for count in served.values()), served
 
     fleet.update_weights(models[1], "1")  # each engine directly (the router would 404)

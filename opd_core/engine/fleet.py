@@ -253,8 +253,9 @@ class ServerFleet:
             return {url: self._model_info(control, url).get("weight_version") for url in self.urls}
 
     def requests_served(self) -> dict[str, int | None]:
-        """Sequences each server has answered (the built-in engine's /server_info counter;
-        None where a server does not report one, e.g. real SGLang)."""
+        """/generate requests each server has answered (a batch counts once; the built-in
+        engine's /server_info counter; None where a server does not report one, e.g. real
+        SGLang)."""
         counts: dict[str, int | None] = {}
         with self._lock, httpx.Client(timeout=30) as http:
             for url in self.urls:
