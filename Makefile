@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_AUTH_MODE := disabled
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test bench clean up down
+.PHONY: install demo test bench clean up down gpu-wheels
 
 install: $(STAMP)
 
@@ -37,6 +37,18 @@ up: install
 
 down:
 	$(BIN)/python scripts/prefect_stack.py down
+
+# Wheels for scripts/gpu_check.sh on a GPU machine without network (CPython 3.12, x86_64):
+# scripts/gpu_wheels.txt, at most 64 MiB in all (git-ignored; they travel with the checkout).
+GPU_WHEELS := .gpu-wheels
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d $(GPU_WHEELS) -r scripts/gpu_wheels.txt
+	@size=$$(du -sm $(GPU_WHEELS) | cut -f1); echo "$(GPU_WHEELS)/: $$size MiB"; \
+		test $$size -le 64 || { echo "more than the 64 MiB a checkout may carry"; exit 1; }
 
 clean:
 	rm -rf $(VENV) .cache artifacts/*-* artifacts/latest

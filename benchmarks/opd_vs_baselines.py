@@ -47,7 +47,7 @@ from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS
 from opd_core.stages import Convert, Train
 from opd_core.trainer.group import TrainerGroup
-from opd_core.trainer.loop import generate_rollouts
+from opd_core.trainer.rollouts import generate_rollouts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -133,7 +133,7 @@ def run_method(name: str, cfg: OPDRunConfig, base: RunDir, root: Path, teacher_u
         with EngineClient.from_config(teacher_url, cfg.client) as teacher:
             exports = offpolicy_distillation(cfg, run, teacher)
     else:
-        Train(cfg, run).build(teacher_urls=[teacher_url] if cfg.algorithm.use_opd else None)
+        Train(cfg, run).build(teacher=[teacher_url] if cfg.algorithm.use_opd else None)
         exports = [run.hf_export(r) for r in range(cfg.rollout.num_rollout)]
     seconds = time.perf_counter() - started
     return {"exports": exports, "seconds": seconds}

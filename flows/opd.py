@@ -72,12 +72,13 @@ def open_run(cfg: OPDRunConfig) -> RunDir:
 
 @contextmanager
 def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
-    """Yields the teacher urls (None if no server is needed); stops what it started."""
+    """Yields the running teacher (a ServerFleet; None if no server is needed) and stops
+    what it started."""
     if skip or not Teacher(cfg, run_dir).needed:
         yield None
         return
     with start_teacher(cfg, run_dir) as fleet:
-        yield fleet.urls
+        yield fleet
 
 
 def _run_name() -> str:
@@ -136,8 +137,8 @@ def opd_flow(
     training_stage.check_claim(restart_train)  # before evals and a teacher spend time
     baseline = baseline_eval(cfg, run_dir)
     # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
-    with teacher_server(cfg, run_dir, skip=training_stage.is_cached()) as teacher_urls:
-        training = train(cfg, run_dir, teacher_urls, restart_train)
+    with teacher_server(cfg, run_dir, skip=training_stage.is_cached()) as teacher:
+        training = train(cfg, run_dir, teacher, restart_train)
     final = final_eval(cfg, run_dir)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
@@ -168,7 +169,7 @@ def stage_flow(
         training_stage = Train(cfg, rd)
         training_stage.check_claim(restart_train)
         skip_teacher = training_stage.is_cached()
-    with teacher_server(cfg, rd, skip=skip_teacher) as teacher_urls:
+    with teacher_server(cfg, rd, skip=skip_teacher) as teacher:
         if stage == "teacher":
-            return {"urls": teacher_urls}
-        return train(cfg, rd, teacher_urls, restart_train)
+            return {"urls": teacher.urls if teacher else None}
+        return train(cfg, rd, teacher, restart_train)

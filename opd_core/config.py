@@ -168,28 +168,42 @@ class ServerConfig(Section):
     the same code with the same flags (those of `python -m sglang.launch_server`).
     """
 
-    # Where a server runs and how long we wait for it does not change what it computes.
-    NOT_IN_CACHE_KEY = frozenset({"url", "host", "port", "api_key", "startup_timeout"})
+    # Where a server runs, how requests reach it and how long we wait for it or how often we
+    # relaunch it does not change what it computes.
+    NOT_IN_CACHE_KEY = frozenset(
+        {"url", "host", "port", "api_key", "startup_timeout", "max_restarts", "router_policy"}
+    )
 
     # builtin = the project's own engine (opd serve); sglang = python -m sglang.launch_server;
     # external = servers someone else runs, at `url`.
     backend: Literal["builtin", "sglang", "external"] = "builtin"
     # backend=external: the running server(s), comma-separated.
     url: str | None = None
+    # Where each server binds; on a Ray cluster of several nodes, 127.0.0.1 becomes the
+    # server's node IP (the driver and the router must reach it).
     host: str = "127.0.0.1"
-    # 0 = a free port for each server.
+    # 0 = a free port for each server; else the first of consecutive ones.
     port: int = Field(0, ge=0, le=65535)
+    # SGLang --api-key: clients send it as a Bearer token.
     api_key: str | None = None
     # GPUs each server holds, its SGLang --tp-size (slime: --rollout-num-gpus-per-engine);
     # 0 = a CPU server (built-in engine only).
     num_gpus_per_engine: int = Field(0, ge=0)
+    # SGLang --mem-fraction-static: the share of each GPU for weights + KV cache.
     mem_fraction_static: float | None = Field(None, gt=0, le=1)
     # Passed to the server as they are, e.g. ["--chunked-prefill-size", "4096"].
     extra_args: list[str] = []
     # SGLang --enable-deterministic-inference: only then does SGLang honour `sampling_seed`
     # (the built-in engine follows the same rule), at some cost in throughput.
     enable_deterministic_inference: bool = False
+    # Seconds a server may take to answer /health_generate after it starts.
     startup_timeout: float = Field(600.0, gt=0)
+    # Relaunches of a server that died, per role and run (self-healing; each one is logged and
+    # counted in the round's metrics); one more death fails the run, naming the server.
+    max_restarts: int = Field(3, ge=0)
+    # sglang-router's --policy, when the role has more than one server (the router is only
+    # started then); cache_aware sends a prompt's samples where its prefix is cached.
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
 
     @property
     def urls(self) -> list[str]:
@@ -200,6 +214,7 @@ class ServerConfig(Section):
 class TeacherConfig(ServerConfig):
     """The teacher's servers (opd_type=sglang; unused when opd_type=megatron)."""
 
+    # Teacher servers, each with num_gpus_per_engine GPUs (behind sglang-router when > 1).
     num_replicas: int = Field(1, ge=1)
 
 
@@ -220,15 +235,22 @@ class RolloutConfig(ServerConfig):
     num_rollout: int = Field(8, ge=0)
     # Prompts per round.
     rollout_batch_size: int = Field(32, gt=0)
+    # Responses sampled per prompt (one GRPO group).
     n_samples_per_prompt: int = Field(8, gt=0)
+    # max_new_tokens of a rollout; lowered per prompt so prompt + response fit the student's
+    # context and what the teacher servers score.
     rollout_max_response_len: int = Field(16, gt=0)
     # slime's flag: train prompts longer than this many tokens (chat template applied) are
     # dropped by the download stage, counted in its manifest. None = keep all that fit.
     rollout_max_prompt_len: int | None = Field(None, gt=0)
+    # Sampling temperature of the rollouts.
     rollout_temperature: float = Field(1.0, ge=0)
+    # Nucleus sampling: the smallest set of tokens with this much probability.
     rollout_top_p: float = Field(1.0, gt=0, le=1)
+    # Sample among the k most likely tokens; -1 = all.
     rollout_top_k: int = -1
-    # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per engine).
+    # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per
+    # engine); with more than one, requests go through sglang-router.
     num_engines: int = Field(1, ge=1)
 
     @property
@@ -310,17 +332,26 @@ class ParallelConfig(Section):
 
 
 class RayConfig(Section):
-    NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout"})
+    """Where training actors, rollout engines and teacher replicas run (opd_core.cluster)."""
+
+    NOT_IN_CACHE_KEY = frozenset({"address", "placement_timeout", "colocate", "max_restarts"})
 
     # None = start a local cluster.
     address: str | None = None
+    # Nodes the training actors span (world size = nodes x actor_num_gpus_per_node).
     actor_num_nodes: int = Field(1, ge=1)
     # 0 = CPU actors.
     actor_num_gpus_per_node: int = Field(0, ge=0)
     # None = cpu_count // world size (at least 1).
     actor_num_cpus_per_rank: int | None = Field(None, gt=0)
-    # Seconds to wait for the placement group.
+    # Seconds to wait for each role's placement group.
     placement_timeout: float = Field(300.0, gt=0)
+    # slime's --colocate: rollout engine e runs on the GPUs of training actors e*g .. e*g+g-1
+    # (g = rollout.num_gpus_per_engine), sharing them; false = every role has its own GPUs.
+    colocate: bool = False
+    # Rebuilds of the training actors from the last checkpoint after one died (the lost
+    # rounds are redone); one more death fails the run.
+    max_restarts: int = Field(3, ge=0)
 
 
 class TrainConfig(Section):

@@ -31,10 +31,12 @@ TINY_QWEN3 = dict(
 
 
 def qwen3_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> Qwen3Config:
-    fields = {**TINY_QWEN3, **overrides}
+    """A Qwen3 config for `tokenizer`: TINY_QWEN3 unless overridden. `vocab_size` defaults to
+    the tokenizer's; a larger one gives a real model's embedding shape (ids past the
+    tokenizer's decode to nothing)."""
+    fields = {"vocab_size": len(tokenizer), **TINY_QWEN3, **overrides}
     rope_theta = fields.pop("rope_theta")
     return Qwen3Config(
-        vocab_size=len(tokenizer),
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -57,13 +59,22 @@ def save_hf_model(
 
 
 def make_tiny_qwen3(
-    out_dir: str | Path, seed: int = 0, vocab_size: int = 384, **overrides: Any
+    out_dir: str | Path,
+    seed: int = 0,
+    vocab_size: int = 384,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> Path:
-    """A randomly initialised tiny Qwen3 with the toy byte-level tokenizer, saved to `out_dir`."""
+    """A randomly initialised Qwen3 (tiny unless `overrides` say otherwise) with the toy
+    byte-level tokenizer (`vocab_size` is the tokenizer's), saved to `out_dir`. `device` and
+    `dtype`: where it is initialised and how it is stored (a 0.6B shape builds in seconds on
+    a GPU)."""
     tokenizer = build_tokenizer(vocab_size)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(qwen3_config(tokenizer, **overrides)).eval()
-    return save_hf_model(model, tokenizer, out_dir)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(qwen3_config(tokenizer, **overrides)).eval()
+    return save_hf_model(model.to(dtype), tokenizer, out_dir)
 
 
 def rope_theta(config: Any) -> float:

@@ -14,8 +14,10 @@ tokenize or render a prompt silently corrupts every teacher log-prob. Checked:
   `data.chat_template_kwargs` (`chat_template`);
 - embedding rows: every real token id fits each model's embedding (padded vocabularies of
   different sizes are fine, e.g. Qwen2.5-7B's 152,064 rows and 0.5B's 151,936);
-- context: each train prompt + `rollout.rollout_max_response_len` fits both contexts, each
-  eval prompt leaves room for an answer. `rollout.rollout_max_prompt_len` (slime's flag) drops
+- context: each train prompt + `rollout.rollout_max_response_len` is an input both models'
+  SGLang servers accept (shorter than max_req_input_len = context - 6: the teacher scores
+  prompt + response as one input; `protocol.ContextLimits`), each eval prompt leaves room
+  for an answer. `rollout.rollout_max_prompt_len` (slime's flag) drops
   longer train prompts; `preflight.drop_overlong_prompts` drops those that cannot fit instead
   of failing. Dropped prompts are counted in the report (download/manifest.json).
 
@@ -36,6 +38,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_core.config import OPDRunConfig
 from opd_core.datasets import DAPO_TEMPLATE, apply_template
+from opd_core.engine.protocol import ContextLimits
 from opd_core.errors import NotRetryable
 from opd_core.evaluation import chat_prompt_ids
 
@@ -244,7 +247,8 @@ def fit_prompts(
     response_len = cfg.rollout.rollout_max_response_len
     contexts = [student] if teacher is None else [student, teacher]
     train_context = min(m.context_length for m in contexts)
-    budget = train_context - response_len
+    # Prompt + response is scored as one input: it must stay under SGLang's max_req_input_len.
+    budget = ContextLimits(train_context).max_prompt_tokens - response_len
     if budget < 1:
         raise PreflightError(
             f"rollout.rollout_max_response_len ({response_len}) leaves no room for a prompt in "
@@ -265,7 +269,8 @@ def fit_prompts(
         train,
         lengths,
         sources["train"],
-        f"+ rollout.rollout_max_response_len {response_len} > context {train_context}",
+        f"+ rollout.rollout_max_response_len {response_len} > {budget + response_len} tokens "
+        f"(what an SGLang server with context {train_context} accepts as input)",
     )
     for i in over:
         keep[i] = False

@@ -146,6 +146,11 @@ class RunDir:
         return self.stage("train") / "rollout_server.log"
 
     @property
+    def train_placement(self) -> Path:
+        """Which training actor, rollout engine and teacher replica got which node and GPUs."""
+        return self.stage("train") / "placement.json"
+
+    @property
     def torch_dist_checkpoints(self) -> Path:
         """Megatron-LM layout root: iter_XXXXXXX/ per checkpointed round."""
         return self.stage("train") / "checkpoints" / "torch_dist"

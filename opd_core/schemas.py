@@ -42,6 +42,9 @@ ROLLOUTS = pa.schema(
         pa.field("label", pa.string(), nullable=False),
         pa.field("reward", pa.float32(), nullable=False),  # after any post-process hook
         pa.field("correct", pa.bool_(), nullable=False),  # math verifier, whatever the reward
+        # The policy version that generated it: the engine's weight_version, which the round
+        # loop sets to the number of policy updates in its weights ("0" = the initial student).
+        pa.field("weight_version", pa.string(), nullable=False),
     ]
 )
 

@@ -7,15 +7,13 @@ from prefect.cache_policies import NO_CACHE
 from opd_core.config import OPDRunConfig
 from opd_core.rundir import RunDir
 from opd_core.stages import Train
+from opd_core.trainer.loop import TeacherServers
 from tasks.common import StageProgress, run_stage
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(
-    cfg: OPDRunConfig,
-    run_dir: RunDir,
-    teacher_urls: list[str] | None,
-    restart_train: bool = False,
+    cfg: OPDRunConfig, run_dir: RunDir, teacher: TeacherServers, restart_train: bool = False
 ) -> dict:
     logger = get_run_logger()
     stage = Train(cfg, run_dir)
@@ -36,6 +34,4 @@ def train(
 
     if not stage.is_cached() and stage.resumes():
         logger.info("train: resuming from %s if a round was checkpointed", stage.out_dir)
-    return run_stage(
-        stage, teacher_urls=teacher_urls, on_round=on_round, restart_train=restart_train
-    )
+    return run_stage(stage, teacher=teacher, on_round=on_round, restart_train=restart_train)

@@ -13,10 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opd_core.algorithm.batch import TrainBatch
+from opd_core.cluster import start_ray
 from opd_core.config import OPDRunConfig
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
-from opd_core.trainer.group import TrainerGroup, start_ray
+from opd_core.trainer.group import TrainerGroup
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,8 @@ def test_context_length_vs_prompt_plus_response(tmp_path):
     manifest = json.loads((run_dir.stage("download") / "manifest.json").read_text())
     prompts = manifest["preflight"]["prompts"]
     assert prompts["train"]["dropped_over_context"] == 1 and prompts["train_context"] == 80
+    # SGLang scores prompt + response only below max_req_input_len (context - 6).
+    assert prompts["prompt_budget"] == 80 - 7 - 16
     # slime's rollout_max_prompt_len drops by length alone (here: everything but the short ones).
     tree["rollout"]["rollout_max_prompt_len"] = 40
     tree["preflight"] = {}

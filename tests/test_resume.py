@@ -144,7 +144,9 @@ def ray_cluster():
     import ray
 
     ray.init(
-        num_cpus=os.cpu_count() or 2,
+        # The teacher, the training actor and the rollout engine each hold a bundle of >= 1 CPU
+        # (opd_core/cluster.py); Ray's CPUs only schedule, so 4 on 2 cores is fine.
+        num_cpus=max(4, os.cpu_count() or 2),
         include_dashboard=False,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
     )

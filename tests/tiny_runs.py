@@ -1,9 +1,12 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
 models, with no teacher or student training, and the smallest batches that run every stage.
-Also the tiny HF models (and their torch_dist checkpoints) that several test files build."""
+Also the tiny HF models (and their torch_dist checkpoints) that several test files build, and
+a local Ray cluster for a test module to share."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
+import ray
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -75,3 +78,12 @@ def make_tiny_qwen2(out_dir: Path) -> Path:
                 proj.bias.normal_(0, 0.5)
     model.save_pretrained(out_dir)
     return out_dir
+@contextmanager
+def local_ray(**resources):
+    """A local Ray cluster (e.g. num_cpus=8, num_gpus=4 logical GPUs) for a test module: the
+    runs and fleets join it instead of starting their own. Yields its address."""
+    ray.init(include_dashboard=False, **resources)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

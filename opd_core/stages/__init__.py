@@ -3,7 +3,7 @@
 download -> convert -> teacher -> baseline_eval -> train -> final_eval
 
 from opd_core.stages import Train
-Train(cfg, run_dir).run(teacher_urls=urls)     # what `tasks/train.py` wraps for Prefect
+Train(cfg, run_dir).run(teacher=fleet)         # what `tasks/train.py` wraps for Prefect
 """
 
 from opd_core.stages.base import CachedStage, Stage, StageOutcome

@@ -2,7 +2,7 @@
 
     stage = Train(cfg, run_dir)
     stage.is_cached()                             # the flow asks before starting a teacher
-    outcome = stage.run(teacher_urls=urls)        # cache check, then the stage's own work
+    outcome = stage.run(teacher=fleet)           # cache check, then the stage's own work
     outcome.result, outcome.cached, outcome.key
 
 A stage's cache key is the content hash of its input files, the hash of its config sections

@@ -2,7 +2,7 @@
 
     stage = Train(cfg, run_dir)
     stage.check_claim(restart=False)      # the flow, before it starts a teacher: refuse early
-    stage.run(teacher_urls=urls, restart_train=False)
+    stage.run(teacher=fleet_or_urls, restart_train=False)
 
 Cached on the converted student, the train split, the teacher (its HF dir, or its torch_dist
 in megatron mode) and the training config sections.
@@ -39,7 +39,7 @@ from opd_core.megatron.convert import load_hf_config
 from opd_core.megatron.model import check_parallel_layout
 from opd_core.rundir import code_version, input_digest, verify_inputs
 from opd_core.stages.base import CachedStage
-from opd_core.trainer.loop import RoundCallback, run_rounds
+from opd_core.trainer.loop import RoundCallback, TeacherServers, run_rounds
 from opd_core.trainer.state import TrainState
 
 OWNER_FILE = "run_key.json"  # the training setup that owns train/ (see the module docstring)
@@ -197,11 +197,12 @@ class Train(CachedStage):
 
     def build(
         self,
-        teacher_urls: list[str] | None = None,
+        teacher: TeacherServers = None,
         on_round: RoundCallback | None = None,
         restart_train: bool = False,
     ) -> dict[str, Any]:
-        if self.cfg.algorithm.teacher_source == "server" and not teacher_urls:
+        """`teacher`: the teacher stage's fleet, or the URLs of teacher servers run elsewhere."""
+        if self.cfg.algorithm.teacher_source == "server" and not teacher:
             raise ValueError(
                 "algorithm.opd_type=sglang needs a teacher server: run the teacher stage first"
             )
@@ -226,7 +227,7 @@ class Train(CachedStage):
 
         try:
             return run_rounds(
-                self.cfg, self.run_dir, teacher_urls, self.teacher_checkpoint, on_round=after_round
+                self.cfg, self.run_dir, teacher, self.teacher_checkpoint, on_round=after_round
             )
         except Exception as err:
             # A full disk during a checkpoint is raised in a training actor; Ray wraps it in

@@ -34,7 +34,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -96,8 +95,18 @@ class TrainActor:
 
     # ------------------------------------------------------------------------ setup
 
+    # Ray is imported in the two methods that need it, not at the top: scripts/gpu_check.py
+    # runs a TrainActor in its own process on a machine without Ray.
+    def placement(self) -> dict:
+        """This rank's node and GPU ids (`opd_core.cluster.where`), for the placement table."""
+        from opd_core.cluster import where
+
+        return where()
+
     def node_address(self) -> tuple[str, int]:
         """(ip, free port) on this actor's node: the rendezvous of the process group."""
+        import ray
+
         ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
         return ip, free_port("" if ip != "127.0.0.1" else "127.0.0.1")
 

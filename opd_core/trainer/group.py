@@ -8,28 +8,37 @@
                                                    # (+ critic steps when batch.returns is set)
         group.save_checkpoint(root, step); group.export_hf(out_dir)
 
-World size = TP x PP x DP; one actor per rank, one placement-group bundle per actor ({"CPU": n}
-on CPU; one GPU each on a cluster). The batch is split into contiguous data-parallel shards;
-every TP and PP rank of a DP group gets the same shard, and results are gathered in sample
-order from TP rank 0 of the last pipeline stage of each DP group. `shutdown()` (also on
-`__exit__`) kills the actors, removes the placement group and stops Ray if this group
-started it.
+World size = TP x PP x DP; one actor per rank, one placement-group bundle per actor (see
+`opd_core.cluster`: {"GPU": 1, "CPU": c} each on a cluster, {"CPU": c} on CPU). The group
+takes its bundles from a `Reservation` the caller made (the round loop plans actors, rollout
+engines and teacher replicas together), or reserves its own. The batch is split into
+contiguous data-parallel shards; every TP and PP rank of a DP group gets the same shard, and
+results are gathered in sample order from TP rank 0 of the last pipeline stage of each DP
+group. A rank that dies fails the call at once (`TrainingActorDied`, naming it), without
+waiting for the others (they may be stuck in a collective with it). `shutdown()` (also on
+`__exit__`) kills the actors, removes a placement group it reserved itself and leaves the Ray
+session it joined.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from opd_core.algorithm.batch import TrainBatch
+from opd_core.cluster import (
+    COLOCATED_SHARE,
+    Layout,
+    PlacementRow,
+    Reservation,
+    ray_session,
+    reserve,
+)
 from opd_core.config import OPDRunConfig
 from opd_core.megatron import checkpoint
 from opd_core.megatron.convert import load_hf_config
@@ -37,33 +46,13 @@ from opd_core.megatron.model import check_parallel_layout
 from opd_core.trainer.actor import TrainActor
 from opd_core.trainer.spec import ActorSpec
 
-# On a loaded small machine a worker importing torch + megatron can take over a minute to
-# register.
-LOCAL_RAY_SYSTEM_CONFIG = {"worker_register_timeout_seconds": 300}
 
+class TrainingActorDied(RuntimeError):
+    """A training rank's actor died (killed, out of memory, its node lost)."""
 
-def start_ray(address: str | None, num_cpus: int) -> None:
-    """Connect to the cluster at `address`, or start a local one with `num_cpus`.
-
-    ray.init replaces the driver's SIGTERM handler with `sys.exit`. Under an orchestrator that
-    installed its own (Prefect turns the SIGTERM of a cancellation into a clean CANCELLED), that
-    makes a cancel look like a crash, so a handler set on purpose is put back. A default
-    handler is left to Ray: its exit runs the atexit hooks that stop the local cluster.
-    """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    installed = signal.getsignal(signal.SIGTERM) if in_main_thread else None
-    if address:
-        ray.init(address=address, runtime_env=_runtime_env())
-    else:  # a local cluster just big enough for the ranks
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env=_runtime_env(),
-            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        )
-    if callable(installed):
-        signal.signal(signal.SIGTERM, installed)
+    def __init__(self, rank: int, where: str, cause: BaseException):
+        super().__init__(f"training actor {rank} ({where}) died: {type(cause).__name__}: {cause}")
+        self.rank, self.cause = rank, cause
 
 
 class TrainerGroup:
@@ -74,9 +63,11 @@ class TrainerGroup:
         ckpt_dir: str | Path | None,
         step: int | None = None,
         teacher_ckpt_dir: str | Path | None = None,
+        reservation: Reservation | None = None,
     ):
         """`teacher_ckpt_dir`: the Megatron teacher (opd_type=megatron), already resolved
-        (`opd_core.stages.base.Stage.teacher_checkpoint`)."""
+        (`opd_core.stages.base.Stage.teacher_checkpoint`). `reservation`: the actors'
+        placement group (`opd_core.cluster.reserve`); None = reserve one for this group."""
         self.cfg = cfg
         self.hf_config_dir = Path(hf_config_dir)
         parallel, ray_cfg = cfg.train.parallel, cfg.train.ray
@@ -94,34 +85,34 @@ class TrainerGroup:
                 f"{ray_cfg.actor_num_nodes * gpus}"
             )
         self._check_layout(teacher_ckpt_dir)  # before any actor starts
-        cpus = ray_cfg.actor_num_cpus_per_rank or max(1, (os.cpu_count() or 1) // self.world_size)
-        spec = ActorSpec.from_config(
-            cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=cpus
+        role = Layout.from_config(cfg).role("actor")
+        # Threads per rank on CPU: its share of this machine (Ray's CPUs only schedule).
+        threads = ray_cfg.actor_num_cpus_per_rank or max(
+            1, (os.cpu_count() or 1) // self.world_size
         )
-        self._started_ray = False
-        self.actors, self.placement_group = [], None
-        if not ray.is_initialized():
-            start_ray(ray_cfg.address, num_cpus=max(cpus * self.world_size, os.cpu_count() or 1))
-            self._started_ray = True
+        spec = ActorSpec.from_config(
+            cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=threads
+        )
+        self.actors, self.placement = [], []
+        self._stack = ExitStack()
         try:
-            bundle = {"CPU": cpus, "GPU": 1} if gpus else {"CPU": cpus}
-            self.placement_group = placement_group(
-                [dict(bundle) for _ in range(self.world_size)], strategy="PACK"
-            )
-            ray.get(self.placement_group.ready(), timeout=ray_cfg.placement_timeout)
+            self._stack.enter_context(ray_session(cfg))
+            if reservation is None:
+                reservation = reserve(role, ray_cfg.placement_timeout)
+                self._stack.callback(reservation.release)
+            # Under colocate the rollout engines take the other part of each GPU.
+            share = 1 - COLOCATED_SHARE if ray_cfg.colocate and role.gpus else None
             remote_cls = ray.remote(TrainActor)
             self.actors = [
-                remote_cls.options(
-                    num_cpus=cpus,
-                    num_gpus=1 if gpus else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.placement_group, placement_group_bundle_index=rank
-                    ),
-                ).remote()
+                remote_cls.options(**reservation.options(rank, share)).remote()
                 for rank in range(self.world_size)
             ]
-            master_addr, master_port = ray.get(self.actors[0].node_address.remote())
-            self.ranks = ray.get(
+            self.placement = [
+                PlacementRow("actor", rank, **info)
+                for rank, info in enumerate(self._get([a.placement.remote() for a in self.actors]))
+            ]
+            master_addr, master_port = self._get([self.actors[0].node_address.remote()])[0]
+            self.ranks = self._get(
                 [
                     actor.setup.remote(rank, self.world_size, master_addr, master_port, spec)
                     for rank, actor in enumerate(self.actors)
@@ -167,8 +158,26 @@ class TrainerGroup:
             getattr(actor, method).remote(shards[self.ranks[r]["dp_rank"]], *args)
             for r, actor in enumerate(self.actors)
         ]
-        results = ray.get(refs)
+        results = self._get(refs)
         return [results[self.dp_leaders[d]] for d in range(self.dp)]
+
+    def _get(self, refs: list) -> list:
+        """ray.get of one call per rank, failing at the first rank that died."""
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+        except ray.exceptions.RayActorError as err:
+            rank = next((r for r, ref in enumerate(refs) if ref in done), -1)
+            raise TrainingActorDied(rank, self._where(rank), err) from err
+        return ray.get(refs)
+
+    def _where(self, rank: int) -> str:
+        if 0 <= rank < len(self.placement):
+            row = self.placement[rank]
+            return f"node {row.node_ip}, GPUs [{','.join(row.gpu_ids)}]"
+        return "not placed yet"
 
     def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
         return [row for shard in self._run_sharded("compute_logprobs", batch) for row in shard]
@@ -214,14 +223,14 @@ class TrainerGroup:
         return out
 
     def save_checkpoint(self, ckpt_root, step: int) -> str:
-        return ray.get([a.save_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
+        return self._get([a.save_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
 
     def load_checkpoint(self, ckpt_root, step: int | None = None) -> dict:
-        return ray.get([a.load_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
+        return self._get([a.load_checkpoint.remote(str(ckpt_root), step) for a in self.actors])[0]
 
     def export_hf(self, out_dir, hf_config_dir=None) -> str:
         hf_config_dir = str(hf_config_dir or self.hf_config_dir)
-        return ray.get([a.export_hf.remote(str(out_dir), hf_config_dir) for a in self.actors])[0]
+        return self._get([a.export_hf.remote(str(out_dir), hf_config_dir) for a in self.actors])[0]
 
     # ---------------------------------------------------------------------- lifetime
 
@@ -230,23 +239,10 @@ class TrainerGroup:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
         self.actors = []
-        if self.placement_group is not None:
-            with contextlib.suppress(Exception):
-                remove_placement_group(self.placement_group)
-            self.placement_group = None
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
-            self._started_ray = False
+        self._stack.close()  # its own placement group, then the Ray session
 
     def __enter__(self) -> TrainerGroup:
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _runtime_env() -> dict:
-    # Workers import opd_core from this checkout (no packaging of the working dir).
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}}

@@ -1,6 +1,6 @@
 """The OPD training rounds, driver side: generate -> reward -> score -> advantages -> step -> sync.
 
-    summary = run_rounds(cfg, run_dir, teacher_urls=["http://127.0.0.1:30000"], on_round=print)
+    summary = run_rounds(cfg, run_dir, teacher=["http://127.0.0.1:30000"], on_round=print)
 
 `opd_core.stages.train.Train` calls this after its cache-key and resume checks; call the
 stage, not this, from a notebook. One round (slime's loop, one rollout per round) is
@@ -18,43 +18,56 @@ stage, not this, from a notebook. One round (slime's loop, one rollout per round
 
 Everything a round produces is written before the next starts, and `state.json` records the
 last checkpointed round, so a killed run resumes where it stopped (see `TrainState`).
+
+Where things run is planned once (`opd_core.cluster.Layout`: training actors, rollout
+engines, and the teacher replicas the teacher stage started) and checked against the Ray
+cluster before anything of training starts. The rounds heal themselves: a dead rollout
+engine or teacher replica is relaunched by its fleet (`opd_core.engine.fleet`) while the
+round goes on; a dead training actor fails the round at once, the actors are rebuilt from
+the last checkpoint (the rollout engines go back to that checkpoint's weights) and the
+rounds since then are redone, with the same seeds, so the run ends as an uninterrupted one
+would. Each round's metrics count the relaunches and rebuilds (`*_restarts`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from opd_core.algorithm.advantages import AdvantageResult, compute_advantages
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.metrics import MetricsLog, round_metrics
 from opd_core.algorithm.rewards import load_reward_fn
+from opd_core.cluster import ClusterResources, Layout, colocated_devices, ray_session, reserve
 from opd_core.config import OPDRunConfig
-from opd_core.engine.client import EngineClient
-from opd_core.engine.fleet import start_servers
+from opd_core.engine.fleet import ServerFleet, start_servers
 from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS, ROLLOUTS
-from opd_core.trainer.group import TrainerGroup
+from opd_core.trainer.group import TrainerGroup, TrainingActorDied
+from opd_core.trainer.rollouts import Rollouts, generate_rollouts
 from opd_core.trainer.state import TrainState
-from opd_core.trainer.teachers import Teacher, TeacherScores, open_teacher
-from opd_core.verifier import is_correct
+from opd_core.trainer.teachers import ServerTeacher, Teacher, TeacherScores, open_teacher
+
+logger = logging.getLogger("opd.train")
 
 RoundCallback = Callable[[int, dict], None]
+# The teacher the rounds score with: the teacher stage's fleet (self-healing), the URLs of
+# servers someone else runs, or None (no server teacher).
+TeacherServers = ServerFleet | Sequence[str] | None
 
 
 def run_rounds(
     cfg: OPDRunConfig,
     run_dir: RunDir,
-    teacher_urls: list[str] | None,
+    teacher: TeacherServers,
     teacher_checkpoint: Path | None = None,
     on_round: RoundCallback | None = None,
 ) -> dict:
@@ -63,39 +76,19 @@ def run_rounds(
     `teacher_checkpoint`: the Megatron teacher (opd_type=megatron), resolved by the stage.
     """
     state = TrainState.load(run_dir.stage("train"))
-    with Rounds(cfg, run_dir, teacher_urls, teacher_checkpoint, state) as rounds:
-        last_metrics = state.metrics
-        for round_index in range(state.next_round, cfg.rollout.rounds):
-            last_metrics = rounds.run_round(round_index)
-            if on_round:
-                on_round(round_index, last_metrics)
-        final_hf = rounds.trainer.export_hf(run_dir.final_student_hf)
+    with Rounds(cfg, run_dir, teacher, teacher_checkpoint, state) as rounds:
+        while True:
+            try:
+                last_metrics = state.metrics
+                for round_index in range(state.next_round, cfg.rollout.rounds):
+                    last_metrics = rounds.run_round(round_index)
+                    if on_round:
+                        on_round(round_index, last_metrics)
+                final_hf = rounds.trainer.export_hf(run_dir.final_student_hf)
+                break
+            except TrainingActorDied as death:  # back to the last checkpoint, then on from there
+                rounds.rebuild_trainer(death)
     return {"final_hf": str(final_hf), "rounds": cfg.rollout.rounds, "last_metrics": last_metrics}
-
-
-@dataclass
-class Rollouts:
-    """One round's samples, in request order (prompt i's n samples are consecutive)."""
-
-    prompt_index: list[int] = field(default_factory=list)
-    sample_index: list[int] = field(default_factory=list)
-    prompt_ids: list[list[int]] = field(default_factory=list)
-    response_ids: list[list[int]] = field(default_factory=list)
-    response_text: list[str] = field(default_factory=list)
-    rollout_logprobs: list[list[float]] = field(default_factory=list)
-    finish_reason: list[str] = field(default_factory=list)
-    label: list[str] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
-    # What reward functions see, one dict per sample (prompt messages, text, label, ids).
-    samples: list[dict] = field(default_factory=list)
-
-    def table(self, round_index: int, rewards: np.ndarray) -> pa.Table:
-        """Rows of `rollouts.arrow` (opd_core.schemas.ROLLOUTS)."""
-        columns = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
-        return pa.table({"round": [round_index] * len(rewards), **columns, "reward": rewards})
-
-    def batch(self) -> TrainBatch:
-        return TrainBatch(prompt_ids=self.prompt_ids, response_ids=self.response_ids)
 
 
 class PhaseTimer:
@@ -116,30 +109,39 @@ class PhaseTimer:
 class Rounds:
     """What every round uses: prompts, reward, rollout engines, trainer and teacher.
 
-    A context manager: entering starts the rollout engines (with the newest checkpointed
-    weights) and the training actors (resumed from that checkpoint); leaving stops them all.
+    A context manager: entering checks the layout, reserves the actors' and engines'
+    placement groups, starts the training actors (resumed from the newest checkpoint) and the
+    rollout engines (with that checkpoint's weights); leaving stops them all.
     """
 
     def __init__(
         self,
         cfg: OPDRunConfig,
         run_dir: RunDir,
-        teacher_urls: list[str] | None,
+        teacher: TeacherServers,
         teacher_checkpoint: Path | None,
         state: TrainState,
     ):
         self.cfg, self.run_dir, self.state = cfg, run_dir, state
-        self.teacher_urls, self.teacher_checkpoint = teacher_urls, teacher_checkpoint
+        self.teacher_servers, self.teacher_checkpoint = teacher, teacher_checkpoint
         self.prompts = read_arrow(run_dir.train_data, PROMPTS)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(run_dir.student_hf)
         self.prompt_ids = chat_prompt_ids(
             self.tokenizer, self.prompts, cfg.data.chat_template_kwargs
         )
+        # Rollouts cap max_new_tokens so that long prompts fit (SGLang would answer 400).
+        self.context_length = getattr(
+            AutoConfig.from_pretrained(run_dir.student_hf), "max_position_embeddings", None
+        )
         self.reward_fn = load_reward_fn(cfg.reward)
+        self.layout = Layout.from_config(cfg)
+        self.trainer_restarts = 0  # rebuilds so far (bounded by train.ray.max_restarts)
+        self._restarts_seen: dict[str, int] = {}
         self._stack = ExitStack()
 
     def __enter__(self) -> Rounds:
         cfg, run_dir, state = self.cfg, self.run_dir, self.state
+        timeout = cfg.train.ray.placement_timeout
         with self._stack as stack:
             self.metrics_log = MetricsLog(
                 run_dir.train_metrics,
@@ -148,39 +150,133 @@ class Rounds:
                 run_name=run_dir.root.name,
             )
             stack.callback(self.metrics_log.close)
-            # Resume from the newest checkpointed round, else start from the converted student.
-            engines = stack.enter_context(
+            stack.enter_context(ray_session(cfg, self.layout))
+            # The whole run's layout, the teacher's replicas included: a clear error before
+            # any of training starts.
+            self.layout.check(ClusterResources.from_ray())
+            self._actors = reserve(self.layout.role("actor"), timeout)
+            stack.callback(self._actors.release)
+            self.trainer = self._start_trainer()
+            stack.callback(lambda: self.trainer.shutdown())
+            rollout = self.layout.role("rollout")
+            reservation, devices = None, None
+            if rollout is not None:
+                reservation = reserve(rollout, timeout, host=self._actors)
+                stack.callback(reservation.release)
+                if rollout.colocated:  # the GPUs of the actors it shares
+                    devices = [
+                        colocated_devices(self.trainer.placement, e, rollout.gpus)
+                        for e in range(rollout.count)
+                    ]
+            # Resume from the newest checkpointed round, else start from the converted student;
+            # weight_version = the number of policy updates in those weights.
+            self.engines = stack.enter_context(
                 start_servers(
                     "rollout",
-                    cfg.rollout,
+                    cfg,
                     state.hf_export or run_dir.student_hf,
                     run_dir.rollout_log,
-                    count=cfg.rollout.num_engines,
+                    reservation=reservation,
+                    devices=devices,
+                    weight_version=str(state.next_round),
                 )
             )
-            self.rollout_client = stack.enter_context(
-                EngineClient.from_config(engines.urls, cfg.client, api_key=cfg.rollout.api_key)
-            )
-            self.trainer = stack.enter_context(
-                TrainerGroup(
-                    cfg,
-                    hf_config_dir=run_dir.student_hf,
-                    ckpt_dir=run_dir.student_torch_dist,
-                    teacher_ckpt_dir=self.teacher_checkpoint,
-                )
-            )
+            self.rollout_client = stack.enter_context(self.engines.client(cfg.client))
             self.teacher: Teacher | None = open_teacher(
-                cfg, self.teacher_urls, self.trainer, run_dir.teacher_hf
+                cfg, self.teacher_servers, self.trainer, run_dir.teacher_hf
             )
             if self.teacher is not None:
-                stack.callback(self.teacher.close)
-            if state.checkpoint_dir is not None:  # model, optimizer, RNG and iteration
-                self.trainer.load_checkpoint(state.checkpoint_dir, step=state.checkpoint_round + 1)
+                stack.callback(lambda: self.teacher.close())
+            self.score_limit = self._score_limit()
+            self._write_placement()
             self._stack = stack.pop_all()  # entered whole: keep it open until __exit__
         return self
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+
+    def _start_trainer(self) -> TrainerGroup:
+        """The training actors in their bundles, from the newest checkpoint (model, optimizer,
+        RNG and iteration) or the converted student."""
+        trainer = TrainerGroup(
+            self.cfg,
+            hf_config_dir=self.run_dir.student_hf,
+            ckpt_dir=self.run_dir.student_torch_dist,
+            teacher_ckpt_dir=self.teacher_checkpoint,
+            reservation=self._actors,
+        )
+        state = self.state
+        try:
+            if state.checkpoint_dir is not None:
+                trainer.load_checkpoint(state.checkpoint_dir, step=state.checkpoint_round + 1)
+        except BaseException:
+            trainer.shutdown()
+            raise
+        return trainer
+
+    def rebuild_trainer(self, death: TrainingActorDied) -> None:
+        """After a training actor died: new actors from the last checkpoint, and the rollout
+        engines back to that checkpoint's weights; the rounds after it are then redone. A
+        RuntimeError once train.ray.max_restarts rebuilds are used up."""
+        limit, state = self.cfg.train.ray.max_restarts, self.state
+        if self.trainer_restarts >= limit:
+            raise RuntimeError(
+                f"{death}; no restarts left (train.ray.max_restarts = {limit} used)"
+            ) from death
+        self.trainer_restarts += 1
+        source = (
+            f"round {state.checkpoint_round}'s checkpoint"
+            if state.checkpoint_dir is not None
+            else "the converted student"
+        )
+        logger.warning(
+            "%s; rebuilding the training actors from %s and redoing from round %d (%d/%d)",
+            death,
+            source,
+            state.next_round,
+            self.trainer_restarts,
+            limit,
+        )
+        self.trainer.shutdown()
+        self.trainer = self._start_trainer()
+        if self.teacher is not None and self.cfg.algorithm.teacher_source == "megatron":
+            self.teacher = open_teacher(self.cfg, None, self.trainer)  # it lives in the actors
+        self.engines.update_weights(
+            state.hf_export or self.run_dir.student_hf, str(state.next_round)
+        )
+        self._write_placement()
+
+    def _score_limit(self) -> int | None:
+        """The longest prompt + response the teacher servers score (SGLang answers 400 above
+        its max_req_input_len); None for an in-actor teacher or none at all."""
+        if not isinstance(self.teacher, ServerTeacher):
+            return None
+        config = self.run_dir.teacher_hf / "config.json"
+        context = (
+            getattr(AutoConfig.from_pretrained(config.parent), "max_position_embeddings", None)
+            if config.is_file()
+            else None
+        )
+        return self.teacher.client.context_limits(context or 1 << 30).max_prompt_tokens
+
+    def _write_placement(self) -> None:
+        """train/placement.json: which actor, engine and replica got which node and GPUs."""
+        fleets = [self.engines, self.teacher_servers]
+        rows = self.trainer.placement + [
+            row for fleet in fleets if isinstance(fleet, ServerFleet) for row in fleet.placement
+        ]
+        write_json(self.run_dir.train_placement, [row.to_dict() for row in rows])
+
+    def _restarts(self) -> dict[str, int]:
+        """Relaunches and rebuilds since the last call: the round's `*_restarts` metrics."""
+        totals = {
+            "rollout_engine_restarts": self.engines.restarts,
+            "teacher_replica_restarts": getattr(self.teacher_servers, "restarts", 0),
+            "trainer_restarts": self.trainer_restarts,
+        }
+        delta = {k: v - self._restarts_seen.get(k, 0) for k, v in totals.items()}
+        self._restarts_seen = totals
+        return delta
 
     # -------------------------------------------------------------------- one round
 
@@ -210,6 +306,7 @@ class Rounds:
                 rewards, rollouts.correct, [len(r) for r in batch.response_ids], advantages
             ),
             **train_metrics,
+            **self._restarts(),
             **timer.seconds,
             "seconds": sum(timer.seconds.values()),
         }
@@ -229,6 +326,9 @@ class Rounds:
             self.prompt_ids,
             self.rollout_client,
             self.tokenizer,
+            context_length=self.context_length,
+            weight_version=self.engines.weight_version,
+            max_total_tokens=self.score_limit,
         )
 
     def reward(self, rollouts: Rollouts) -> np.ndarray:
@@ -275,66 +375,13 @@ class Rounds:
         return result
 
     def sync(self, round_index: int) -> Path:
-        """Export the new weights and load them into every rollout engine."""
+        """Export the new weights and load them into every rollout engine; returns once each
+        engine reports weight_version round_index + 1 (the next round samples from it)."""
         export_dir = self.trainer.export_hf(self.run_dir.hf_export(round_index))
-        self.rollout_client.update_weights_from_disk(str(export_dir))
+        self.engines.update_weights(export_dir, weight_version=str(round_index + 1))
         return Path(export_dir)
 
     def _is_checkpoint_round(self, round_index: int) -> bool:
         """Every `save_interval` rounds, and always the last one."""
         last = round_index == self.cfg.rollout.rounds - 1
         return last or (round_index + 1) % self.cfg.train.save_interval == 0
-
-
-def generate_rollouts(
-    cfg: OPDRunConfig,
-    round_index: int,
-    prompts: pa.Table,
-    prompt_ids: list[list[int]],
-    client: EngineClient,
-    tokenizer: PreTrainedTokenizerBase,
-) -> Rollouts:
-    """A round's prompts (seeded by round) and their responses from the engines at `client`."""
-    rollout = cfg.rollout
-    rng = np.random.default_rng([cfg.seed, round_index])
-    count = min(rollout.rollout_batch_size, len(prompt_ids))
-    chosen = rng.choice(len(prompt_ids), size=count, replace=False)
-    rows = [int(i) for i in chosen for _ in range(rollout.n_samples_per_prompt)]
-    responses = client.generate(
-        [prompt_ids[i] for i in rows],
-        {
-            "max_new_tokens": rollout.rollout_max_response_len,
-            "temperature": rollout.rollout_temperature,
-            "top_p": rollout.rollout_top_p,
-            "top_k": rollout.rollout_top_k,
-            "sampling_seed": int(rng.integers(2**31)),  # SGLang's name; sample i gets seed + i
-        },
-        return_logprob=True,
-        progress=f"round {round_index} rollout",
-    )
-    labels = prompts.column("label").to_pylist()
-    messages = prompts.column("prompt").to_pylist()
-    indices = prompts.column("index").to_pylist()
-    out = Rollouts()
-    for position, (row, response) in enumerate(zip(rows, responses)):
-        response_ids = list(response["output_ids"])
-        text = tokenizer.decode(response_ids, skip_special_tokens=True)
-        meta = response["meta_info"]
-        out.prompt_index.append(indices[row])
-        out.sample_index.append(position % rollout.n_samples_per_prompt)
-        out.prompt_ids.append(prompt_ids[row])
-        out.response_ids.append(response_ids)
-        out.response_text.append(text)
-        out.rollout_logprobs.append([e[0] for e in meta.get("output_token_logprobs") or []])
-        out.finish_reason.append(meta["finish_reason"]["type"])
-        out.label.append(labels[row])
-        out.correct.append(is_correct(text, labels[row]))
-        out.samples.append(
-            {
-                "prompt": messages[row],
-                "response_text": text,
-                "label": labels[row],
-                "response_ids": response_ids,
-            }
-        )
-    return out

@@ -1,6 +1,6 @@
 """The teacher as the round loop sees it: one `score(batch)`, over HTTP or inside the actors.
 
-    teacher = open_teacher(cfg, teacher_urls, trainer, run_dir.teacher_hf)   # None: no OPD
+    teacher = open_teacher(cfg, teacher_servers, trainer, run_dir.teacher_hf)  # None: no OPD
     scores = teacher.score(batch, label="round 3 teacher")  # TeacherScores
     scores.attach(batch)                                     # top-k OPD: the ids the loss needs
 
@@ -24,6 +24,7 @@ import pyarrow as pa
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.engine.client import EngineClient, scores_to_table
+from opd_core.engine.fleet import ServerFleet
 from opd_core.engine.logprob_cache import model_namespace
 from opd_core.trainer.group import TrainerGroup
 
@@ -88,21 +89,26 @@ class MegatronTeacher:
 
 
 def open_teacher(
-    cfg: OPDRunConfig, teacher_urls: list[str] | None, trainer: TrainerGroup, teacher_dir: Path
+    cfg: OPDRunConfig,
+    servers: ServerFleet | Sequence[str] | None,
+    trainer: TrainerGroup,
+    teacher_dir: Path,
 ) -> Teacher | None:
-    """The teacher `cfg.algorithm.teacher_source` asks for (None = no OPD). The train stage
-    checks that a server teacher has its URLs before anything starts. `teacher_dir` (the
-    downloaded teacher) keys the teacher-logprob cache by the content of its weights: real
-    SGLang reports neither a fingerprint nor a changed weight_version."""
+    """The teacher `cfg.algorithm.teacher_source` asks for (None = no OPD). `servers`: the
+    teacher stage's fleet (its client waits out a replica's relaunch) or the URLs of servers
+    run elsewhere. The train stage checks that a server teacher has them before anything
+    starts. `teacher_dir` (the downloaded teacher) keys the teacher-logprob cache by the
+    content of its weights: real SGLang reports neither a fingerprint nor a changed
+    weight_version."""
     source, topk = cfg.algorithm.teacher_source, cfg.algorithm.opd_topk
     if source == "none":
         return None
     if source == "megatron":
         return MegatronTeacher(trainer, topk)
+    namespace = model_namespace(teacher_dir)
+    if isinstance(servers, ServerFleet):
+        return ServerTeacher(servers.client(cfg.client, cache_namespace=namespace), topk)
     client = EngineClient.from_config(
-        teacher_urls,
-        cfg.client,
-        api_key=cfg.teacher.api_key,
-        cache_namespace=model_namespace(teacher_dir),
+        servers, cfg.client, api_key=cfg.teacher.api_key, cache_namespace=namespace
     )
     return ServerTeacher(client, topk)
