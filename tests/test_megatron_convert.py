@@ -184,7 +184,8 @@ def test_cli_export_runs_without_process_group(models, tmp_path):
 
 @pytest.mark.slow
 def test_real_width_qwen3_converts_and_matches(tmp_path):
-    """Qwen3-0.6B widths (2 layers): hidden 1024, 16 heads, 8 kv heads, head_dim 128, vocab 151936."""
+    """Qwen3-0.6B widths (2 layers): hidden 1024, 16 heads, 8 kv heads, head_dim 128, vocab
+    151936."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(

@@ -69,7 +69,8 @@ def apply_cpu_shims() -> bool:
 
 
 class _TorchOnCpu:
-    """`torch` as megatron's pipeline schedules see it: what they ask for on "cuda" is made on the CPU."""
+    """`torch` as megatron's pipeline schedules see it: what they ask for on "cuda" is made on
+    the CPU."""
 
     def __getattr__(self, name: str):
         return getattr(torch, name)

@@ -1,10 +1,13 @@
 """Megatron GPTModel built from an HF Qwen3 / Qwen2 config, and per-token log-probs.
 
-    model = build_gpt_model(hf_config)              # after parallel.init_distributed(...): this rank's stage
-    check_config_matches(hf_config, model)          # raises naming a mismatching field
+    model = build_gpt_model(hf_config)          # after parallel.init_distributed: this rank's stage
+    check_config_matches(hf_config, model)      # raises naming a mismatching field
     ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    logits = forward_logits(model, ids, mask)       # on the last pipeline stage (see megatron.pipeline)
-    logprobs = response_logprobs(logits, prompt_ids, response_ids)   # list of [len(response)] tensors
+    logits = forward_logits(model, ids, mask)   # on the last pipeline stage (see megatron.pipeline)
+    logprobs = response_logprobs(logits, prompt_ids, response_ids)  # [len(response)] tensors
+
+Core attention is torch's scaled_dot_product_attention (`opd_core.megatron.attention`) unless
+Transformer Engine is there; `build_gpt_model(..., attention_backend=...)` picks another.
 
 Supported: Qwen3ForCausalLM (dense) and Qwen2ForCausalLM (q/k/v bias, no qk-norm). The
 fields set below are the ones whose omission silently changes the model (a wrong rope base
@@ -113,7 +116,8 @@ def build_transformer_config(
         # Micro-batches are padded to their own length: stages send activation shapes first.
         pipeline_dtype=dtype,
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # no experts here; the default "allgather" refuses the line above
+        # No experts here; the default "allgather" refuses the line above.
+        moe_token_dispatcher_type="alltoall",
         # The actor weights each micro-batch's loss by its share of the global token count:
         # the schedule must not divide by the number of micro-batches, nor DDP average over DP.
         calculate_per_token_loss=True,
@@ -303,7 +307,8 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def response_spans(
     prompt_ids: list[list[int]], response_ids: list[list[int]]
 ) -> list[tuple[int, int]]:
-    """(start, end) of each sample's response in the output positions: position t predicts token t+1."""
+    """(start, end) of each sample's response in the output positions (position t predicts
+    token t+1)."""
     spans = []
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         if len(prompt) == 0:
