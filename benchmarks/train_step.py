@@ -20,6 +20,8 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,38 @@ def timed_interleaved(steps: dict, repeats: int) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
+def measure_shape(name: str, steps: int) -> dict:
+    """Median step seconds of both contenders on the shape `name` (in a process of its own)."""
+    from opd_core.hf_utils import make_tiny_qwen3
+    from opd_core.megatron.convert import hf_to_torch_dist
+
+    shape = SHAPES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = make_tiny_qwen3(Path(tmp) / "hf", **MODELS[name])
+        ckpt = hf_to_torch_dist(hf_dir, Path(tmp) / "ckpt")
+        cfg = run_config(shape)
+        batch = make_batch(shape, vocab=300)
+        tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
+        seconds = timed_interleaved(
+            {
+                "megatron": megatron_step(hf_dir, ckpt, cfg, batch),
+                "transformers": transformers_step(hf_dir, cfg, batch),
+            },
+            steps,
+        )
+    megatron_s, hf_s = seconds["megatron"], seconds["transformers"]
+    return {
+        "model": name,
+        "shape": shape,
+        "tokens_per_step": tokens,
+        "megatron_s_per_step": megatron_s,
+        "transformers_s_per_step": hf_s,
+        "megatron_tokens_per_s": tokens / megatron_s,
+        "transformers_tokens_per_s": tokens / hf_s,
+        "speedup": hf_s / megatron_s,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=7)
@@ -226,40 +260,19 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
 
-    from opd_core.hf_utils import make_tiny_qwen3
-    from opd_core.megatron.convert import hf_to_torch_dist
-
     load_start = os.getloadavg()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.shapes:
-            shape = SHAPES[name]
-            hf_dir = make_tiny_qwen3(Path(tmp) / f"hf{len(rows)}", **MODELS[name])
-            ckpt = hf_to_torch_dist(hf_dir, Path(tmp) / f"ckpt{len(rows)}")
-            cfg = run_config(shape)
-            batch = make_batch(shape, vocab=300)
-            tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
-            seconds = timed_interleaved(
-                {
-                    "megatron": megatron_step(hf_dir, ckpt, cfg, batch),
-                    "transformers": transformers_step(hf_dir, cfg, batch),
-                },
-                args.steps,
-            )
-            megatron_s, hf_s = seconds["megatron"], seconds["transformers"]
-            rows.append(
-                {
-                    "model": name,
-                    "shape": shape,
-                    "tokens_per_step": tokens,
-                    "megatron_s_per_step": megatron_s,
-                    "transformers_s_per_step": hf_s,
-                    "megatron_tokens_per_s": tokens / megatron_s,
-                    "transformers_tokens_per_s": tokens / hf_s,
-                    "speedup": hf_s / megatron_s,
-                }
-            )
-            print(f"{name}: megatron {megatron_s:.4f} s, transformers {hf_s:.4f} s", flush=True)
+    for name in args.shapes:
+        # Each shape in a fresh process: the actors of earlier shapes (their models, Python
+        # objects and heap) would otherwise slow the later ones.
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            row = pool.submit(measure_shape, name, args.steps).result()
+        rows.append(row)
+        print(
+            f"{name}: megatron {row['megatron_s_per_step']:.4f} s, "
+            f"transformers {row['transformers_s_per_step']:.4f} s",
+            flush=True,
+        )
     load_end = os.getloadavg()
     device = (
         torch.cuda.get_device_name()
