@@ -23,6 +23,7 @@ from opd_core.megatron.model import (
     response_logprobs_of,
     response_spans,
     response_topk,
+    response_vocab_logprobs,
 )
 from opd_core.megatron.parallel import init_single_process
 
@@ -129,7 +130,8 @@ def _has_te() -> bool:
     return True
 
 
-def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir):
+@pytest.mark.parametrize("packed", [False, True], ids=["full_vocab_logprobs", "packed"])
+def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir, packed):
     init_single_process()
     torch.manual_seed(0)
     ids, _, _ = pad_batch(PROMPTS, RESPONSES)
@@ -151,7 +153,11 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
         return out
 
     def helpers():
-        full = full_vocab_logprobs(logits)
+        full = (
+            response_vocab_logprobs(logits, PROMPTS, RESPONSES)
+            if packed
+            else full_vocab_logprobs(logits)
+        )
         return list(
             zip(
                 response_logprobs(logits, PROMPTS, RESPONSES),

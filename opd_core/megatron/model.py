@@ -331,6 +331,10 @@ def response_positions(spans: list[tuple[int, int]], device=None) -> tuple[torch
         torch.full((end - start,), row, dtype=torch.long) for row, (start, end) in enumerate(spans)
     ]
     cols = [torch.arange(start, end) for start, end in spans]
+    if not spans:
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(
+            0, dtype=torch.long, device=device
+        )
     return torch.cat(rows).to(device), torch.cat(cols).to(device)
 
 
@@ -369,7 +373,23 @@ def response_logprobs(
 
 def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over the whole vocabulary [b, s, vocab] in fp32 (all-gathered under tensor
-    parallel; differentiable). Compute it once per forward for the entropy and top-k terms."""
+    parallel; differentiable). Compute it once per forward for the entropy and top-k terms;
+    `response_vocab_logprobs` is the same at the response positions only, for less work."""
+    return _vocab_log_softmax(logits)
+
+
+def response_vocab_logprobs(
+    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> torch.Tensor:
+    """`full_vocab_logprobs` at the response positions only: [sum of response lengths, vocab],
+    packed sample after sample (differentiable). The prompt's and the padding's positions,
+    most of a short-answer batch, are neither softmaxed nor back-propagated through.
+    `response_entropy` and `response_logprobs_of` take this or the [b, s, vocab] form."""
+    spans = response_spans(prompt_ids, response_ids)
+    return _vocab_log_softmax(logits[response_positions(spans, logits.device)])
+
+
+def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state, tensor_parallel
 
     logits = logits.float()
@@ -378,15 +398,23 @@ def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def _at_responses(full_logprobs: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[n, vocab] at the response positions, from either form of the full log-probs."""
+    if full_logprobs.dim() == 2:  # response_vocab_logprobs: already packed
+        return full_logprobs
+    return full_logprobs[response_positions(spans, full_logprobs.device)]
+
+
 def response_entropy(
     full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
 ) -> list[torch.Tensor]:
     """Entropy of the next-token distribution at every response position, from
-    `full_vocab_logprobs` (gradients flow); the other positions are not computed."""
+    `full_vocab_logprobs` or `response_vocab_logprobs` (gradients flow); the other positions
+    are not computed."""
     spans = response_spans(prompt_ids, response_ids)
     if not spans:
         return []
-    logprobs = full_logprobs[response_positions(spans, full_logprobs.device)]  # [n, vocab]
+    logprobs = _at_responses(full_logprobs, spans)
     return _split(-(logprobs.exp() * logprobs).sum(-1), spans)
 
 
@@ -396,9 +424,9 @@ def response_logprobs_of(
     response_ids: list[list[int]],
     token_ids: list,
 ) -> list[torch.Tensor]:
-    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` (top-k
-    OPD: the teacher's top-k ids, per sample a [len(response_i), k] array): list of
-    [len(response_i), k] tensors (gradients flow)."""
+    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` or
+    `response_vocab_logprobs` (top-k OPD: the teacher's top-k ids, per sample a
+    [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
     spans = response_spans(prompt_ids, response_ids)
     if not spans:
         return []
@@ -411,8 +439,7 @@ def response_logprobs_of(
         dtype=torch.long,
         device=full_logprobs.device,
     )
-    picked = full_logprobs[response_positions(spans, full_logprobs.device)]  # [n, vocab]
-    return _split(picked.gather(-1, index), spans)
+    return _split(_at_responses(full_logprobs, spans).gather(-1, index), spans)
 
 
 def response_topk(
@@ -426,12 +453,10 @@ def response_topk(
     spans = response_spans(prompt_ids, response_ids)
     if not spans:
         return []
-    full_logprobs = full_vocab_logprobs(logits)
-    # Top-k of the response positions only (a sort over the vocabulary per position).
-    picked = full_logprobs[response_positions(spans, full_logprobs.device)]
+    picked = response_vocab_logprobs(logits, prompt_ids, response_ids)
     top_logprobs, top_ids = picked.topk(k, dim=-1)
     sampled = response_logprobs_of(
-        full_logprobs,
+        picked,
         prompt_ids,
         response_ids,
         [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids],
