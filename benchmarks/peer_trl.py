@@ -23,14 +23,16 @@ whole run = the `opd run` process. Gain per 100 s = (final - baseline pass@1) / 
 x 100. The load average (os.getloadavg) is recorded at every run's start and end.
 
 Each finished (system, seed) is kept in `--work-dir`/<system>-s<seed>/peer_result.json and
-skipped on a rerun (`--fresh` reruns everything), so a killed benchmark resumes. Prints one
-table and writes benchmarks/results/peer_trl.json with the ratios.
+skipped on a rerun, as is a finished TRL training or `opd run` whose result was not read yet
+(`--fresh` reruns everything), so a killed benchmark resumes. Prints one table and writes
+benchmarks/results/peer_trl.json with the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
 TRL_SCRIPT = ROOT / "benchmarks" / "trl_distill.py"
 RESULT = "peer_result.json"
+# What of a run's output reaches the console: TRL's logged steps, our rounds' summaries, errors.
+PROGRESS = re.compile(r"\{'loss'|^trl: |round \d+: |Error")
 
 
 def main() -> None:
@@ -82,7 +86,8 @@ def main() -> None:
                 print(f"[peer] {system} seed {seed}: done before, kept ({out / RESULT})")
                 rows.append(read_json(out / RESULT))
                 continue
-            shutil.rmtree(out, ignore_errors=True)
+            if args.fresh:
+                shutil.rmtree(out, ignore_errors=True)
             print(f"[peer] {system} seed {seed}: starting (load {_load(os.getloadavg())})")
             run = run_trl if system == "trl" else run_ours
             row = {"system": system, "seed": seed, "load_average_start": os.getloadavg()}
@@ -135,11 +140,17 @@ def run_trl(cfg: OPDRunConfig, out: Path, args) -> dict:
         "clip_grad": cfg.train.clip_grad,
         "out_dir": str(out),
     }
-    out.mkdir(parents=True)
-    write_json(out / "job.json", job)
-    started = time.perf_counter()
-    _run_logged([args.trl_python, str(TRL_SCRIPT), str(out / "job.json")], out / "trl.log")
-    script_seconds = time.perf_counter() - started
+    done = out / "script_seconds.json"  # written once the TRL script finished
+    if not done.is_file() or read_json(out / "job.json") != job:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        write_json(out / "job.json", job)
+        started = time.perf_counter()
+        _run_logged([args.trl_python, str(TRL_SCRIPT), str(out / "job.json")], out / "trl.log")
+        write_json(done, {"seconds": time.perf_counter() - started})
+    else:
+        print(f"[peer] trl seed {seed}: training finished before, evaluating it")
+    script_seconds = read_json(done)["seconds"]
     trl = read_json(out / "result.json")
 
     # Our evaluation of both ends, in a run directory of its own (run_eval reads the eval split
@@ -225,19 +236,27 @@ def run_ours(cfg: OPDRunConfig, out: Path, args) -> dict:
         f"run.run_id={run_id}",
         f"run.artifacts_dir={out}",
     ]
-    out.mkdir(parents=True)
-    started = time.perf_counter()
-    _run_logged(command, out / "opd.log")
-    whole_seconds = time.perf_counter() - started
+    done = out / "run_seconds.json"  # written once `opd run` finished
+    if not done.is_file() or read_json(done)["command"] != command:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        started = time.perf_counter()
+        _run_logged(command, out / "opd.log")
+        write_json(done, {"seconds": time.perf_counter() - started, "command": command})
+    else:
+        print(f"[peer] ours seed {cfg.seed}: the run finished before, reading it")
+    whole_seconds = read_json(done)["seconds"]
     run_dir = RunDir.open(out / run_id)
     rounds = read_arrow(run_dir.stage("train") / "metrics.arrow")
+    # The cached stages' markers hold their wall time (the teacher stage is a server: none).
     stage_seconds = {
-        stage: read_json(run_dir.stage(stage) / "_stage.json").get("seconds")
-        for stage in ("download", "convert", "teacher", "baseline_eval", "train", "final_eval")
+        stage: read_json(marker).get("seconds")
+        for stage in ("download", "convert", "baseline_eval", "train", "final_eval")
+        if (marker := run_dir.stage(stage) / "_stage.json").is_file()
     }
     return {
         "train_seconds": float(np.sum(rounds.column("seconds").to_numpy())),
-        "train_stage_seconds": stage_seconds["train"],
+        "train_stage_seconds": stage_seconds.get("train"),
         "stage_seconds": stage_seconds,
         "phase_seconds": {
             name: float(np.sum(rounds.column(name).to_numpy()))
@@ -267,7 +286,7 @@ def _run_logged(command: list[str], log: Path) -> None:
     ):
         for line in process.stdout:
             sink.write(line)
-            if any(word in line for word in ("'loss'", "round ", "trl:", "Error")):
+            if PROGRESS.search(line):
                 print(f"    {line.rstrip()[:160]}", flush=True)
     if process.returncode:
         raise RuntimeError(f"{command[0]} ... failed ({process.returncode}); see {log}")
