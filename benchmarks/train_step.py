@@ -1,6 +1,6 @@
 """Training throughput: the Megatron actor vs plain transformers, same model, same batch.
 
-    python -m benchmarks.train_step [--steps 7] [--shapes NAME ...] [--out FILE]
+    python -m benchmarks.train_step [--steps 7] [--min-seconds 5] [--shapes NAME ...] [--out FILE]
 
 Both sides do the same work per step: forward over prompt+response, PPO-clip policy loss on
 the response tokens (`opd_core.algorithm.losses.policy_loss`), backward, grad clipping and
@@ -206,14 +206,25 @@ def _padded_tensors(batch, device) -> dict[str, torch.Tensor]:
     return {name: tensor.to(device) for name, tensor in out.items()}
 
 
-def timed_interleaved(steps: dict, repeats: int) -> dict[str, dict[str, float]]:
+def timed_interleaved(
+    steps: dict, repeats: int, min_seconds: float = 0.0
+) -> dict[str, dict[str, float]]:
     """Median wall and CPU (all threads of this process) seconds per call, alternating the
-    contenders so machine load hits both alike. CPU seconds move less than wall seconds when
+    contenders so machine load hits both alike: at least `repeats` calls each, and more until
+    every contender ran `min_seconds` (a 20 ms step then gets hundreds of samples, so a burst
+    of load elsewhere moves the median less). CPU seconds move less than wall seconds when
     other processes share the cores."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for step in steps.values():
         step()  # warm-up
-    for _ in range(repeats):
+
+    def enough() -> bool:
+        return all(
+            len(values) >= repeats and sum(wall for wall, _ in values) >= min_seconds
+            for values in times.values()
+        )
+
+    while not enough():
         for name, step in steps.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             step()
@@ -229,7 +240,7 @@ def timed_interleaved(steps: dict, repeats: int) -> dict[str, dict[str, float]]:
     }
 
 
-def measure_shape(name: str, steps: int) -> dict:
+def measure_shape(name: str, steps: int, min_seconds: float) -> dict:
     """Median step seconds of both contenders on the shape `name` (in a process of its own)."""
     from opd_core.hf_utils import make_tiny_qwen3
     from opd_core.megatron.convert import hf_to_torch_dist
@@ -247,6 +258,7 @@ def measure_shape(name: str, steps: int) -> dict:
                 "transformers": transformers_step(hf_dir, cfg, batch),
             },
             steps,
+            min_seconds,
         )
     megatron_s, hf_s = seconds["megatron"]["wall"], seconds["transformers"]["wall"]
     return {
@@ -266,7 +278,10 @@ def measure_shape(name: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=7, help="at least this many timed steps")
+    parser.add_argument(
+        "--min-seconds", type=float, default=5.0, help="and at least this long per contender"
+    )
     parser.add_argument("--shapes", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
@@ -277,7 +292,7 @@ def main() -> None:
         # Each shape in a fresh process: the actors of earlier shapes (their models, Python
         # objects and heap) would otherwise slow the later ones.
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            row = pool.submit(measure_shape, name, args.steps).result()
+            row = pool.submit(measure_shape, name, args.steps, args.min_seconds).result()
         rows.append(row)
         print(
             f"{name}: megatron {row['megatron_s_per_step']:.4f} s, "
