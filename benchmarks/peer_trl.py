@@ -286,6 +286,7 @@ def _run_logged(command: list[str], log: Path) -> None:
     ):
         for line in process.stdout:
             sink.write(line)
+            sink.flush()  # the log can be followed while the run goes
             if PROGRESS.search(line):
                 print(f"    {line.rstrip()[:160]}", flush=True)
     if process.returncode:
