@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export RAY_AUTH_MODE := disabled
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test bench clean up down gpu-wheels
+.PHONY: install demo test bench bench-peer clean up down gpu-wheels
 
 install: $(STAMP)
 
@@ -30,6 +30,20 @@ bench: install
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.opd_vs_baselines
 
+# Ours vs TRL's DistillationTrainer on the demo (benchmarks/peer_trl.py). TRL runs in its own
+# venv: torch first and alone (as above), then the pinned TRL stack; nothing at run time.
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+
+$(TRL_STAMP): benchmarks/requirements-trl.lock.txt
+	test -d $(TRL_VENV) || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q -r benchmarks/requirements-trl.lock.txt
+	touch $(TRL_STAMP)
+
+bench-peer: install $(TRL_STAMP)
+	$(BIN)/python -m benchmarks.peer_trl --trl-python $(TRL_VENV)/bin/python
+
 # Local Prefect stack: server (SQLite in .prefect/, 127.0.0.1:4200) + process worker + the
 # deployments of prefect.yaml. `make down` stops exactly what `make up` started.
 up: install
@@ -51,4 +65,4 @@ gpu-wheels: install
 		test $$size -le 64 || { echo "more than the 64 MiB a checkout may carry"; exit 1; }
 
 clean:
-	rm -rf $(VENV) .cache artifacts/*-* artifacts/latest
+	rm -rf $(VENV) $(TRL_VENV) .cache artifacts/*-* artifacts/latest

@@ -10,6 +10,10 @@ tracker around dropout inside tensor-parallel regions. On CPU we point the devic
 "cpu", make synchronisation a no-op and make the RNG fork a plain context (dropout is 0 in
 our configs, so no random stream is consumed there). Nothing here is applied when a GPU
 is present: the real kernels and RNG tracker run unchanged.
+
+One setting is for speed, not correctness: freed tensor memory stays in the process
+(`cpu_allocator.keep_freed_memory`), as the CUDA caching allocator keeps it on a GPU; without
+it glibc hands activations back to the kernel every step and the step pays page faults.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from opd_core.megatron.cpu_allocator import keep_freed_memory
 
 _APPLIED = False
 
@@ -33,6 +39,7 @@ def apply_cpu_shims() -> bool:
     if _APPLIED:
         return True
 
+    keep_freed_memory()
     # Megatron places parameters and buffers on `torch.cuda.current_device()`.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     # Used as a barrier around collectives and checkpoint I/O; CPU ops are synchronous.
@@ -62,7 +69,8 @@ def apply_cpu_shims() -> bool:
 
 
 class _TorchOnCpu:
-    """`torch` as megatron's pipeline schedules see it: what they ask for on "cuda" is made on the CPU."""
+    """`torch` as megatron's pipeline schedules see it: what they ask for on "cuda" is made on
+    the CPU."""
 
     def __getattr__(self, name: str):
         return getattr(torch, name)

@@ -1,10 +1,13 @@
 """Megatron GPTModel built from an HF Qwen3 / Qwen2 config, and per-token log-probs.
 
-    model = build_gpt_model(hf_config)              # after parallel.init_distributed(...): this rank's stage
-    check_config_matches(hf_config, model)          # raises naming a mismatching field
+    model = build_gpt_model(hf_config)          # after parallel.init_distributed: this rank's stage
+    check_config_matches(hf_config, model)      # raises naming a mismatching field
     ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    logits = forward_logits(model, ids, mask)       # on the last pipeline stage (see megatron.pipeline)
-    logprobs = response_logprobs(logits, prompt_ids, response_ids)   # list of [len(response)] tensors
+    logits = forward_logits(model, ids, mask)   # on the last pipeline stage (see megatron.pipeline)
+    logprobs = response_logprobs(logits, prompt_ids, response_ids)  # [len(response)] tensors
+
+Core attention is torch's scaled_dot_product_attention (`opd_core.megatron.attention`) unless
+Transformer Engine is there; `build_gpt_model(..., attention_backend=...)` picks another.
 
 Supported: Qwen3ForCausalLM (dense) and Qwen2ForCausalLM (q/k/v bias, no qk-norm). The
 fields set below are the ones whose omission silently changes the model (a wrong rope base
@@ -113,7 +116,8 @@ def build_transformer_config(
         # Micro-batches are padded to their own length: stages send activation shapes first.
         pipeline_dtype=dtype,
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # no experts here; the default "allgather" refuses the line above
+        # No experts here; the default "allgather" refuses the line above.
+        moe_token_dispatcher_type="alltoall",
         # The actor weights each micro-batch's loss by its share of the global token count:
         # the schedule must not divide by the number of micro-batches, nor DDP average over DP.
         calculate_per_token_loss=True,
@@ -134,20 +138,51 @@ def build_transformer_config(
     )
 
 
-def _layer_spec(config) -> Any:
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+# Which module computes attention (`build_gpt_model(..., attention_backend=...)`):
+#   "te"    Transformer Engine's layer spec (fused kernels; needs CUDA and transformer_engine);
+#   "sdpa"  megatron's local spec with core attention in torch's scaled_dot_product_attention
+#           (opd_core.megatron.attention): fused on CPU and on CUDA without TE;
+#   "local" megatron's local spec unchanged (unfused baddbmm + masked softmax + bmm);
+#   "auto"  "te" where CUDA and Transformer Engine are both present, else "sdpa".
+# All four give the same state-dict names (TE naming), so checkpoints move freely between them.
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
 
+
+def resolve_attention_backend(backend: str = "auto") -> str:
+    """The concrete backend ("te", "sdpa" or "local") that `backend` means on this machine."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend {backend!r}: choose one of {ATTENTION_BACKENDS}")
+    has_te = False
     if torch.cuda.is_available():
-        try:  # TE kernels when present; the state-dict names are identical (TE naming).
+        try:
             import transformer_engine  # noqa: F401
-            from megatron.core.models.gpt.gpt_layer_specs import (
-                get_gpt_layer_with_transformer_engine_spec,
-            )
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+            has_te = True
         except ImportError:
             pass
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    if backend == "te" and not has_te:
+        raise ValueError("attention_backend 'te' needs CUDA and transformer_engine installed")
+    if backend == "auto":
+        return "te" if has_te else "sdpa"
+    return backend
+
+
+def _layer_spec(config, attention_backend: str = "auto") -> Any:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    backend = resolve_attention_backend(attention_backend)
+    if backend == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=config.qk_layernorm
+        )
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=config.qk_layernorm, normalization="RMSNorm"
+    )
+    if backend == "sdpa":
+        from opd_core.megatron.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
 
 
 def check_parallel_layout(hf_config: Any, tp: int, pp: int, what: str | None = None) -> None:
@@ -167,8 +202,14 @@ def check_parallel_layout(hf_config: Any, tp: int, pp: int, what: str | None = N
         raise ValueError(f"train.parallel does not fit {name}: " + "; ".join(problems))
 
 
-def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: bool = True):
-    """This rank's GPTModel (its pipeline stage), matching `hf_config` exactly. Needs parallel state."""
+def build_gpt_model(
+    hf_config: Any,
+    dtype: torch.dtype | None = None,
+    check: bool = True,
+    attention_backend: str = "auto",
+):
+    """This rank's GPTModel (its pipeline stage), matching `hf_config` exactly. Needs parallel
+    state. `attention_backend`: one of ATTENTION_BACKENDS (see there)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -179,7 +220,7 @@ def build_gpt_model(hf_config: Any, dtype: torch.dtype | None = None, check: boo
     config = build_transformer_config(hf_config, tp=tp, pp=pp, dtype=dtype)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config),
+        transformer_layer_spec=_layer_spec(config, attention_backend),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),  # the embedding
@@ -266,7 +307,8 @@ def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def response_spans(
     prompt_ids: list[list[int]], response_ids: list[list[int]]
 ) -> list[tuple[int, int]]:
-    """(start, end) of each sample's response in the output positions: position t predicts token t+1."""
+    """(start, end) of each sample's response in the output positions (position t predicts
+    token t+1)."""
     spans = []
     for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         if len(prompt) == 0:
@@ -277,6 +319,29 @@ def response_spans(
     return spans
 
 
+def response_positions(spans: list[tuple[int, int]], device=None) -> tuple[torch.Tensor, ...]:
+    """(rows, cols) of every response position, sample after sample: `x[rows, cols]` packs a
+    [b, s, ...] tensor into [sum of response lengths, ...]; split it back by the span lengths.
+
+    One advanced-indexing gather instead of one slice per sample matters for the backward: the
+    gradient of each slice `x[row, start:end]` is a zero tensor the size of all of `x`, so per
+    sample slicing costs b full-size tensors where this costs one.
+    """
+    rows = [
+        torch.full((end - start,), row, dtype=torch.long) for row, (start, end) in enumerate(spans)
+    ]
+    cols = [torch.arange(start, end) for start, end in spans]
+    if not spans:
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(
+            0, dtype=torch.long, device=device
+        )
+    return torch.cat(rows).to(device), torch.cat(cols).to(device)
+
+
+def _split(packed: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return list(packed.split([end - start for start, end in spans]))
+
+
 def response_logprobs(
     logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
 ) -> list[torch.Tensor]:
@@ -284,27 +349,47 @@ def response_logprobs(
 
     `logits` is the last stage's output for `pad_batch(prompt_ids, response_ids)`. Gradients
     flow (no_grad is the caller's). Under tensor parallel the vocab-parallel cross entropy does
-    the softmax across ranks, without gathering the vocabulary.
+    the softmax across ranks, without gathering the vocabulary. Only the response positions
+    are computed: the prompt's and the padding's would be softmaxed, forward and backward, for
+    nothing.
     """
     from megatron.core import tensor_parallel
 
-    logits = logits.float()  # [b, s, v/tp]
     spans = response_spans(prompt_ids, response_ids)
-    targets = torch.zeros(
-        logits.shape[:2], dtype=torch.long, device=logits.device
-    )  # outside the spans: unused
-    for row, ((start, end), response) in enumerate(zip(spans, response_ids)):
-        targets[row, start:end] = torch.as_tensor(list(response), dtype=torch.long)
-    # vocab_parallel_cross_entropy wants [s, b, v] and [s, b].
-    nll = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.transpose(0, 1).contiguous(), targets.t().contiguous()
+    if not spans:
+        return []
+    rows, cols = response_positions(spans, logits.device)
+    # A fresh [n, v/tp] tensor (the cross entropy works in place on its input).
+    picked = logits[rows, cols].float()
+    targets = torch.as_tensor(
+        [token for response in response_ids for token in response],
+        dtype=torch.long,
+        device=logits.device,
     )
-    return [-nll[start:end, row] for row, (start, end) in enumerate(spans)]
+    # vocab_parallel_cross_entropy wants [s, b, v] and [s, b]: here [n, 1, v] and [n, 1].
+    nll = tensor_parallel.vocab_parallel_cross_entropy(picked[:, None], targets[:, None])
+    return _split(-nll[:, 0], spans)
 
 
 def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over the whole vocabulary [b, s, vocab] in fp32 (all-gathered under tensor
-    parallel; differentiable). Compute it once per forward for the entropy and top-k terms."""
+    parallel; differentiable). Compute it once per forward for the entropy and top-k terms;
+    `response_vocab_logprobs` is the same at the response positions only, for less work."""
+    return _vocab_log_softmax(logits)
+
+
+def response_vocab_logprobs(
+    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
+) -> torch.Tensor:
+    """`full_vocab_logprobs` at the response positions only: [sum of response lengths, vocab],
+    packed sample after sample (differentiable). The prompt's and the padding's positions,
+    most of a short-answer batch, are neither softmaxed nor back-propagated through.
+    `response_entropy` and `response_logprobs_of` take this or the [b, s, vocab] form."""
+    spans = response_spans(prompt_ids, response_ids)
+    return _vocab_log_softmax(logits[response_positions(spans, logits.device)])
+
+
+def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state, tensor_parallel
 
     logits = logits.float()
@@ -313,16 +398,24 @@ def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def _at_responses(full_logprobs: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """[n, vocab] at the response positions, from either form of the full log-probs."""
+    if full_logprobs.dim() == 2:  # response_vocab_logprobs: already packed
+        return full_logprobs
+    return full_logprobs[response_positions(spans, full_logprobs.device)]
+
+
 def response_entropy(
     full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
 ) -> list[torch.Tensor]:
     """Entropy of the next-token distribution at every response position, from
-    `full_vocab_logprobs` (gradients flow)."""
-    entropy_all = -(full_logprobs.exp() * full_logprobs).sum(-1)
-    return [
-        entropy_all[row, start:end]
-        for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
-    ]
+    `full_vocab_logprobs` or `response_vocab_logprobs` (gradients flow); the other positions
+    are not computed."""
+    spans = response_spans(prompt_ids, response_ids)
+    if not spans:
+        return []
+    logprobs = _at_responses(full_logprobs, spans)
+    return _split(-(logprobs.exp() * logprobs).sum(-1), spans)
 
 
 def response_logprobs_of(
@@ -331,18 +424,22 @@ def response_logprobs_of(
     response_ids: list[list[int]],
     token_ids: list,
 ) -> list[torch.Tensor]:
-    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` (top-k
-    OPD: the teacher's top-k ids, per sample a [len(response_i), k] array): list of
-    [len(response_i), k] tensors (gradients flow)."""
-    out = []
-    for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids)):
-        # torch.tensor copies: arrays arriving through Ray are read-only. Already [t, k] (a
-        # reshape to (t, -1) could not size an empty response's [0, k]).
-        index = torch.tensor(
-            np.asarray(token_ids[row]), dtype=torch.long, device=full_logprobs.device
-        )
-        out.append(full_logprobs[row, start:end].gather(-1, index))
-    return out
+    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` or
+    `response_vocab_logprobs` (top-k OPD: the teacher's top-k ids, per sample a
+    [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
+    spans = response_spans(prompt_ids, response_ids)
+    if not spans:
+        return []
+    # Already [t, k] per sample, possibly an empty [0, k]; k from any 2-d one.
+    arrays = [np.asarray(ids) for ids in token_ids]
+    k = max((a.shape[1] for a in arrays if a.ndim == 2), default=0)
+    # torch.tensor copies: arrays arriving through Ray are read-only.
+    index = torch.tensor(
+        np.concatenate([a.reshape(end - start, k) for a, (start, end) in zip(arrays, spans)]),
+        dtype=torch.long,
+        device=full_logprobs.device,
+    )
+    return _split(_at_responses(full_logprobs, spans).gather(-1, index), spans)
 
 
 def response_topk(
@@ -353,19 +450,24 @@ def response_topk(
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
     triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
     """
-    full_logprobs = full_vocab_logprobs(logits)
-    top_logprobs, top_ids = full_logprobs.topk(k, dim=-1)
+    spans = response_spans(prompt_ids, response_ids)
+    if not spans:
+        return []
+    picked = response_vocab_logprobs(logits, prompt_ids, response_ids)
+    top_logprobs, top_ids = picked.topk(k, dim=-1)
     sampled = response_logprobs_of(
-        full_logprobs,
+        picked,
         prompt_ids,
         response_ids,
         [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids],
     )
     return [
         (
-            sampled[row][:, 0].cpu().numpy(),
-            top_ids[row, start:end].to(torch.int32).cpu().numpy(),
-            top_logprobs[row, start:end].cpu().numpy(),
+            logprobs[:, 0].cpu().numpy(),
+            ids.to(torch.int32).cpu().numpy(),
+            values.cpu().numpy(),
         )
-        for row, (start, end) in enumerate(response_spans(prompt_ids, response_ids))
+        for logprobs, ids, values in zip(
+            sampled, _split(top_ids, spans), _split(top_logprobs, spans)
+        )
     ]

@@ -1,0 +1,206 @@
+"""The SDPA core attention against megatron's own DotProductAttention; the response-only loss
+helpers against a per-sample reference; the CPU allocator setting.
+
+Tiny fp32 models built here; a few seconds in all.
+"""
+
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.megatron.convert import load_hf_config, load_hf_into_model
+from opd_core.megatron.model import (
+    build_gpt_model,
+    forward_logits,
+    full_vocab_logprobs,
+    pad_batch,
+    resolve_attention_backend,
+    response_entropy,
+    response_logprobs,
+    response_logprobs_of,
+    response_spans,
+    response_topk,
+    response_vocab_logprobs,
+)
+from opd_core.megatron.parallel import init_single_process
+
+# Ragged on purpose: right padding of different lengths, and an empty response.
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18, 19, 20]]
+RESPONSES = [[21, 22, 23], [24, 25, 26, 27, 28, 29, 30], [], [31]]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    init_single_process()
+    # GQA (8 query heads over 2 groups), head_dim != hidden / heads, logits of order 10.
+    return make_tiny_qwen3(
+        tmp_path_factory.mktemp("attention") / "hf",
+        initializer_range=0.2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+
+
+def _model(hf_dir, backend):
+    config = load_hf_config(hf_dir)
+    model = build_gpt_model(config, dtype=torch.float32, attention_backend=backend)
+    load_hf_into_model(model, hf_dir, config)
+    return model
+
+
+def _attention_modules(model):
+    return {type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers}
+
+
+def test_sdpa_matches_megatrons_dot_product_attention_forward_and_backward(hf_dir):
+    sdpa, local = _model(hf_dir, "sdpa"), _model(hf_dir, "local")
+    assert _attention_modules(sdpa) == {"SDPACoreAttention"}
+    assert _attention_modules(local) == {"DotProductAttention"}
+    ids, mask, _ = pad_batch(PROMPTS, RESPONSES)
+    outputs = {}
+    for name, model in (("sdpa", sdpa), ("local", local)):
+        logits = forward_logits(model, ids, mask)
+        loss = sum(lp.sum() for lp in response_logprobs(logits, PROMPTS, RESPONSES))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        outputs[name] = (logits.detach(), grads)
+    (logits_sdpa, grads_sdpa), (logits_local, grads_local) = outputs["sdpa"], outputs["local"]
+    assert logits_local.abs().max() > 1.0  # real signal, not near-zero logits
+    # Every position, the right padding included (no query row there is fully masked).
+    assert (logits_sdpa - logits_local).abs().max() <= 1e-5
+    assert grads_sdpa.keys() == grads_local.keys()
+    for name in grads_local:
+        scale = grads_local[name].abs().max().clamp(min=1.0)
+        assert (grads_sdpa[name] - grads_local[name]).abs().max() <= 1e-5 * scale, name
+
+
+def test_no_mask_on_a_causal_layer_is_causal_attention(hf_dir):
+    """attention_mask=None takes SDPA's is_causal path: equal to the explicit causal mask."""
+    model = _model(hf_dir, "sdpa").eval()
+    ids, mask, _ = pad_batch([[3, 4, 5, 6, 7, 8]], [[9, 10]])  # one row: no padding
+    with torch.no_grad():
+        explicit = forward_logits(model, ids, mask)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        causal = model(input_ids=ids, position_ids=positions, attention_mask=None)
+    assert (explicit - causal).abs().max() <= 1e-5
+
+
+def test_what_sdpa_attention_does_not_support_is_named(hf_dir):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from opd_core.megatron.attention import SDPACoreAttention
+
+    model = _model(hf_dir, "sdpa")
+    core = model.decoder.layers[0].self_attention.core_attention
+    q = torch.zeros(4, 1, 8, 16)
+    kv = torch.zeros(4, 1, 2, 16)
+    with pytest.raises(ValueError, match="neither packed sequences nor an attention bias"):
+        core(q, kv, kv, None, attention_bias=torch.zeros(1, 8, 4, 4))
+    config = model.config
+    config.softmax_type = "off-by-one"
+    try:
+        with pytest.raises(ValueError, match="softmax_type='off-by-one'"):
+            SDPACoreAttention(config, 1, AttnMaskType.causal, "self")
+    finally:
+        config.softmax_type = "vanilla"
+
+
+def test_attention_backend_choice():
+    assert resolve_attention_backend("auto") == ("te" if _has_te() else "sdpa")
+    assert resolve_attention_backend("local") == "local"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_attention_backend("flash")
+    if not _has_te():
+        with pytest.raises(ValueError, match="needs CUDA and transformer_engine"):
+            resolve_attention_backend("te")
+
+
+def _has_te() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["full_vocab_logprobs", "packed"])
+def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir, packed):
+    init_single_process()
+    torch.manual_seed(0)
+    ids, _, _ = pad_batch(PROMPTS, RESPONSES)
+    logits = (3 * torch.randn(*ids.shape, 40)).requires_grad_()
+    spans = response_spans(PROMPTS, RESPONSES)
+    topk_ids = [
+        np.random.default_rng(i).integers(0, 40, (len(r), 3)) for i, r in enumerate(RESPONSES)
+    ]
+
+    def reference():
+        """One sample at a time, straight from log_softmax."""
+        out = []
+        for row, ((start, end), response) in enumerate(zip(spans, RESPONSES)):
+            logprobs = torch.log_softmax(logits[row, start:end], -1)
+            sampled = logprobs.gather(-1, torch.tensor(response, dtype=torch.long)[:, None])[:, 0]
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+            of = logprobs.gather(-1, torch.tensor(topk_ids[row], dtype=torch.long).reshape(-1, 3))
+            out.append((sampled, entropy, of))
+        return out
+
+    def helpers():
+        full = (
+            response_vocab_logprobs(logits, PROMPTS, RESPONSES)
+            if packed
+            else full_vocab_logprobs(logits)
+        )
+        return list(
+            zip(
+                response_logprobs(logits, PROMPTS, RESPONSES),
+                response_entropy(full, PROMPTS, RESPONSES),
+                response_logprobs_of(full, PROMPTS, RESPONSES, topk_ids),
+            )
+        )
+
+    grads = []
+    for compute in (reference, helpers):
+        rows = compute()
+        assert [tuple(t.shape) for row in rows for t in row] == [
+            shape for r in RESPONSES for shape in ((len(r),), (len(r),), (len(r), 3))
+        ]
+        # Different weights per term, so a mixed-up term shows in the gradient.
+        loss = sum(s.sum() + 2 * e.sum() + 3 * (o**2).sum() for s, e, o in rows)
+        grads.append(torch.autograd.grad(loss, logits)[0])
+        if compute is reference:
+            expected = rows
+    for want, got in zip(expected, rows):
+        for a, b in zip(want, got):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+    triples = response_topk(logits.detach(), PROMPTS, RESPONSES, k=3)
+    for (sampled, ids_k, values), (want, _, _), (start, end), row in zip(
+        triples, expected, spans, range(len(spans))
+    ):
+        top = torch.log_softmax(logits.detach()[row, start:end], -1).topk(3, -1)
+        assert np.allclose(sampled, want.detach().numpy(), atol=1e-6)
+        assert np.array_equal(ids_k, top.indices.numpy().astype(np.int32))
+        assert np.allclose(values, top.values.numpy(), atol=1e-6)
+
+
+def test_freed_tensor_memory_stays_in_the_process():
+    """After keep_freed_memory a re-allocated 16 MB activation touches no new pages; glibc's
+    defaults mmap and unmap it each time (4,096 page faults per allocation)."""
+    from opd_core.megatron.cpu_allocator import keep_freed_memory
+
+    assert keep_freed_memory()  # glibc (this project's Linux images)
+    for _ in range(3):  # warm up: the heap grows once to the block's size
+        torch.ones(4 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(4 << 20)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000
