@@ -14,10 +14,11 @@ tokenize or render a prompt silently corrupts every teacher log-prob. Checked:
   `data.chat_template_kwargs` (`chat_template`);
 - embedding rows: every real token id fits each model's embedding (padded vocabularies of
   different sizes are fine, e.g. Qwen2.5-7B's 152,064 rows and 0.5B's 151,936);
-- context: each train prompt + `rollout.rollout_max_response_len` is an input both models'
-  SGLang servers accept (shorter than max_req_input_len = context - 6: the teacher scores
-  prompt + response as one input; `protocol.ContextLimits`), each eval prompt leaves room
-  for an answer. `rollout.rollout_max_prompt_len` (slime's flag) drops
+- context: each train prompt leaves room for a response in an input both models' SGLang
+  servers accept (shorter than max_req_input_len = context - 6: the teacher scores prompt +
+  response as one input; `protocol.ContextLimits`), each eval prompt leaves room for an
+  answer. Prompts with less room than `rollout.rollout_max_response_len` are counted as
+  `capped`: their rollouts get fewer new tokens. `rollout.rollout_max_prompt_len` (slime's flag) drops
   longer train prompts; `preflight.drop_overlong_prompts` drops those that cannot fit instead
   of failing. Dropped prompts are counted in the report (download/manifest.json).
 
@@ -248,7 +249,9 @@ def fit_prompts(
     contexts = [student] if teacher is None else [student, teacher]
     train_context = min(m.context_length for m in contexts)
     # Prompt + response is scored as one input: it must stay under SGLang's max_req_input_len.
-    budget = ContextLimits(train_context).max_prompt_tokens - response_len
+    # Longer prompts than `budget` still train, with their rollouts' max_new_tokens capped.
+    input_limit = ContextLimits(train_context).max_prompt_tokens
+    budget = input_limit - response_len
     if budget < 1:
         raise PreflightError(
             f"rollout.rollout_max_response_len ({response_len}) leaves no room for a prompt in "
@@ -262,15 +265,15 @@ def fit_prompts(
     limit = cfg.rollout.rollout_max_prompt_len
     if limit is not None:
         keep = [n <= limit for n in lengths]
-    over = [i for i, n in enumerate(lengths) if keep[i] and n > budget]
+    over = [i for i, n in enumerate(lengths) if keep[i] and n >= input_limit]
     _reject_or_drop(
         cfg,
         over,
         train,
         lengths,
         sources["train"],
-        f"+ rollout.rollout_max_response_len {response_len} > {budget + response_len} tokens "
-        f"(what an SGLang server with context {train_context} accepts as input)",
+        f">= {input_limit} tokens (no room for a response in what an SGLang server with "
+        f"context {train_context} accepts as input)",
     )
     for i in over:
         keep[i] = False
@@ -280,6 +283,8 @@ def fit_prompts(
             1 for n in lengths if limit is not None and n > limit
         ),
         "dropped_over_context": len(over),
+        # Rollouts cap max_new_tokens below rollout_max_response_len for these.
+        "capped": sum(1 for i, n in enumerate(lengths) if keep[i] and n > budget),
         "kept": sum(keep),
     }
     if not any(keep):

@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 from data_fixtures import math500_rows, write_jsonl
-from transformers import Qwen3ForCausalLM
+from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from opd_core.config import OPDRunConfig
 from opd_core.data import load_prompts
 from opd_core.download import run_download
+from opd_core.evaluation import chat_prompt_ids
 from opd_core.hf_utils import make_tiny_qwen3, qwen3_config, save_hf_model
 from opd_core.preflight import ModelInfo, PreflightError, check_models, run_preflight
 from opd_core.rundir import RunDir
@@ -154,6 +155,40 @@ def test_context_length_vs_prompt_plus_response(tmp_path):
     tree["rollout"] = {"rollout_max_response_len": 80}
     with pytest.raises(PreflightError, match="leaves no room for a prompt"):
         run_download(OPDRunConfig.model_validate(tree), run_dir)
+
+
+def test_a_prompt_with_less_room_than_a_full_response_trains_capped(tmp_path):
+    """Between the budget (a full response fits) and SGLang's input limit (context - 6): kept,
+    counted as capped (rollouts lower max_new_tokens for it), not an error."""
+    student = make_tiny_qwen3(tmp_path / "student")
+    teacher = model_dir(tmp_path, "teacher", max_position_embeddings=80)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    budget, input_limit = 80 - 7 - 16, 80 - 7
+
+    def length(prompt):
+        (ids,) = chat_prompt_ids(tokenizer, [[{"role": "user", "content": prompt}]])
+        return len(ids)
+
+    middle = next(
+        p
+        for k in range(60)
+        if budget < length(p := "What is 1 + 1? " + "Think. " * k) < input_limit
+    )
+    data = write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": p, "label": "2"} for p in ("1+1?", middle)]
+    )
+    tree = {
+        "models": {"student": str(student), "teacher": str(teacher)},
+        "data": {"train": str(data)},
+        "eval": {"benchmarks": [{"name": "e", "source": str(data)}]},
+        "rollout": {"rollout_max_response_len": 16},
+    }
+    run_dir = RunDir.create(tmp_path / "artifacts", "r")
+    result = run_download(OPDRunConfig.model_validate(tree), run_dir)
+    assert result["num_train"] == 2
+    manifest = json.loads((run_dir.stage("download") / "manifest.json").read_text())
+    train = manifest["preflight"]["prompts"]["train"]
+    assert train["capped"] == 1 and train["dropped_over_context"] == 0
 
 
 def test_eval_prompts_must_leave_room_for_an_answer(tmp_path):

@@ -24,9 +24,10 @@ from opd_core.schemas import EVAL_SAMPLES, ROLLOUTS
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 2
 CONTEXT = 512  # the toy models' max_position_embeddings
-# 489 tokens with the template: the pre-flight budget exactly, so prompt + 16 response tokens =
-# 505, the longest input an SGLang server with a 512-token context scores (max_req_input_len).
-LONG = "Add up the digits: " + "1" * 456 + ". What is 2+3?"
+# 503 tokens with the template: over the pre-flight budget of a full response (489), under the
+# 505-token input an SGLang server with a 512-token context scores, so kept with its rollouts'
+# max_new_tokens capped (counted in download/manifest.json).
+LONG = "Add up the digits: " + "1" * 470 + ". What is 2+3?"
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,10 @@ def test_pipeline_through_routers_with_a_prompt_near_the_context(
             if len(prompt) > CONTEXT - 32
         ]
         assert len(long_rows) == 2  # its two samples, capped to fit the context
-        assert all(total < CONTEXT for total, _ in long_rows), long_rows
+        assert all(total <= CONTEXT - 7 for total, _ in long_rows), long_rows  # teacher scores it
 
+    manifest = read_json(run / "download" / "manifest.json")
+    assert manifest["preflight"]["prompts"]["train"]["capped"] == 1
     samples = read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)
     assert len(samples) == 4 * 2  # every eval prompt answered, the long one too
     assert os.path.exists(run / "final_eval" / "report.md")
