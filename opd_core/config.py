@@ -270,6 +270,9 @@ TeacherSource = Literal["none", "server", "megatron"]
 
 
 class AlgorithmConfig(Section):
+    # How the old log-probs are obtained does not change what is trained (same results).
+    NOT_IN_CACHE_KEY = frozenset({"old_logprob_forward"})
+
     advantage_estimator: Literal[
         "grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "gspo"
     ] = "grpo"
@@ -291,6 +294,10 @@ class AlgorithmConfig(Section):
     entropy_coef: float = Field(0.0, ge=0)
     normalize_advantages: bool = False
     use_rollout_logprobs: bool = False
+    # auto = a separate forward pass for the old log-probs only when something reads them
+    # before the step (several optimizer steps per round, sampled-token OPD, ppo); else the
+    # training forward is the old policy's (ratio 1). always = every round, as slime does.
+    old_logprob_forward: Literal["auto", "always"] = "auto"
     gamma: float = Field(1.0, ge=0, le=1)
     # GAE's lambda (slime's name).
     lambd: float = Field(1.0, ge=0, le=1)
@@ -644,6 +651,26 @@ class OPDRunConfig(Section):
     def optimizer_steps_per_round(self) -> int:
         samples = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
         return -(-samples // self.train.global_batch_size)
+
+    @property
+    def old_logprobs_forward(self) -> bool:
+        """True when a round needs the policy's log-probs in a forward pass of their own.
+
+        With one optimizer step per round the old policy IS the one being trained, so its
+        log-probs are the training forward's (detached): the PPO ratio is exactly 1 and the
+        actor reports the reverse-KL metric itself. A separate pass is needed only when
+        something reads them before the step: several steps per round (later steps' ratios),
+        the sampled-token OPD penalty on the advantages, ppo's critic path, or when asked.
+        """
+        algorithm = self.algorithm
+        if algorithm.use_rollout_logprobs:
+            return False  # the engine's log-probs are the old ones
+        return (
+            algorithm.old_logprob_forward == "always"
+            or self.optimizer_steps_per_round > 1
+            or (algorithm.use_opd and algorithm.opd_topk == 0)
+            or algorithm.advantage_estimator == "ppo"
+        )
 
     @property
     def lr_schedule(self) -> LRSchedule:

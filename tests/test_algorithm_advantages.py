@@ -89,6 +89,26 @@ def test_pure_distillation_advantage_is_minus_reverse_kl():
         assert result.advantages[0] == approx([-1.0, 2.0, 0.0]), estimator
 
 
+def test_top_k_opd_needs_no_old_logprobs():
+    """Top-k OPD adds no advantage penalty: without old log-probs (a one-step round) the
+    advantages are the same; the sampled-token penalty cannot do without them."""
+    old, teacher = [lp(-1.0, -2.0), lp(-0.5)], [lp(-1.5, -0.5), lp(-0.5)]
+    config = cfg(use_opd=True, opd_topk=4)
+    rewards, groups = np.array([1.0, 0.0]), np.zeros(2)
+    full = compute_advantages(config, rewards, groups, old, teacher_logprobs=teacher)
+    lean = compute_advantages(
+        config, rewards, groups, None, teacher_logprobs=teacher, response_lengths=[2, 1]
+    )
+    for a, b in zip(full.advantages, lean.advantages):
+        assert a == approx(b)
+    assert lean.teacher_logprob_mean == full.teacher_logprob_mean
+    assert math.isnan(lean.opd_reverse_kl)  # the actor reports it from its forward
+    with pytest.raises(ValueError, match="sampled-token OPD penalizes advantages"):
+        compute_advantages(
+            cfg(use_opd=True), rewards, groups, None, teacher, response_lengths=[2, 1]
+        )
+
+
 def test_teacher_without_use_opd_only_logs_the_kl():
     old, teacher = [lp(-1.0, -2.0)], [lp(-2.0, -2.0)]
     result = compute_advantages(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from opd_core.config import ConfigError, load_config
+from opd_core.config import ConfigError, OPDRunConfig, load_config
 from opd_core.config_doc import markdown
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -189,3 +189,20 @@ def test_lr_schedule_horizon_and_its_errors():
         load_config(None, ["train.lr=0.01", "train.min_lr=0.1"])
     with pytest.raises(ConfigError, match="train.lr_decay_style"):
         load_config(None, ["train.lr_decay_style=exponential"])
+
+
+def test_a_separate_old_logprob_pass_only_when_something_reads_it():
+    def needs(**tree):
+        base = {"rollout": {"rollout_batch_size": 4, "n_samples_per_prompt": 2}}
+        for section, fields in tree.items():
+            base.setdefault(section, {}).update(fields)
+        return OPDRunConfig.model_validate(base).old_logprobs_forward
+
+    one_step = {"global_batch_size": 8, "micro_batch_size": 4}
+    assert not needs(train=one_step, algorithm={"opd_topk": 8})  # the demo's round
+    assert not needs(train=one_step, algorithm={"use_opd": False})
+    assert needs(train=one_step, algorithm={"opd_topk": 0})  # the penalty reads them
+    assert needs(train={"global_batch_size": 4, "micro_batch_size": 4}, algorithm={"opd_topk": 8})
+    assert needs(train=one_step, algorithm={"opd_topk": 8, "old_logprob_forward": "always"})
+    assert needs(train=one_step, algorithm={"use_opd": False, "advantage_estimator": "ppo"})
+    assert not needs(train=one_step, algorithm={"opd_topk": 0, "use_rollout_logprobs": True})

@@ -22,7 +22,7 @@ def models(tmp_path_factory):
 
 
 def make_actor(
-    models, ckpt=None, step=None, micro_batch_size=8, teacher=False, **train
+    models, ckpt=None, step=None, micro_batch_size=8, teacher=False, algorithm=None, **train
 ) -> TrainActor:
     cfg = OPDRunConfig.model_validate(
         {
@@ -37,6 +37,7 @@ def make_actor(
                 "opd_type": "megatron",
                 "opd_teacher_load": str(models["teacher_ckpt"]),
                 "opd_teacher_ckpt_step": 7,
+                **(algorithm or {}),
             },
         }
     )
@@ -164,3 +165,33 @@ def test_micro_batches_do_not_change_the_step(models):
         for a, b in zip(results[0], other):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_a_one_step_round_needs_no_separate_old_logprob_pass(models):
+    """One optimizer step per round: the step without stored old log-probs (its own forward,
+    detached, is the old policy) equals the step after a separate old-logprob pass: same loss,
+    gradient norm, top-k KL and reverse-KL metric, same weights after."""
+    batch = make_batch(5)
+    teacher_actor = make_actor(models, teacher=True)
+    scored = teacher_actor.teacher_topk(batch, 4)
+    batch.teacher_logprobs = [logprobs for logprobs, _, _ in scored]
+    batch.teacher_topk_ids = [ids for _, ids, _ in scored]
+    batch.teacher_topk_logprobs = [values for _, _, values in scored]
+    steps, after, old = [], [], None
+    for separate_pass in (True, False):
+        actor = make_actor(models, micro_batch_size=3, algorithm={"opd_topk": 4})
+        if separate_pass:
+            old = actor.compute_logprobs(batch)
+        batch.old_logprobs = old if separate_pass else []
+        steps.append(actor.train_step(batch))
+        after.append(actor.compute_logprobs(batch))
+    with_pass, without = steps
+    for key in ("loss", "pg_loss", "opd_topk_kl", "opd_reverse_kl", "teacher_logprob_mean"):
+        assert with_pass[key] == pytest.approx(without[key], abs=1e-6), key
+    assert with_pass["grad_norm"] == pytest.approx(without["grad_norm"], rel=1e-5)
+    assert without["clip_frac"] == 0 and without["ppo_kl"] == 0  # the ratio is exactly 1
+    for a, b in zip(*after):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # The reported reverse KL is the sampled tokens' old - teacher log-prob, token-averaged.
+    reverse_kl = np.concatenate(old) - np.concatenate(batch.teacher_logprobs)
+    assert without["opd_reverse_kl"] == pytest.approx(float(reverse_kl.mean()), abs=1e-5)

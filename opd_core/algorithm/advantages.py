@@ -191,13 +191,22 @@ def compute_advantages(
     cfg: AlgorithmConfig,
     rewards: np.ndarray,
     group_ids: np.ndarray,
-    old_logprobs: list[np.ndarray],
+    old_logprobs: list[np.ndarray] | None,
     teacher_logprobs: list[np.ndarray] | None = None,
     values: list[np.ndarray] | None = None,
     loss_masks: list[np.ndarray] | None = None,
+    response_lengths: Sequence[int] | None = None,
 ) -> AdvantageResult:
-    """Advantages (and ppo returns) of one round's samples; see the module docstring."""
-    lengths = [len(np.asarray(x).reshape(-1)) for x in old_logprobs]
+    """Advantages (and ppo returns) of one round's samples; see the module docstring.
+
+    `old_logprobs` None (with `response_lengths`): the round is one on-policy optimizer step
+    and nothing here reads them; the actor reports `opd_reverse_kl` from its own forward."""
+    if old_logprobs is None:
+        if response_lengths is None:
+            raise ValueError("compute_advantages needs old_logprobs or response_lengths")
+        lengths = [int(n) for n in response_lengths]
+    else:
+        lengths = [len(np.asarray(x).reshape(-1)) for x in old_logprobs]
     num_samples = len(lengths)
     rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
     group_ids = np.asarray(group_ids).reshape(-1)
@@ -212,7 +221,8 @@ def compute_advantages(
     critic = _as_float_arrays("values", values, lengths)
     masks = _as_float_arrays("loss_masks", loss_masks, lengths) or [np.ones(n) for n in lengths]
     masks = [(m > 0).astype(np.float64) for m in masks]
-    old = _finite_where_trained("old_logprobs", old, masks)
+    if old is not None:
+        old = _finite_where_trained("old_logprobs", old, masks)
     if teacher is not None:
         teacher = _finite_where_trained("teacher_logprobs", teacher, masks)
     if critic is not None:  # GAE reads every value, trained token or not
@@ -220,6 +230,8 @@ def compute_advantages(
     opd = OPDTerm.from_config(cfg)
     if opd is not None and teacher is None:
         raise ValueError("algorithm.use_opd is true but compute_advantages got no teacher_logprobs")
+    if opd is not None and not opd.dense and old is None:
+        raise ValueError("sampled-token OPD penalizes advantages with the old log-probs: pass them")
 
     estimator, returns = cfg.advantage_estimator, None
     if estimator in ("grpo", "gspo"):
@@ -244,10 +256,13 @@ def compute_advantages(
 
     reverse_kl, opd_reverse_kl, teacher_mean = None, float("nan"), float("nan")
     if teacher is not None:
-        reverse_kl = [o - t for o, t in zip(old, teacher)]
-        if sum(m.sum() for m in masks) > 0:
-            opd_reverse_kl = masked_mean(np.concatenate(reverse_kl), np.concatenate(masks))
+        trained = sum(m.sum() for m in masks) > 0
+        if trained:
             teacher_mean = masked_mean(np.concatenate(teacher), np.concatenate(masks))
+        if old is not None:
+            reverse_kl = [o - t for o, t in zip(old, teacher)]
+            if trained:
+                opd_reverse_kl = masked_mean(np.concatenate(reverse_kl), np.concatenate(masks))
         if opd is not None:
             advantages = opd.penalize(advantages, reverse_kl, masks)
     if cfg.normalize_advantages:

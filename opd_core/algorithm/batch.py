@@ -26,6 +26,8 @@ class TrainBatch:
     )
     teacher_topk_ids: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] int32
     teacher_topk_logprobs: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] float32
+    # The teacher's log-prob of each sampled token (OPD): the actor reports the reverse KL.
+    teacher_logprobs: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -44,6 +46,7 @@ class TrainBatch:
             "loss_masks",
             "teacher_topk_ids",
             "teacher_topk_logprobs",
+            "teacher_logprobs",
         ):
             arrays = getattr(self, name)
             if not arrays:
@@ -71,4 +74,5 @@ class TrainBatch:
             loss_masks=pick(self.loss_masks),
             teacher_topk_ids=pick(self.teacher_topk_ids),
             teacher_topk_logprobs=pick(self.teacher_topk_logprobs),
+            teacher_logprobs=pick(self.teacher_logprobs),
         )

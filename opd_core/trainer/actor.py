@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from opd_core.algorithm.batch import TrainBatch
-from opd_core.algorithm.losses import policy_loss, value_loss
+from opd_core.algorithm.losses import masked_mean, policy_loss, value_loss
 from opd_core.algorithm.opd import OPDTerm
 from opd_core.megatron import checkpoint, mapping
 from opd_core.megatron.convert import load_hf_config, write_hf_dir
@@ -52,12 +52,12 @@ from opd_core.megatron.critic import (
 )
 from opd_core.megatron.model import (
     build_gpt_model,
-    full_vocab_logprobs,
     model_family,
     response_entropy,
     response_logprobs,
     response_logprobs_of,
     response_topk,
+    response_vocab_logprobs,
 )
 from opd_core.megatron.optim import build_optimizer
 from opd_core.megatron.parallel import destroy_distributed, free_port, init_distributed
@@ -78,6 +78,8 @@ CRITIC_DIR = (
 )
 # What policy_loss reports (NaN where not computed, e.g. entropy under TP without an entropy bonus).
 METRIC_KEYS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "entropy", "kl_loss", "opd_topk_kl")
+# Reported only when the batch carries teacher log-probs (OPD).
+OPD_METRIC_KEYS = ("opd_reverse_kl", "teacher_logprob_mean")
 CRITIC_METRIC_KEYS = ("value_loss", "value_clip_frac", "value_mean")
 
 
@@ -265,8 +267,13 @@ class TrainActor:
         def loss_of(logits, micro: TrainBatch):
             prompts, responses = micro.prompt_ids, micro.response_ids
             logprobs = response_logprobs(logits, prompts, responses)
-            # The full-vocabulary log-softmax (gathered under TP), once for entropy and top-k.
-            full = full_vocab_logprobs(logits) if need_entropy or micro.teacher_topk_ids else None
+            # The full-vocabulary log-softmax (gathered under TP) at the response positions only,
+            # once for entropy and top-k.
+            full = (
+                response_vocab_logprobs(logits, prompts, responses)
+                if need_entropy or micro.teacher_topk_ids
+                else None
+            )
             entropy = response_entropy(full, prompts, responses) if need_entropy else None
             # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
             topk_ids = micro.teacher_topk_ids
@@ -293,6 +300,13 @@ class TrainActor:
                 ref_logprobs=ref,
                 entropy=None if entropy is None else stack_padded(entropy, width),
             )
+            if micro.teacher_logprobs:  # OPD: the sampled tokens' reverse KL, before the step
+                teacher = pad_rows(micro.teacher_logprobs, width).to(device)
+                metrics = {
+                    **metrics,
+                    "opd_reverse_kl": float(masked_mean(old - teacher, mask)),
+                    "teacher_logprob_mean": float(masked_mean(teacher, mask)),
+                }
             if student_topk is not None:  # top-k OPD: the OPD term is this dense loss
                 # torch.tensor copies: arrays arriving through Ray are read-only.
                 teacher_topk = [
@@ -317,6 +331,8 @@ class TrainActor:
         stats = self.optim.step()
         self.iteration += 1
         out = token_mean(micro_metrics, METRIC_KEYS, global_tokens)
+        if batch.teacher_logprobs is not None:
+            out.update(token_mean(micro_metrics, OPD_METRIC_KEYS, global_tokens))
         out.update(stats)
         # `returns is not None` holds on every DP shard of a batch that has returns (an empty shard
         # gets []), so all ranks agree on taking the critic step and its collectives.

@@ -349,13 +349,18 @@ class Rounds:
         rewards: np.ndarray,
         scores: TeacherScores | None,
     ) -> AdvantageResult:
-        """Old log-probs (and ppo values, KL reference), then advantages with the OPD term."""
+        """Old log-probs when something reads them before the step (`cfg.old_logprobs_forward`;
+        else the step's own forward is the old policy's), ppo values, the KL reference, then
+        advantages with the OPD term."""
         algorithm = self.cfg.algorithm
-        batch.old_logprobs = (
-            [np.asarray(x, dtype=np.float32) for x in rollouts.rollout_logprobs]
-            if algorithm.use_rollout_logprobs
-            else self.trainer.compute_logprobs(batch)
-        )
+        if algorithm.use_rollout_logprobs:
+            batch.old_logprobs = [
+                np.asarray(x, dtype=np.float32) for x in rollouts.rollout_logprobs
+            ]
+        elif self.cfg.old_logprobs_forward:
+            batch.old_logprobs = self.trainer.compute_logprobs(batch)
+        else:
+            batch.old_logprobs = []  # the actor takes its training forward's, detached
         values = (
             self.trainer.compute_values(batch) if algorithm.advantage_estimator == "ppo" else None
         )
@@ -363,9 +368,10 @@ class Rounds:
             algorithm,
             rewards=rewards,
             group_ids=np.asarray(rollouts.prompt_index),
-            old_logprobs=batch.old_logprobs,
+            old_logprobs=batch.old_logprobs or None,
             teacher_logprobs=None if scores is None else scores.logprobs,
             values=values,
+            response_lengths=[len(r) for r in batch.response_ids],
         )
         batch.advantages = result.advantages
         if values is not None:

@@ -40,8 +40,10 @@ class TeacherScores:
     topk_logprobs: list[np.ndarray] | None = None  # top-k OPD: [len(response), k] float32
 
     def attach(self, batch: TrainBatch) -> None:
-        """Give the batch what the actor's top-k loss reads (nothing for sampled-token OPD)."""
+        """Give the batch what the actor reads: the top-k loss's ids and log-probs (top-k OPD),
+        and the sampled tokens' log-probs (its `opd_reverse_kl` metric)."""
         batch.teacher_topk_ids, batch.teacher_topk_logprobs = self.topk_ids, self.topk_logprobs
+        batch.teacher_logprobs = self.logprobs
 
     def table(self, prompt_index: Sequence[int], sample_index: Sequence[int]) -> pa.Table:
         """Rows of `teacher_logprobs.arrow`."""
