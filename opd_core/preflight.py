@@ -18,9 +18,9 @@ tokenize or render a prompt silently corrupts every teacher log-prob. Checked:
   servers accept (shorter than max_req_input_len = context - 6: the teacher scores prompt +
   response as one input; `protocol.ContextLimits`), each eval prompt leaves room for an
   answer. Prompts with less room than `rollout.rollout_max_response_len` are counted as
-  `capped`: their rollouts get fewer new tokens. `rollout.rollout_max_prompt_len` (slime's flag) drops
-  longer train prompts; `preflight.drop_overlong_prompts` drops those that cannot fit instead
-  of failing. Dropped prompts are counted in the report (download/manifest.json).
+  `capped`: their rollouts get fewer new tokens. `rollout.rollout_max_prompt_len` (slime's
+  flag) drops longer train prompts; `preflight.drop_overlong_prompts` drops those that cannot
+  fit instead of failing. Dropped prompts are counted in the report (download/manifest.json).
 
 Every mismatch found is listed in one PreflightError naming both models and the difference;
 `preflight.allow` accepts named differences known to be safe. The teacher is only checked when

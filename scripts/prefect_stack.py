@@ -1,6 +1,6 @@
 """Start and stop a local Prefect stack for the OPD deployments: what `make up` / `make down` run.
 
-    python scripts/prefect_stack.py up      # server (SQLite, 127.0.0.1) + process worker + deployments
+    python scripts/prefect_stack.py up      # server (SQLite, 127.0.0.1), worker, deployments
     python scripts/prefect_stack.py down    # stops exactly what `up` started
     python scripts/prefect_stack.py status
 
@@ -140,7 +140,8 @@ def wait_healthy(
         if process is not None and process.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.is_file() else ""
             raise RuntimeError(
-                f"prefect server exited with code {process.returncode} while starting; log {log}:\n{tail}"
+                f"prefect server exited with code {process.returncode} while starting; "
+                f"log {log}:\n{tail}"
             )
         try:
             if httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200:
@@ -163,7 +164,8 @@ def _run_cli(settings: dict, args: list[str], log_name: str) -> None:
     if done.returncode != 0:
         tail = (settings["home"] / log_name).read_text()[-3000:]
         raise RuntimeError(
-            f"`prefect {' '.join(args)}` failed (exit {done.returncode}); {settings['home'] / log_name}:\n{tail}"
+            f"`prefect {' '.join(args)}` failed (exit {done.returncode}); "
+            f"{settings['home'] / log_name}:\n{tail}"
         )
 
 
@@ -173,7 +175,8 @@ def up(settings: dict, deploy: bool = True) -> None:
     if server is None:
         if _port_in_use(settings["port"]):
             raise RuntimeError(
-                f"port {settings['port']} on 127.0.0.1 is in use; set OPD_PREFECT_PORT to a free port"
+                f"port {settings['port']} on 127.0.0.1 is in use; "
+                "set OPD_PREFECT_PORT to a free port"
             )
         process = _spawn(
             settings,
@@ -222,13 +225,15 @@ def up(settings: dict, deploy: bool = True) -> None:
     if deploy:
         _run_cli(settings, ["--no-prompt", "deploy", "--all"], "deploy.log")
         print(
-            "deployments registered: opd/full, opd-stage/{download,convert,teacher,baseline_eval,train,final_eval}",
+            "deployments registered: opd/full, "
+            "opd-stage/{download,convert,teacher,baseline_eval,train,final_eval}",
             flush=True,
         )
 
     env_file = settings["home"] / "env.sh"
     env_file.write_text(
-        f"export PREFECT_API_URL={settings['api_url']}\nexport PREFECT_SERVER_ANALYTICS_ENABLED=false\n"
+        f"export PREFECT_API_URL={settings['api_url']}\n"
+        "export PREFECT_SERVER_ANALYTICS_ENABLED=false\n"
     )
     print(f"UI: http://127.0.0.1:{settings['port']}   CLI: source {env_file}", flush=True)
 

@@ -78,6 +78,8 @@ def make_tiny_qwen2(out_dir: Path) -> Path:
                 proj.bias.normal_(0, 0.5)
     model.save_pretrained(out_dir)
     return out_dir
+
+
 @contextmanager
 def local_ray(**resources):
     """A local Ray cluster (e.g. num_cpus=8, num_gpus=4 logical GPUs) for a test module: the

@@ -1,7 +1,7 @@
 """Micro-batches through Megatron's forward/backward schedules, for any pipeline-parallel size.
 
-    rows = run_forward(model, micro_batches, per_sample)     # inference: per-sample results
-    metrics = run_forward_backward(model, micro_batches, loss_of)   # training: one dict per micro-batch
+    rows = run_forward(model, micro_batches, per_sample)           # inference: per sample
+    metrics = run_forward_backward(model, micro_batches, loss_of)  # training: per micro-batch
 
 `per_sample(output, micro) -> list` turns the last stage's output for one micro-batch (logits
 [b, s, vocab/tp], or the critic's values [b, s, 1]) into one result per sample.
