@@ -22,7 +22,10 @@ $(STAMP): requirements.lock.txt pyproject.toml
 demo: install
 	$(BIN)/opd run --config configs/toy.yaml
 
+# Lint first (seconds): a format or lint error fails before the 20-minute suite starts.
 test: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
 bench: install
