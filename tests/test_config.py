@@ -153,17 +153,17 @@ def test_readme_config_reference_is_current():
     )
 
 
+TWO_STEP_ROUNDS = [  # 10 rounds of 32 samples, 2 optimizer steps of 16 each
+    "rollout.num_rollout=10",
+    "rollout.rollout_batch_size=8",
+    "rollout.n_samples_per_prompt=4",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=16",
+]
+
+
 def test_lr_schedule_horizon_and_its_errors():
-    cfg = load_config(
-        None,
-        [
-            "rollout.num_rollout=10",
-            "rollout.rollout_batch_size=8",
-            "rollout.n_samples_per_prompt=4",
-            "train.global_batch_size=16",
-            "train.micro_batch_size=16",
-        ],
-    )
+    cfg = load_config(None, TWO_STEP_ROUNDS)
     # The whole run by default.
     assert cfg.optimizer_steps_per_round == 2 and cfg.lr_schedule.decay_steps == 20
     assert load_config(None, ["train.lr_decay_iters=7"]).lr_schedule.decay_steps == 7
@@ -176,14 +176,7 @@ def test_lr_schedule_horizon_and_its_errors():
     ):
         load_config(
             None,
-            [
-                "rollout.num_rollout=10",
-                "rollout.rollout_batch_size=8",
-                "rollout.n_samples_per_prompt=4",
-                "train.global_batch_size=16",
-                "train.micro_batch_size=16",
-                "train.lr_warmup_iters=20",
-            ],
+            [*TWO_STEP_ROUNDS, "train.lr_warmup_iters=20"],
         )
     with pytest.raises(ConfigError, match=r"train.min_lr \(0.1\)"):
         load_config(None, ["train.lr=0.01", "train.min_lr=0.1"])
