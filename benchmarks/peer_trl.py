@@ -13,8 +13,8 @@ new tokens at temperature 1), the same lr for every step (our schedule, computed
 megatron's OptimizerParamScheduler as the actors run it: 3e-3 peak, 10 warmup steps, cosine
 to 3e-4), AdamW (0.9, 0.98, eps 1e-8), grad-norm clip 1, fp32 and 2 torch threads. TRL trains
 with beta = 1, the full-vocabulary reverse KL, on every batch generated on-policy; ours with
-the toy config (top-8 OPD). Both students are then scored by our evaluation code
-(`opd_core.stages.run_eval`: greedy pass@1 with our verifier on the toy eval split).
+the toy config (top-8 OPD). Both students are then scored by our evaluation code (the eval
+stages' `evaluate_benchmarks`: greedy pass@1 with our verifier on the toy eval split).
 
 Seconds: TRL's train = `trainer.train()`; its whole run = the TRL script (start-up, model
 loading, training, saving) plus its baseline and final evaluation. Ours: train = the sum of
@@ -44,13 +44,12 @@ import pyarrow as pa
 import torch
 
 from opd_core.config import OPDRunConfig, load_config
-from opd_core.data import load_prompts
-from opd_core.io import read_arrow, read_json, write_arrow, write_json
+from opd_core.io import read_arrow, read_json, write_json
 from opd_core.megatron.optim import build_optimizer
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS
-from opd_core.stages import run_eval
-from opd_core.toy.models import build_toy_models
+from opd_core.stages import BaselineEval, Download
+from opd_core.trainer.rollouts import round_draw
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
@@ -119,11 +118,13 @@ def main() -> None:
 
 def run_trl(cfg: OPDRunConfig, out: Path, args) -> dict:
     seed = cfg.seed
-    models = build_toy_models(cfg.toy)
-    train = _prompts(cfg, "train")
+    # Models and splits exactly as our download stage writes them (toy models from the cache).
+    data = RunDir(out.parent / f"data-s{seed}")
+    Download(cfg, data).run()
+    train = read_arrow(data.train_data, PROMPTS)
     job = {
-        "student_dir": str(models.student_dir),
-        "teacher_dir": str(models.teacher_dir),
+        "student_dir": str(data.student_hf),
+        "teacher_dir": str(data.teacher_hf),
         "steps": step_prompts(cfg, train),
         "lr": cfg.train.lr,
         "lrs": lr_schedule(cfg),
@@ -153,14 +154,12 @@ def run_trl(cfg: OPDRunConfig, out: Path, args) -> dict:
     script_seconds = read_json(done)["seconds"]
     trl = read_json(out / "result.json")
 
-    # Our evaluation of both ends, in a run directory of its own (run_eval reads the eval split
-    # from it and writes samples.arrow + summary.json there).
-    run_dir = RunDir(out / "eval")
-    write_arrow(run_dir.eval_data, _prompts(cfg, "eval"), PROMPTS)
+    # Our evaluation of both ends, on the download's eval split (samples + summary under
+    # out/<stage>/).
     evals = {}
-    for stage, model_dir in (("baseline_eval", models.student_dir), ("final_eval", out / "model")):
+    for stage, model_dir in (("baseline_eval", data.student_hf), ("final_eval", out / "model")):
         tick = time.perf_counter()
-        summary = run_eval(cfg, run_dir, stage, Path(model_dir))
+        summary = ModelEval(cfg, data, stage, model_dir, out / stage).build()
         evals[stage] = (summary["pass_at_1"], time.perf_counter() - tick)
         print(f"[peer] trl seed {seed}: {stage} pass@1 {summary['pass_at_1']:.3f}", flush=True)
     eval_seconds = sum(seconds for _, seconds in evals.values())
@@ -175,50 +174,41 @@ def run_trl(cfg: OPDRunConfig, out: Path, args) -> dict:
     }
 
 
-def step_prompts(cfg: OPDRunConfig, prompts: pa.Table) -> list[list[list[dict]]]:
-    """Every round's prompt messages, in the order our rollout sends them.
+class ModelEval(BaselineEval):
+    """The eval stage's work on any model dir, written to `out_dir` (not a pipeline stage)."""
 
-    The same draw as `opd_core.trainer.loop.generate_rollouts`: keep the two in step.
-    """
+    def __init__(
+        self, cfg: OPDRunConfig, run_dir: RunDir, name: str, model_dir: Path, out_dir: Path
+    ):
+        super().__init__(cfg, run_dir)
+        self.name, self._model_dir, self._out_dir = name, Path(model_dir), Path(out_dir)
+
+    @property
+    def model_dir(self) -> Path:
+        return self._model_dir
+
+    @property
+    def out_dir(self) -> Path:
+        return self._out_dir
+
+
+def step_prompts(cfg: OPDRunConfig, prompts: pa.Table) -> list[list[list[dict]]]:
+    """Every round's prompt messages, in the order our rollout sends them (`round_draw`)."""
     messages = prompts.column("prompt").to_pylist()
-    count = min(cfg.rollout.rollout_batch_size, len(messages))
-    steps = []
-    for round_index in range(cfg.rollout.num_rollout):
-        rng = np.random.default_rng([cfg.seed, round_index])
-        chosen = rng.choice(len(messages), size=count, replace=False)
-        steps.append(
-            [messages[int(i)] for i in chosen for _ in range(cfg.rollout.n_samples_per_prompt)]
-        )
-    return steps
+    return [
+        [messages[row] for row in round_draw(cfg, round_index, len(messages))[0]]
+        for round_index in range(cfg.rollout.num_rollout)
+    ]
 
 
 def lr_schedule(cfg: OPDRunConfig) -> list[float]:
-    """The lr of each optimizer step, as our actors' scheduler sets it (the schedule resolved in
-    steps as TrainerGroup hands it to the actors)."""
-    train = cfg.train.model_copy(
-        update={
-            "lr_decay_iters": cfg.lr_decay_iters,
-            "lr_warmup_iters": cfg.lr_warmup_iters,
-            "lr_warmup_fraction": None,
-        }
-    )
-    optimizer = build_optimizer(torch.nn.Linear(1, 1), train)
+    """The lr of each optimizer step, as our actors' scheduler sets it (`cfg.lr_schedule`)."""
+    optimizer = build_optimizer(torch.nn.Linear(1, 1), cfg.train, cfg.lr_schedule)
     lrs = []
     for _ in range(cfg.rollout.num_rollout):  # one optimizer step per round
         lrs.append(optimizer.lr)
         optimizer.scheduler.step(1)
     return lrs
-
-
-def _prompts(cfg: OPDRunConfig, split: str) -> pa.Table:
-    """The split as the download stage writes it."""
-    d = cfg.data
-    source, name, limit = (
-        (d.train, d.train_split, d.max_train_prompts)
-        if split == "train"
-        else (d.eval, d.eval_split, d.max_eval_prompts)
-    )
-    return load_prompts(source, name, d.input_key, d.label_key, limit, cfg.toy)
 
 
 # ---------------------------------------------------------------------------------- ours

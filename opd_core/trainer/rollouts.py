@@ -21,7 +21,7 @@ from opd_core.engine.client import EngineClient
 from opd_core.engine.protocol import per_sequence_params
 from opd_core.verifier import is_correct
 
-__all__ = ["Rollouts", "generate_rollouts"]
+__all__ = ["Rollouts", "generate_rollouts", "round_draw"]
 
 
 @dataclass
@@ -50,6 +50,19 @@ class Rollouts:
         return TrainBatch(prompt_ids=self.prompt_ids, response_ids=self.response_ids)
 
 
+def round_draw(cfg: OPDRunConfig, round_index: int, num_prompts: int) -> tuple[list[int], int]:
+    """Round `round_index`'s draw from `num_prompts` train prompts: the prompt rows in request
+    order (each `n_samples_per_prompt` times, consecutively) and the round's sampling seed.
+    Seeded by (seed, round), so a resumed run, or another trainer fed the same rows
+    (benchmarks/peer_trl.py), sees the same prompts."""
+    rollout = cfg.rollout
+    rng = np.random.default_rng([cfg.seed, round_index])
+    count = min(rollout.rollout_batch_size, num_prompts)
+    chosen = rng.choice(num_prompts, size=count, replace=False)
+    rows = [int(i) for i in chosen for _ in range(rollout.n_samples_per_prompt)]
+    return rows, int(rng.integers(2**31))
+
+
 def generate_rollouts(
     cfg: OPDRunConfig,
     round_index: int,
@@ -69,17 +82,13 @@ def generate_rollouts(
     `weight_version`: what the engines were set to, recorded where a response does not say
     (real SGLang reports it per response in meta_info, the built-in engine does not)."""
     rollout = cfg.rollout
-    rng = np.random.default_rng([cfg.seed, round_index])
-    count = min(rollout.rollout_batch_size, len(prompt_ids))
-    chosen = rng.choice(len(prompt_ids), size=count, replace=False)
-    rows = [int(i) for i in chosen for _ in range(rollout.n_samples_per_prompt)]
+    rows, seed = round_draw(cfg, round_index, len(prompt_ids))
     params = {
         "max_new_tokens": rollout.rollout_max_response_len,
         "temperature": rollout.rollout_temperature,
         "top_p": rollout.rollout_top_p,
         "top_k": rollout.rollout_top_k,
     }
-    seed = int(rng.integers(2**31))
     # Only engines started with --enable-deterministic-inference honour a seed. Without one
     # the samples share their params, so a router takes them as batches (see EngineClient).
     if rollout.enable_deterministic_inference:
