@@ -30,6 +30,7 @@ Every mismatch found is listed in one PreflightError naming both models and the 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from opd_core.datasets import DAPO_TEMPLATE, apply_template
 from opd_core.engine.protocol import ContextLimits
 from opd_core.errors import NotRetryable
 from opd_core.evaluation import chat_prompt_ids
+
+logger = logging.getLogger("opd.preflight")
 
 __all__ = ["ModelInfo", "PreflightError", "check_models", "fit_prompts", "run_preflight"]
 
@@ -287,6 +290,19 @@ def fit_prompts(
         "capped": sum(1 for i, n in enumerate(lengths) if keep[i] and n > budget),
         "kept": sum(keep),
     }
+    if report["train"]["capped"]:
+        logger.warning(
+            "%s: %d train prompt(s) longer than %d tokens: their rollouts get fewer than "
+            "rollout.rollout_max_response_len (%d) new tokens, so that prompt + response stays "
+            "within what an SGLang server with context %d scores (drop them with "
+            "rollout.rollout_max_prompt_len=%d)",
+            sources["train"],
+            report["train"]["capped"],
+            budget,
+            response_len,
+            train_context,
+            budget,
+        )
     if not any(keep):
         raise PreflightError(f"{sources['train']}: every train prompt was dropped ({report})")
     train = train.filter(pa.array(keep))

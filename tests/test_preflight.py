@@ -157,7 +157,7 @@ def test_context_length_vs_prompt_plus_response(tmp_path):
         run_download(OPDRunConfig.model_validate(tree), run_dir)
 
 
-def test_a_prompt_with_less_room_than_a_full_response_trains_capped(tmp_path):
+def test_a_prompt_with_less_room_than_a_full_response_trains_capped(tmp_path, caplog):
     """Between the budget (a full response fits) and SGLang's input limit (context - 6): kept,
     counted as capped (rollouts lower max_new_tokens for it), not an error."""
     student = make_tiny_qwen3(tmp_path / "student")
@@ -189,6 +189,7 @@ def test_a_prompt_with_less_room_than_a_full_response_trains_capped(tmp_path):
     manifest = json.loads((run_dir.stage("download") / "manifest.json").read_text())
     train = manifest["preflight"]["prompts"]["train"]
     assert train["capped"] == 1 and train["dropped_over_context"] == 0
+    assert "1 train prompt(s) longer than 57 tokens" in caplog.text
 
 
 def test_eval_prompts_must_leave_room_for_an_answer(tmp_path):
