@@ -240,7 +240,8 @@ class Rounds:
         self.trainer.shutdown()
         self.trainer = self._start_trainer()
         if self.teacher is not None and self.cfg.algorithm.teacher_source == "megatron":
-            self.teacher = open_teacher(self.cfg, None, self.trainer)  # it lives in the actors
+            # It lives in the actors.
+            self.teacher = open_teacher(self.cfg, None, self.trainer, self.run_dir.teacher_hf)
         self.engines.update_weights(
             state.hf_export or self.run_dir.student_hf, str(state.next_round)
         )
