@@ -8,6 +8,9 @@ an AdamW step, in fp32 on this machine's CPU (bf16 on CUDA for both), over the s
 micro-batches (gradients accumulate). The "toy round" shape is one round of `make demo`: the
 toy student, 64 prompts x 4 samples of 16 tokens in two micro-batches of 128, and the top-8
 OPD term (`topk_reverse_kl` on the teacher's top-8 ids) added to the loss on both sides.
+Also timed on the same actor: its separate old-logprob forward (what a round that is one
+on-policy step no longer runs, `cfg.old_logprobs_forward`), and the step of a second actor with
+megatron's unfused local attention (`train.attention_backend=local`, the actor before SDPA).
 Tokens/s counts every token in the (unpadded) batch. The two are timed alternately and the
 median step is reported, so load from other processes affects both alike; the load average
 at start and end is recorded. Prints a table and writes benchmarks/results/train_step.json.
@@ -100,7 +103,7 @@ def make_batch(shape: dict, vocab: int, seed: int = 0):
     return batch
 
 
-def run_config(shape: dict):
+def run_config(shape: dict, attention_backend: str = "auto"):
     from opd_core.config import OPDRunConfig
 
     algorithm = {"use_opd": True, "opd_topk": shape["topk"]} if shape["topk"] else {}
@@ -109,6 +112,7 @@ def run_config(shape: dict):
             "train": {
                 "global_batch_size": shape["batch"],
                 "micro_batch_size": shape["micro_batch"],
+                "attention_backend": attention_backend,
             },
             "algorithm": algorithm,
         }
@@ -116,13 +120,15 @@ def run_config(shape: dict):
 
 
 def megatron_step(hf_dir, ckpt, cfg, batch):
+    """(the actor's train step, its separate old-logprob forward): a round that is one
+    on-policy step runs the first alone; one that needs stored old log-probs runs both."""
     from opd_core.megatron.parallel import free_port
     from opd_core.trainer.actor import ActorSpec, TrainActor
 
     actor = TrainActor()
     actor.setup(0, 1, "127.0.0.1", free_port(), ActorSpec.from_config(cfg, hf_dir, ckpt))
     batch.old_logprobs = actor.compute_logprobs(batch)
-    return lambda: actor.train_step(batch)
+    return (lambda: actor.train_step(batch)), (lambda: actor.compute_logprobs(batch))
 
 
 def transformers_step(hf_dir, cfg, batch):
@@ -241,9 +247,14 @@ def measure_shape(name: str, steps: int, min_seconds: float) -> dict:
         cfg = run_config(shape)
         batch = make_batch(shape, vocab=300)
         tokens = sum(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids))
+        step, old_logprob_pass = megatron_step(hf_dir, ckpt, cfg, batch)
+        # megatron's unfused local attention: the actor before its SDPA core attention.
+        local_step, _ = megatron_step(hf_dir, ckpt, run_config(shape, "local"), batch)
         seconds = timed_interleaved(
             {
-                "megatron": megatron_step(hf_dir, ckpt, cfg, batch),
+                "megatron": step,
+                "megatron_local_attention": local_step,
+                "old_logprob_pass": old_logprob_pass,
                 "transformers": transformers_step(hf_dir, cfg, batch),
             },
             steps,
@@ -257,6 +268,9 @@ def measure_shape(name: str, steps: int, min_seconds: float) -> dict:
         "megatron_s_per_step": megatron_s,
         "transformers_s_per_step": hf_s,
         "megatron_cpu_s_per_step": seconds["megatron"]["cpu"],
+        # The forward a round skips when it is one on-policy step (cfg.old_logprobs_forward).
+        "old_logprob_pass_s": seconds["old_logprob_pass"]["wall"],
+        "megatron_local_attention_s_per_step": seconds["megatron_local_attention"]["wall"],
         "transformers_cpu_s_per_step": seconds["transformers"]["cpu"],
         "megatron_tokens_per_s": tokens / megatron_s,
         "transformers_tokens_per_s": tokens / hf_s,
@@ -300,7 +314,8 @@ def main() -> None:
     )
     print(
         f"{'shape':<24}{'batch':>12}{'tokens/step':>12}{'megatron tok/s':>16}"
-        f"{'transformers tok/s':>20}{'megatron/hf':>13}{'by CPU s':>10}"
+        f"{'transformers tok/s':>20}{'megatron/hf':>13}{'by CPU s':>10}{'old-lp pass s':>15}"
+        f"{'local-attn s':>14}{'step s':>9}"
     )
     for row in rows:
         shape = row["shape"]
@@ -308,7 +323,8 @@ def main() -> None:
             f"{row['model']:<24}{shape['batch']:>6} x {shape['micro_batch']:<3}"
             f"{row['tokens_per_step']:>12}{row['megatron_tokens_per_s']:>16.0f}"
             f"{row['transformers_tokens_per_s']:>20.0f}{row['speedup']:>12.2f}x"
-            f"{row['speedup_cpu']:>9.2f}x"
+            f"{row['speedup_cpu']:>9.2f}x{row['old_logprob_pass_s']:>15.4f}"
+            f"{row['megatron_local_attention_s_per_step']:>14.4f}{row['megatron_s_per_step']:>9.4f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -371,8 +371,9 @@ class TrainConfig(Section):
     that schedule resolved in steps.
     """
 
-    # How many old exports stay on disk does not change what is trained.
-    NOT_IN_CACHE_KEY = frozenset({"keep_hf_exports"})
+    # How many old exports stay on disk, and which kernel computes attention (the same math),
+    # do not change what is trained.
+    NOT_IN_CACHE_KEY = frozenset({"keep_hf_exports", "attention_backend"})
 
     lr: float = Field(1e-3, gt=0)
     # ppo critic's AdamW lr; None = train.lr.
@@ -398,6 +399,9 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(64, gt=0)
     # Rounds between checkpoints (resume points); the last round is always saved.
     save_interval: int = Field(1, ge=1)
+    # Megatron-LM's --attention-backend: auto = Transformer Engine where CUDA and TE are there,
+    # else core attention in torch SDPA; local = megatron's unfused DotProductAttention.
+    attention_backend: Literal["auto", "te", "sdpa", "local"] = "auto"
     # HF exports of rounds kept: the last N, plus every resume point and `final`; 0 = all.
     keep_hf_exports: int = Field(2, ge=0)
     # auto = bf16 on CUDA, fp32 on CPU.

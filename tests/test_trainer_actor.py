@@ -195,3 +195,20 @@ def test_a_one_step_round_needs_no_separate_old_logprob_pass(models):
     # The reported reverse KL is the sampled tokens' old - teacher log-prob, token-averaged.
     reverse_kl = np.concatenate(old) - np.concatenate(batch.teacher_logprobs)
     assert without["opd_reverse_kl"] == pytest.approx(float(reverse_kl.mean()), abs=1e-5)
+
+
+def test_the_attention_backend_is_a_kernel_choice_not_a_different_model(models):
+    """train.attention_backend: megatron's unfused local attention and the SDPA default give
+    the same log-probs and the same step."""
+    batch = make_batch(7)
+    results = []
+    for backend in ("local", "sdpa"):
+        actor = make_actor(models, attention_backend=backend)
+        batch.old_logprobs = actor.compute_logprobs(batch)
+        step = actor.train_step(batch)
+        results.append((batch.old_logprobs, step, actor.compute_logprobs(batch)))
+    (local_before, local_step, local_after), (sdpa_before, sdpa_step, sdpa_after) = results
+    for a, b in zip(local_before + local_after, sdpa_before + sdpa_after):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # fp32 rounding
+    assert local_step["loss"] == pytest.approx(sdpa_step["loss"], abs=1e-6)
+    assert local_step["grad_norm"] == pytest.approx(sdpa_step["grad_norm"], rel=1e-4)

@@ -48,11 +48,13 @@ class ValueHead(torch.nn.Linear):
         return super().forward(hidden_states), None
 
 
-def build_critic_model(hf_config: Any, dtype: torch.dtype | None = None):
+def build_critic_model(
+    hf_config: Any, dtype: torch.dtype | None = None, attention_backend: str = "auto"
+):
     """A GPTModel with the student's trunk architecture and a zero-initialised scalar value head."""
     untied = copy.deepcopy(hf_config)
     untied.tie_word_embeddings = False  # the head is a value head, not the embedding transposed
-    model = build_gpt_model(untied, dtype=dtype)
+    model = build_gpt_model(untied, dtype=dtype, attention_backend=attention_backend)
     if model.post_process:  # the last pipeline stage holds the head
         reference = model.output_layer.weight
         head = ValueHead(

@@ -133,7 +133,7 @@ class TrainActor:
         self.hf_config_dir = spec.hf_config_dir
         self.hf_config = load_hf_config(spec.hf_config_dir)
         self.dtype = _dtype(self.train_cfg.dtype)
-        self.model = build_gpt_model(self.hf_config, dtype=self.dtype)
+        self.model = self._build_model(self.hf_config)
         self.optim = build_optimizer(self.model, self.train_cfg, spec.schedule)
         if self.algorithm.advantage_estimator == "ppo":
             self._build_critic()
@@ -143,7 +143,7 @@ class TrainActor:
         if self.critic is not None and not self._critic_loaded:
             copy_trunk_from_student(self.critic, self.module)
         if self.algorithm.use_kl_loss:
-            self.reference = build_gpt_model(self.hf_config, dtype=self.dtype)
+            self.reference = self._build_model(self.hf_config)
             self.reference.load_state_dict(self.module.state_dict())
             self.reference.eval().requires_grad_(False)
         if spec.teacher_checkpoint_dir is not None:
@@ -162,8 +162,15 @@ class TrainActor:
     def module(self):
         return self.optim.module
 
+    def _build_model(self, hf_config):
+        return build_gpt_model(
+            hf_config, dtype=self.dtype, attention_backend=self.train_cfg.attention_backend
+        )
+
     def _build_critic(self) -> None:
-        self.critic = build_critic_model(self.hf_config, dtype=self.dtype)
+        self.critic = build_critic_model(
+            self.hf_config, dtype=self.dtype, attention_backend=self.train_cfg.attention_backend
+        )
         # The policy's schedule shape at the critic's peak lr.
         schedule = self.spec.schedule.with_peak(self.train_cfg.critic_lr or self.train_cfg.lr)
         self.critic_optim = build_optimizer(self.critic, self.train_cfg, schedule)
@@ -179,7 +186,7 @@ class TrainActor:
                 f"student is {student[0]} (vocab {student[1]}), teacher {teacher_ckpt_dir} is "
                 f"{teacher[0]} (vocab {teacher[1]})"
             )
-        self.teacher = build_gpt_model(teacher_config, dtype=self.dtype)
+        self.teacher = self._build_model(teacher_config)
         checkpoint.load_model(self.teacher, teacher_ckpt_dir, teacher_step)
         self.teacher.eval().requires_grad_(False)
 
