@@ -89,20 +89,21 @@ class RoundTimeline:
         return {**row, "time_servers": self.servers, "seconds": self.now()}
 
 
-def _lanes(row: dict) -> list[tuple[str, list[tuple[float, float]], str]]:
-    """(label, [(start, width)], color) per phase and per server of one metrics row."""
+def _lanes(row: dict) -> list[tuple[str, list[tuple[float, float]], str, float]]:
+    """(label, [(start, width)], color, alpha) per phase and per server of a metrics row."""
     lanes = []
     for phase in PHASES:
         start, end = row.get(f"time_{phase}_start"), row.get(f"time_{phase}_end")
         if start is not None and end is not None:
-            lanes.append((phase, [(start, end - start)], _COLORS[phase]))
+            lanes.append((phase, [(start, end - start)], _COLORS[phase], 0.9))
     servers = row.get("time_servers") or {}
     if isinstance(servers, str):  # metrics.arrow holds it as JSON, metrics.json as it is
         servers = json.loads(servers)
     for role, by_url in servers.items():
         for index, (url, spans) in enumerate(sorted(by_url.items())):
             label = f"{role} {index} ({url.rsplit(':', 1)[-1]})"
-            lanes.append((label, [(a, b - a) for a, b in spans], _SERVER_COLORS.get(role, "gray")))
+            color = _SERVER_COLORS.get(role, "gray")
+            lanes.append((label, [(a, b - a) for a, b in spans], color, 0.45))
     return lanes
 
 
@@ -124,10 +125,9 @@ def plot_timeline(
     figure = Figure(figsize=(10, max(3.0, height)))
     axes = figure.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
     for axis, row, lanes in zip(axes, rows, per_round):
-        for y, (label, spans, color) in enumerate(lanes):
-            server = label.split(" ", 1)[0] in _SERVER_COLORS and label not in PHASES
-            axis.broken_barh(spans, (y - 0.4, 0.8), color=color, alpha=0.45 if server else 0.9)
-        axis.set_yticks(range(len(lanes)), [label for label, _, _ in lanes])
+        for y, (_, spans, color, alpha) in enumerate(lanes):
+            axis.broken_barh(spans, (y - 0.4, 0.8), color=color, alpha=alpha)
+        axis.set_yticks(range(len(lanes)), [lane[0] for lane in lanes])
         axis.invert_yaxis()
         axis.set_title(f"round {row['round']}: {row['seconds']:.2f} s", loc="left", fontsize=10)
         axis.grid(axis="x", alpha=0.3)
