@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray
+from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepared_toy_run
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -44,24 +45,6 @@ RUN = [
 PHASES = ("generate", "reward", "score", "train", "sync")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    with local_ray(num_cpus=8):
-        yield
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from opd_core.stages import Convert, Download
-
-    root = tmp_path_factory.mktemp("prepared")
-    cfg = load_config(REPO / "configs" / "toy.yaml", RUN)
-    run_dir = RunDir.create(root, "base")
-    Download(cfg, run_dir).run()
-    Convert(cfg, run_dir).run()
-    return run_dir.root
-
-
 def _train(prepared: Path, root: Path, *extra: str) -> Path:
     from opd_core.stages import Teacher, Train
 
@@ -74,18 +57,21 @@ def _train(prepared: Path, root: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, prepared, tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """The serial and the streamed run of one prepared toy run (download + convert once)."""
     base = tmp_path_factory.mktemp("runs")
-    return {
-        "serial": _train(prepared, base / "serial", "rollout.stream_scoring=false"),
-        "streamed": _train(
-            prepared,
-            base / "streamed",
-            "rollout.stream_scoring=true",
-            "rollout.num_engines=2",
-            "rollout.router_policy=round_robin",
-        ),
-    }
+    with local_ray(num_cpus=8):
+        prepared = prepared_toy_run(base / "prepared", RUN)
+        yield {
+            "serial": _train(prepared, base / "serial", "rollout.stream_scoring=false"),
+            "streamed": _train(
+                prepared,
+                base / "streamed",
+                "rollout.stream_scoring=true",
+                "rollout.num_engines=2",
+                "rollout.router_policy=round_robin",
+            ),
+        }
 
 
 def _round(root: Path, r: int) -> Path:
@@ -170,17 +156,17 @@ def test_old_metrics_without_a_timeline_draw_nothing(tmp_path):
 
 
 def test_pieces_take_each_row_exactly_once():
-    pieces: Pieces[str] = Pieces(6, "round 0 rollouts")
+    pieces: Pieces[str] = Pieces("round 0 rollouts")
     pieces.add(2, 2, "b")
     pieces.add(0, 2, "a")
     with pytest.raises(RuntimeError, match=r"rows 2\.\.3 came twice"):
         pieces.add(2, 2, "b again")  # e.g. a resent batch delivered a second time
     with pytest.raises(RuntimeError, match="4 of 6 rows arrived"):
-        pieces.ordered()
+        pieces.ordered(6)
     pieces.add(4, 2, "c")
-    assert pieces.ordered() == ["a", "b", "c"]
-    gap: Pieces[str] = Pieces(4, "scores")
+    assert pieces.ordered(6) == ["a", "b", "c"]
+    gap: Pieces[str] = Pieces("scores")
     gap.add(0, 1, "a")
     gap.add(2, 2, "c")
     with pytest.raises(RuntimeError, match="rows from 1 are missing"):
-        gap.ordered()
+        gap.ordered(4)

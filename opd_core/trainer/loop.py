@@ -286,6 +286,8 @@ class Rounds:
         streamed = self._streamed_scoring(round_index, timeline)
         with timeline("generate"):
             rollouts = self.generate(round_index, on_batch=streamed and streamed.submit)
+        # One reward call for the whole round, streamed or not: a user reward function takes
+        # the round's samples at once (it may shape rewards by group or batch).
         with timeline("reward"):
             rewards = self.reward(rollouts)
             write_arrow(
@@ -334,14 +336,8 @@ class Rounds:
         Megatron teacher does not stream)."""
         if not (self.cfg.rollout.stream_scoring and isinstance(self.teacher, ServerTeacher)):
             return None
-        total = min(self.cfg.rollout.rollout_batch_size, len(self.prompt_ids))
-        return StreamedScoring(
-            self.teacher,
-            total * self.cfg.rollout.n_samples_per_prompt,
-            self._score_pool,
-            timeline.now,
-            label=f"round {round_index} teacher",
-        )
+        label = f"round {round_index} teacher"
+        return StreamedScoring(self.teacher, self._score_pool, timeline.now, label)
 
     def _server_spans(self) -> dict[str, list[tuple[str, float, float]]]:
         """The rollout engines' and teacher servers' answered requests since the last call."""
@@ -377,7 +373,7 @@ class Rounds:
         if self.teacher is None:
             return None
         if streamed is not None:
-            scores = streamed.result()
+            scores = streamed.result(len(batch))
         else:
             scores = self.teacher.score(batch, label=f"round {round_index} teacher")
         scores.attach(batch)

@@ -147,7 +147,7 @@ def generate_rollouts(
             )
         return out
 
-    pieces: Pieces[Rollouts] = Pieces(len(rows), f"round {round_index} rollouts")
+    pieces: Pieces[Rollouts] = Pieces(f"round {round_index} rollouts")
 
     def deliver(start: int, responses: list[dict]) -> None:
         part = rows_of(start, responses)
@@ -164,4 +164,4 @@ def generate_rollouts(
     )
     if on_batch is None:
         return rows_of(0, responses)
-    return Rollouts.concat(pieces.ordered())
+    return Rollouts.concat(pieces.ordered(len(rows)))

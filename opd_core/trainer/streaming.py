@@ -1,8 +1,8 @@
 """Streamed scoring: the teacher scores each generated batch while the others still generate.
 
-    scoring = StreamedScoring(teacher, total=len(rows), pool=pool, clock=timeline.now)
+    scoring = StreamedScoring(teacher, pool=pool, clock=timeline.now)
     rollouts = generate_rollouts(..., on_batch=scoring.submit)  # scoring starts per batch
-    scores = scoring.result()            # every row's scores, in rollout order
+    scores = scoring.result(len(rollouts))  # every row's scores, in rollout order
     scoring.span                         # (first request, last answer) on `clock`
 
 What a round writes does not change: the rows are the serial loop's, in the same order
@@ -38,13 +38,12 @@ class StreamedScoring:
     def __init__(
         self,
         teacher: ServerTeacher,
-        total: int,
         pool: Executor,
         clock: Callable[[], float],
         label: str = "teacher",
     ):
         self.teacher, self.pool, self.clock = teacher, pool, clock
-        self.pieces: Pieces[TeacherScores] = Pieces(total, f"{label} scores")
+        self.pieces: Pieces[TeacherScores] = Pieces(f"{label} scores")
         self._futures: list[Future] = []
         self._first: float | None = None
         self._last: float | None = None
@@ -62,14 +61,15 @@ class StreamedScoring:
         with self._lock:
             self._last = max(self._last or 0.0, self.clock())
 
-    def result(self) -> TeacherScores:
-        """Waits for every batch's scores; the first failure is raised as it was."""
+    def result(self, total: int) -> TeacherScores:
+        """Waits for every batch's scores (of `total` rows in all); the first failure is
+        raised as it was."""
         with self._lock:
             futures = list(self._futures)
         wait(futures)
         for future in futures:
             future.result()
-        return TeacherScores.concat(self.pieces.ordered())
+        return TeacherScores.concat(self.pieces.ordered(total))
 
     @property
     def span(self) -> tuple[float, float] | None:
