@@ -1,18 +1,18 @@
 """Serial vs streamed scoring on the toy train stage: round seconds, stage seconds, pass@1.
 
     python -m benchmarks.overlap [--seeds 0 1] [--rounds 30] [--last 10]
-                                 [--modes serial serial_1t streamed_1t streamed]
+                                 [--modes serial streamed serial_all_cores streamed_all_cores]
 
 Download, convert and the baseline eval of configs/toy.yaml run once (the toy models come
 from .cache/opd-toy); then for each seed and mode a copy of that run directory gets the
 teacher stage's server and the train stage (in this process, one local Ray cluster for all,
 as tests/test_self_healing.py does), then the final eval. Modes:
 
-- serial: `rollout.stream_scoring=false`, servers with torch's default threads (every core);
-- serial_1t: the same with one torch thread per server (`rollout.cpu_threads=1`,
-  `teacher.cpu_threads=1`), which is what lets the two compute at the same time on 2 cores;
-- streamed_1t: streamed scoring, one thread per server;
-- streamed: streamed scoring, default threads.
+- serial: `rollout.stream_scoring=false`, the toy's one torch thread per server
+  (`rollout.cpu_threads` / `teacher.cpu_threads` = 1);
+- streamed: streamed scoring, one thread per server;
+- serial_all_cores, streamed_all_cores: the same with torch's default threads per server
+  (every core: `cpu_threads=null`), which makes the two servers fight over the cores.
 
 Per run: round seconds = the median of the last `--last` rounds' `seconds` (wall time of a
 round, train/metrics.arrow), the per-phase medians, the median overlap of scoring with
@@ -42,12 +42,12 @@ from opd_core.stages.evaluate import BaselineEval, FinalEval
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "overlap.json"
-ONE_THREAD = ["rollout.cpu_threads=1", "teacher.cpu_threads=1"]
+ALL_CORES = ["rollout.cpu_threads=null", "teacher.cpu_threads=null"]
 MODES = {
     "serial": ["rollout.stream_scoring=false"],
-    "serial_1t": ["rollout.stream_scoring=false", *ONE_THREAD],
-    "streamed_1t": ["rollout.stream_scoring=true", *ONE_THREAD],
     "streamed": ["rollout.stream_scoring=true"],
+    "serial_all_cores": ["rollout.stream_scoring=false", *ALL_CORES],
+    "streamed_all_cores": ["rollout.stream_scoring=true", *ALL_CORES],
 }
 PHASES = ("generate", "reward", "score", "train", "sync")
 
@@ -89,13 +89,13 @@ def run_one(prepared: Path, root: Path, overrides: list[str], last: int) -> dict
 
 def print_table(rows: list[dict], last: int) -> None:
     print(
-        f"\n{'mode':<13}{'seed':>5}{f'round s (med last {last})':>24}{'gen':>7}{'score':>7}"
+        f"\n{'mode':<19}{'seed':>5}{f'round s (med last {last})':>24}{'gen':>7}{'score':>7}"
         f"{'overlap':>8}{'train':>7}{'stage s':>9}{'pass@1':>16}   load 1-min start -> end"
     )
     for r in rows:
         p = r["phase_seconds"]
         print(
-            f"{r['mode']:<13}{r['seed']:>5}{r['round_seconds']:>24.3f}{p['generate']:>7.3f}"
+            f"{r['mode']:<19}{r['seed']:>5}{r['round_seconds']:>24.3f}{p['generate']:>7.3f}"
             f"{p['score']:>7.3f}{r['score_overlap_seconds']:>8.3f}{p['train']:>7.3f}"
             f"{r['train_stage_seconds']:>9.1f}{r['pass_at_1_baseline']:>8.3f} -> "
             f"{r['pass_at_1_final']:.3f}   {r['load_average_start'][0]:.2f} -> "
