@@ -3,8 +3,10 @@
 Two train stages of the same seed on one prepared tiny toy run: serial (score after the whole
 round is generated, one rollout engine) and streamed (the teacher scores each generated
 client batch while the others generate, two rollout engines behind sglang-router). Checked:
-every round's rollouts.arrow and teacher_logprobs.arrow are equal row for row (ids exact,
-log-probs exact), each (prompt, sample) once; the metrics hold the timeline (phases ordered,
+every round's rollouts.arrow and teacher_logprobs.arrow are equal row for row (every column
+exact, the log-prob columns to float rounding: an engine's batched forward rounds differently
+depending on which requests it batches together, which even two serial runs do not control),
+each (prompt, sample) once; the metrics hold the timeline (phases ordered,
 inside the round; streamed scoring starts before generation ends) and each engine's busy
 spans; the report's Gantt plot is written from them.
 
@@ -19,6 +21,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepared_toy_run
@@ -37,12 +40,23 @@ RUN = [
     f"rollout.num_rollout={ROUNDS}",
     "train.save_interval=100",
     "client.batch_size=2",
-    "rollout.cpu_threads=1",
-    "teacher.cpu_threads=1",
     *SMALL_BATCHES,
     *TINY_TOY,
 ]
 PHASES = ("generate", "reward", "score", "train", "sync")
+LOGPROBS = {"rollout_logprobs", "teacher_logprobs", "teacher_topk_logprobs"}
+
+
+def _assert_rows_equal(serial: pa.Table, streamed: pa.Table, where: str) -> None:
+    assert streamed.schema == serial.schema, where
+    for column in serial.column_names:
+        a, b = (t.column(column).to_pylist() for t in (serial, streamed))
+        if column in LOGPROBS:  # ragged lists (of lists): compare the flattened values
+            flat = lambda rows: np.asarray(np.hstack([np.ravel(r) for r in rows]), np.float64)
+            assert [np.shape(r) for r in a] == [np.shape(r) for r in b], (where, column)
+            np.testing.assert_allclose(flat(b), flat(a), atol=1e-5, err_msg=f"{where}.{column}")
+        else:
+            assert b == a, f"{where}.{column} differ"
 
 
 def _train(prepared: Path, root: Path, *extra: str) -> Path:
@@ -94,16 +108,9 @@ def test_streamed_rows_equal_the_serial_rows(runs):
                 == rows
             )
             tables[mode] = rollouts, scores
-        (serial_rollouts, serial_scores), (streamed_rollouts, streamed_scores) = (
-            tables["serial"],
-            tables["streamed"],
-        )
-        assert streamed_rollouts.equals(serial_rollouts), f"round {r} rollouts differ"
-        for column in serial_scores.column_names:
-            serial, streamed = (
-                t.column(column).to_pylist() for t in (serial_scores, streamed_scores)
-            )
-            assert streamed == serial, f"round {r} teacher_logprobs.{column} differ"
+        for i, name in enumerate(("rollouts", "teacher_logprobs")):
+            serial, streamed = tables["serial"][i], tables["streamed"][i]
+            _assert_rows_equal(serial, streamed, f"round {r} {name}")
 
 
 @pytest.mark.slow

@@ -7,13 +7,18 @@
 
 What a round writes does not change: the rows are the serial loop's, in the same order
 (`opd_core.trainer.pieces.Pieces` puts each batch at its own positions and refuses a batch
-seen twice or a row left out), and the teacher's answers do not depend on how its requests
-are batched (tests/test_streamed_scoring.py compares the files). Only the
-server teacher streams (`ServerTeacher`, opd_type sglang): its servers are processes of their
-own that can score while the rollout engines generate. The in-actor Megatron teacher runs in
-the training actors, which are idle during generation but take the whole batch in one
-call (their data-parallel split and micro-batching are over the round's samples), so it
-scores after generation, as before.
+seen twice or a row left out), with the same ids and the same log-probs to float rounding
+(tests/test_streamed_scoring.py compares the files). Rounding, not more: an engine's batched
+forward rounds differently depending on which requests it batches together (left padding),
+which even two serial runs do not control.
+
+Only the server teacher streams (`ServerTeacher`, opd_type sglang): its servers are
+processes of their own that can score while the rollout engines generate. The in-actor
+Megatron teacher stays serial: it runs inside the training actors through one TrainerGroup
+call that splits the round's samples over the data-parallel ranks and micro-batches, so a
+call per client batch would add a Ray round trip and a DP split per 32 samples; and with
+`train.ray.colocate` those actors share their GPUs with the rollout engines, so scoring
+there during generation would slow generation down rather than overlap it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
 
+from opd_core.algorithm.batch import TrainBatch
 from opd_core.trainer.pieces import Pieces
+from opd_core.trainer.rollouts import Rollouts
 from opd_core.trainer.teachers import ServerTeacher, TeacherScores
 
 __all__ = ["StreamedScoring"]
@@ -49,13 +56,13 @@ class StreamedScoring:
         self._last: float | None = None
         self._lock = threading.Lock()
 
-    def submit(self, start: int, part) -> None:
+    def submit(self, start: int, part: Rollouts) -> None:
         with self._lock:
             if self._first is None:
                 self._first = self.clock()
             self._futures.append(self.pool.submit(self._score, start, part.batch()))
 
-    def _score(self, start: int, batch) -> None:
+    def _score(self, start: int, batch: TrainBatch) -> None:
         scores = self.teacher.score(batch, label=None)  # no progress bar per batch
         self.pieces.add(start, len(batch), scores)
         with self._lock:
