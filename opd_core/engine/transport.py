@@ -1,7 +1,7 @@
 """HTTP transport to one or more engine URLs: pooled connections, failover, retries with backoff.
 
-    urls = ["http://a:30000", "http://b:30000"]
-    transport = FailoverTransport(urls, timeout=120, max_concurrency=16)
+    transport = FailoverTransport(["http://a:30000", "http://b:30000"], timeout=120,
+                                  max_concurrency=16)
     answer = transport.request("POST", "/generate", payload, check=validate_shape)
 
 Each request tries every URL in turn (failover), starting from a rotating offset so that
@@ -171,8 +171,8 @@ class FailoverTransport:
         except RetryError as err:
             cause = err.last_attempt.exception()
             raise EngineError(
-                f"{method} {path} failed after {self.max_retries + 1} attempts on "
-                f"{self.urls}: {cause}"
+                f"{method} {path} failed after {self.max_retries + 1} attempts on {self.urls}: "
+                f"{cause}"
             ) from None
 
     def close(self) -> None:
