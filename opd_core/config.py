@@ -171,7 +171,16 @@ class ServerConfig(Section):
     # Where a server runs, how requests reach it and how long we wait for it or how often we
     # relaunch it does not change what it computes.
     NOT_IN_CACHE_KEY = frozenset(
-        {"url", "host", "port", "api_key", "startup_timeout", "max_restarts", "router_policy"}
+        {
+            "url",
+            "host",
+            "port",
+            "api_key",
+            "startup_timeout",
+            "max_restarts",
+            "router_policy",
+            "cpu_threads",
+        }
     )
 
     # builtin = the project's own engine (opd serve); sglang = python -m sglang.launch_server;
@@ -204,6 +213,10 @@ class ServerConfig(Section):
     # sglang-router's --policy, when the role has more than one server (the router is only
     # started then); cache_aware sends a prompt's samples where its prefix is cached.
     router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    # Torch CPU threads of each server process (its OMP_NUM_THREADS); None = the driver's
+    # OMP_NUM_THREADS, else torch's default (every core). On a small CPU machine, 1 each lets
+    # the rollout engine and the teacher compute at the same time (streamed scoring).
+    cpu_threads: int | None = Field(None, gt=0)
 
     @property
     def urls(self) -> list[str]:
@@ -252,6 +265,12 @@ class RolloutConfig(ServerConfig):
     # Rollout engines, each with num_gpus_per_engine GPUs (slime: --rollout-num-gpus / per
     # engine); with more than one, requests go through sglang-router.
     num_engines: int = Field(1, ge=1)
+    # Server teacher (opd_type sglang): score each generated batch while the others still
+    # generate (opd_core.trainer.streaming); the rows written are the same either way.
+    # False = score after the whole round is generated.
+    stream_scoring: bool = True
+
+    NOT_IN_CACHE_KEY = ServerConfig.NOT_IN_CACHE_KEY | {"stream_scoring"}
 
     @property
     def rounds(self) -> int:

@@ -4,6 +4,7 @@ final_eval/report.md    per benchmark: baseline vs final accuracy (pass@1, avg@n
                         response length, truncated and no-answer shares, and per subject /
                         level where the benchmark has them; then the per-round training table
 final_eval/curves.png   reverse KL to the teacher and rollout accuracy per round
+final_eval/timeline.png the last rounds' timelines: each phase and each server's busy spans
 <eval stage>/summary.md one eval's per-benchmark table (eval_markdown)
 """
 
@@ -18,6 +19,7 @@ from opd_core.algorithm.metrics import plot_curves
 from opd_core.config import OPDRunConfig
 from opd_core.io import read_arrow, write_text
 from opd_core.rundir import RunDir
+from opd_core.trainer.timeline import plot_timeline
 
 __all__ = [
     "benchmark_rows",
@@ -180,9 +182,11 @@ def round_rows(run_dir: RunDir) -> list[dict]:
 def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict) -> Path:
     out_dir = run_dir.stage("final_eval")
     metrics_path = run_dir.train_metrics
-    curves = None
+    curves = timeline = None
     if metrics_path.is_file():
-        curves = plot_curves(read_arrow(metrics_path), out_dir / "curves.png")
+        metrics = read_arrow(metrics_path)
+        curves = plot_curves(metrics, out_dir / "curves.png")
+        timeline = plot_timeline(metrics, out_dir / "timeline.png")
     a = cfg.algorithm
     opd = f"top-{a.opd_topk} OPD" if a.opd_topk else "OPD"
     method = f"{a.advantage_estimator}" + (
@@ -202,5 +206,10 @@ def write_report(cfg: OPDRunConfig, run_dir: RunDir, baseline: dict, final: dict
         + "## Training rounds\n\n"
         + markdown_table(round_rows(run_dir))
         + (f"\n![curves]({Path(curves).name})\n" if curves else "")
+        + (
+            f"\n## Where a round's time goes\n\n![timeline]({Path(timeline).name})\n"
+            if timeline
+            else ""
+        )
     )
     return write_text(run_dir.report, text)

@@ -367,3 +367,31 @@ def test_cache_namespace_is_the_weights_content_or_nothing(url, model_dir, tmp_p
             explicit = EngineClient(proxy_url, cache_dir=str(tmp_path / "c"), cache_namespace="t1")
             with explicit:
                 assert explicit.cache_namespace() == "t1|default"
+
+
+def test_each_batch_reaches_on_batch_once_when_resent_after_recover(url):
+    """A batch that failed on every URL and was resent after `recover` reaches `on_batch`
+    once (what streamed scoring relies on); every answered request is in request_spans."""
+    flaky = Flaky(url, failures=2)  # the first two batch requests fail
+    recovered: list[str] = []
+    delivered: list[tuple[int, int]] = []
+    params = {"max_new_tokens": 3, "temperature": 0}
+    with (
+        BackgroundServer(flaky.app) as proxy_url,
+        EngineClient(
+            proxy_url,
+            batch_size=2,
+            max_retries=0,
+            recover=lambda err: recovered.append(str(err)) or True,
+        ) as client,
+    ):
+        outputs = client.generate(
+            PROMPTS, params, on_batch=lambda start, out: delivered.append((start, len(out)))
+        )
+        spans = client.request_spans()
+    with EngineClient(url) as direct:
+        expected = direct.generate(PROMPTS, params)
+    assert len(recovered) == 2 and flaky.seen == 5  # 3 batches, 2 of them sent twice
+    assert sorted(delivered) == [(0, 2), (2, 2), (4, 1)]  # each batch once
+    assert [o["output_ids"] for o in outputs] == [e["output_ids"] for e in expected]
+    assert len(spans) == 3 and all(u == proxy_url and s <= e for u, s, e in spans)

@@ -114,6 +114,16 @@ def test_pipeline_through_routers_with_a_prompt_near_the_context(
         assert len(long_rows) == 2  # its two samples, capped to fit the context
         assert all(total <= CONTEXT - 7 for total, _ in long_rows), long_rows  # teacher scores it
 
+    # The timeline: unseeded batches (each sharing its params, the long prompt's two capped
+    # samples too) all went through the routers, so the busy spans are the routers'.
+    engine_urls = {row["url"] for row in placement if row["role"] == "rollout"}
+    for row in read_arrow(run / "train" / "metrics.arrow").to_pylist():
+        servers = json.loads(row["time_servers"])
+        assert set(servers["teacher"]) == {endpoint["url"]}, servers  # the teacher's router
+        (rollout_router,) = servers["rollout"]  # the engines' router, not an engine
+        assert rollout_router not in engine_urls, servers
+        assert row["time_score_start"] < row["time_generate_end"]  # streamed by default
+
     manifest = read_json(run / "download" / "manifest.json")
     assert manifest["preflight"]["prompts"]["train"]["capped"] == 1
     samples = read_arrow(run / "final_eval" / "samples.arrow", EVAL_SAMPLES)

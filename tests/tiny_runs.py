@@ -10,8 +10,11 @@ import ray
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from opd_core.config import load_config
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
+from opd_core.rundir import RunDir
+from opd_core.stages import Convert, Download
 
 TINY_TOY = [
     "toy.num_train=64",
@@ -29,6 +32,16 @@ SMALL_BATCHES = [
     "train.micro_batch_size=8",
     "train.lr_warmup_iters=0",  # the toy's 10 warmup steps need a run longer than 10 rounds
 ]
+
+
+def prepared_toy_run(root: Path, overrides: list[str]) -> Path:
+    """download + convert of configs/toy.yaml with `overrides`, as run directory root/base:
+    what a test's train stages copy, so that each run skips the two."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml", overrides)
+    run_dir = RunDir.create(root, "base")
+    Download(cfg, run_dir).run()
+    Convert(cfg, run_dir).run()
+    return run_dir.root
 
 
 def student_and_teacher(root, teacher_step: int | None = None) -> dict:

@@ -156,9 +156,14 @@ class EngineClient:
         return_logprob: bool = False,
         progress: str | None = None,
         context_length: int | None = None,
+        on_batch: Callable[[int, list[dict]], None] | None = None,
         **request_fields: Any,
     ) -> list[dict]:
         """SGLang /generate for many sequences; responses in input order.
+
+        `on_batch(start, responses)` is called (on a client thread) as each batch request is
+        answered, with the responses of sequences start, start + 1, ...: once per batch,
+        resent batches included (only the answer that succeeded is passed on).
 
         `sampling_params` is one dict for all or one per sequence; `request_fields` are other
         /generate fields (logprob_start_len, top_logprobs_num, ...) applied to every sequence.
@@ -197,11 +202,18 @@ class EngineClient:
                 **request_fields,
             }
 
-        return self._batched(len(input_ids), payload, progress)
+        return self._batched(len(input_ids), payload, progress, on_batch)
 
-    def _batched(self, total: int, make_payload, progress: str | None) -> list[dict]:
-        """One request of `batch_size` sequences at a time; the answers in order. A batch
-        with per-sequence sampling params skips a router (see the module docstring)."""
+    def _batched(
+        self,
+        total: int,
+        make_payload,
+        progress: str | None,
+        on_batch: Callable[[int, list[dict]], None] | None = None,
+    ) -> list[dict]:
+        """One request of `batch_size` sequences at a time; the answers in order, and each
+        batch's to `on_batch` as it arrives. A batch with per-sequence sampling params skips
+        a router (see the module docstring)."""
         spans = [(s, min(s + self.batch_size, total)) for s in range(0, total, self.batch_size)]
         bar = tqdm(total=total, desc=progress, unit="seq", disable=progress is None, leave=False)
 
@@ -231,12 +243,25 @@ class EngineClient:
                     if not self.recover(err):
                         raise
             bar.update(size)
+            if on_batch is not None:
+                on_batch(span[0], answer)
             return answer
 
         try:
             return [out for chunk in self.pool.map(send, spans) for out in chunk]
         finally:
             bar.close()
+
+    def request_spans(self) -> list[tuple[str, float, float]]:
+        """(url, sent, answered) of each /generate request answered since the last call,
+        perf_counter seconds; the URL that answered it (a router, where one is in front)."""
+        logs = {id(t): t.log for t in (self.transport, self._engines)}.values()
+        return sorted(
+            (url, sent, answered)
+            for log in logs
+            for url, path, sent, answered in log.drain()
+            if path == "/generate"
+        )
 
     # ---------------------------------------------------------------------- scoring
 

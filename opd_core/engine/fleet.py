@@ -357,6 +357,8 @@ class ServerFleet:
         if len(self.urls) > 1 and log is not None:
             log = log.with_stem(f"{log.stem}_{index}")
         env = {k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}
+        if self.cfg.cpu_threads:  # torch takes its CPU thread count from it at start-up
+            env["OMP_NUM_THREADS"] = str(self.cfg.cpu_threads)
         return actor.start.remote(
             self.backend, self.model_path, self.cfg, str(log), host, port, devices, env
         )

@@ -10,12 +10,18 @@ fail with a connection error, a timeout, a 5xx or a malformed answer, it waits (
 backoff with jitter, tenacity) and tries again, up to `max_retries` times, then raises
 `EngineError`. A 4xx is the caller's mistake: no retry, an `EngineRequestError` with the
 server's message.
+
+Every answered request is logged as (url, path, sent, answered) in `transport.log`
+(perf_counter seconds; `RequestLog.drain()` takes them): when each URL was busy, for the
+round timeline. Behind a router that URL is the router's.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +58,26 @@ class _Retryable(Exception):
     pass
 
 
+class RequestLog:
+    """(url, path, sent, answered) of answered requests, perf_counter seconds, thread-safe.
+    Bounded: a client nobody drains keeps only the newest `maxlen`."""
+
+    def __init__(self, maxlen: int = 100_000):
+        self._entries: deque[tuple[str, str, float, float]] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def record(self, url: str, path: str, sent: float, answered: float) -> None:
+        with self._lock:
+            self._entries.append((url, path, sent, answered))
+
+    def drain(self) -> list[tuple[str, str, float, float]]:
+        """The entries so far, removed from the log."""
+        with self._lock:
+            entries = list(self._entries)
+            self._entries.clear()
+        return entries
+
+
 class FailoverTransport:
     def __init__(
         self,
@@ -83,6 +109,7 @@ class FailoverTransport:
         )
         self._offset = itertools.count()
         self._failed_at: dict[str, float] = {}
+        self.log = RequestLog()
 
     def _candidates(self) -> list[str]:
         start = next(self._offset) % len(self.urls)
@@ -95,6 +122,7 @@ class FailoverTransport:
         """One pass over all URLs; _Retryable if none gave a usable answer."""
         errors = []
         for url in self._candidates():
+            sent = time.perf_counter()
             try:
                 response = self.http.request(method, url + path, json=payload)
             except httpx.TransportError as err:  # refused, reset, timed out
@@ -110,6 +138,7 @@ class FailoverTransport:
                     f"{url}{path}: HTTP {response.status_code}: {response.text[:1000]}",
                     response.status_code,
                 )
+            self.log.record(url, path, sent, time.perf_counter())
             return response
         raise _Retryable("; ".join(errors))
 

@@ -10,11 +10,16 @@ stage, not this, from a notebook. One round (slime's loop, one rollout per round
     `n_samples_per_prompt` responses for `rollout_batch_size` prompts;
  2. reward: verifier / none / a user function -> `rollouts.arrow`;
  3. score: the teacher scores every response token, over HTTP (opd_type sglang) or inside the
-    training actors (opd_type megatron) -> `teacher_logprobs.arrow`;
+    training actors (opd_type megatron) -> `teacher_logprobs.arrow`. A server teacher scores
+    each generated batch while the others still generate (`rollout.stream_scoring`,
+    opd_core.trainer.streaming), with the same rows;
  4. advantages: the actors recompute the student's log-probs ("old" log-probs), the
     estimator turns rewards into advantages, and the OPD term is applied (opd_core.algorithm.opd);
  5. step: the actors take the policy step(s);
  6. sync: the actors export HF weights and every rollout engine reloads them.
+
+Each round's metrics hold its timeline (`RoundTimeline`): when each phase started and ended
+and when each server was busy (`time_*`), which the report draws.
 
 Everything a round produces is written before the next starts, and `state.json` records the
 last checkpointed round, so a killed run resumes where it stopped (see `TrainState`).
@@ -32,9 +37,9 @@ would. Each round's metrics count the relaunches and rebuilds (`*_restarts`).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +59,9 @@ from opd_core.schemas import PROMPTS, ROLLOUTS
 from opd_core.trainer.group import TrainerGroup, TrainingActorDied
 from opd_core.trainer.rollouts import Rollouts, generate_rollouts
 from opd_core.trainer.state import TrainState
+from opd_core.trainer.streaming import StreamedScoring
 from opd_core.trainer.teachers import ServerTeacher, Teacher, TeacherScores, open_teacher
+from opd_core.trainer.timeline import RoundTimeline
 
 logger = logging.getLogger("opd.train")
 
@@ -89,21 +96,6 @@ def run_rounds(
             except TrainingActorDied as death:  # back to the last checkpoint, then on from there
                 rounds.rebuild_trainer(death)
     return {"final_hf": str(final_hf), "rounds": cfg.rollout.rounds, "last_metrics": last_metrics}
-
-
-class PhaseTimer:
-    """Seconds per phase of a round: `with timer("generate"): ...` -> {"time_generate": s}."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        tick = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[f"time_{phase}"] = time.perf_counter() - tick
 
 
 class Rounds:
@@ -188,6 +180,11 @@ class Rounds:
             if self.teacher is not None:
                 stack.callback(lambda: self.teacher.close())
             self.score_limit = self._score_limit()
+            # Streamed scoring's requests wait here, not on the rollout client's threads.
+            self._score_pool = ThreadPoolExecutor(
+                cfg.client.max_concurrency, thread_name_prefix="opd-stream-score"
+            )
+            stack.callback(self._score_pool.shutdown)
             self._write_placement()
             self._stack = stack.pop_all()  # entered whole: keep it open until __exit__
         return self
@@ -282,25 +279,39 @@ class Rounds:
     # -------------------------------------------------------------------- one round
 
     def run_round(self, round_index: int) -> dict:
-        """Generate, reward, score, advantages, step, sync; returns the round's metrics row."""
-        round_dir, timer = self.run_dir.round_dir(round_index), PhaseTimer()
-        with timer("generate"):
-            rollouts = self.generate(round_index)
-        with timer("score"):
+        """Generate, reward, score, advantages, step, sync; returns the round's metrics row.
+        With streamed scoring the teacher scores each generated batch while the others still
+        generate; the rows written are the same."""
+        round_dir, timeline = self.run_dir.round_dir(round_index), RoundTimeline()
+        self._server_spans()  # drop what came before this round
+        streamed = self._streamed_scoring(round_index, timeline)
+        with timeline("generate"):
+            rollouts = self.generate(round_index, on_batch=streamed and streamed.submit)
+        # One reward call for the whole round, streamed or not: a user reward function takes
+        # the round's samples at once (it may shape rewards by group or batch).
+        with timeline("reward"):
             rewards = self.reward(rollouts)
             write_arrow(
                 round_dir / "rollouts.arrow", rollouts.table(round_index, rewards), ROLLOUTS
             )
-            batch = rollouts.batch()
-            scores = self.score(round_index, batch)
-            if scores is not None:
-                table = scores.table(rollouts.prompt_index, rollouts.sample_index)
-                write_arrow(round_dir / "teacher_logprobs.arrow", table)
-        with timer("train"):
+        batch = rollouts.batch()
+        if streamed is None:
+            with timeline("score"):
+                scores = self.score(round_index, batch)
+        else:
+            scores = self.score(round_index, batch, streamed)
+            if streamed.span is not None:
+                timeline.record("score", *streamed.span)
+        if scores is not None:
+            table = scores.table(rollouts.prompt_index, rollouts.sample_index)
+            write_arrow(round_dir / "teacher_logprobs.arrow", table)
+        with timeline("train"):
             advantages = self.advantages(batch, rollouts, rewards, scores)
             train_metrics = self.trainer.train_step(batch)
-        with timer("sync"):
+        with timeline("sync"):
             export_dir = self.sync(round_index)
+        for role, spans in self._server_spans().items():
+            timeline.add_servers(role, spans)
         metrics = {
             "round": round_index,
             **round_metrics(
@@ -308,8 +319,7 @@ class Rounds:
             ),
             **train_metrics,
             **self._restarts(),
-            **timer.seconds,
-            "seconds": sum(timer.seconds.values()),
+            **timeline.metrics(),
         }
         write_json(round_dir / "metrics.json", metrics)
         self.metrics_log.append(metrics)
@@ -319,7 +329,27 @@ class Rounds:
             self.state.record_checkpoint(round_index, root, export_dir, metrics)
         return metrics
 
-    def generate(self, round_index: int) -> Rollouts:
+    def _streamed_scoring(
+        self, round_index: int, timeline: RoundTimeline
+    ) -> StreamedScoring | None:
+        """This round's streamed scoring, or None: scored after generation (no server
+        teacher, or rollout.stream_scoring off; see opd_core.trainer.streaming for why the
+        Megatron teacher does not stream)."""
+        if not (self.cfg.rollout.stream_scoring and isinstance(self.teacher, ServerTeacher)):
+            return None
+        label = f"round {round_index} teacher"
+        return StreamedScoring(self.teacher, self._score_pool, timeline.now, label)
+
+    def _server_spans(self) -> dict[str, list[tuple[str, float, float]]]:
+        """The rollout engines' and teacher servers' answered requests since the last call."""
+        spans = {"rollout": self.rollout_client.request_spans()}
+        if isinstance(self.teacher, ServerTeacher):
+            spans["teacher"] = self.teacher.client.request_spans()
+        return spans
+
+    def generate(
+        self, round_index: int, on_batch: Callable[[int, Rollouts], None] | None = None
+    ) -> Rollouts:
         return generate_rollouts(
             self.cfg,
             round_index,
@@ -330,16 +360,23 @@ class Rounds:
             context_length=self.context_length,
             weight_version=self.engines.weight_version,
             max_total_tokens=self.score_limit,
+            on_batch=on_batch,
         )
 
     def reward(self, rollouts: Rollouts) -> np.ndarray:
         return np.asarray(self.reward_fn(rollouts.samples), dtype=np.float32)
 
-    def score(self, round_index: int, batch: TrainBatch) -> TeacherScores | None:
-        """The teacher's log-probs of every response token (None without OPD)."""
+    def score(
+        self, round_index: int, batch: TrainBatch, streamed: StreamedScoring | None = None
+    ) -> TeacherScores | None:
+        """The teacher's log-probs of every response token (None without OPD); with
+        `streamed`, those it requested during generation."""
         if self.teacher is None:
             return None
-        scores = self.teacher.score(batch, label=f"round {round_index} teacher")
+        if streamed is not None:
+            scores = streamed.result(len(batch))
+        else:
+            scores = self.teacher.score(batch, label=f"round {round_index} teacher")
         scores.attach(batch)
         return scores
 

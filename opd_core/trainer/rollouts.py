@@ -4,11 +4,17 @@
                                  context_length=40960, weight_version="3", max_total_tokens=None)
     write_arrow(round_dir / "rollouts.arrow", rollouts.table(round_index, rewards), ROLLOUTS)
 
+With `on_batch(start, part)` each client batch's rows (a `Rollouts` of the samples at
+start, start + 1, ...) are handed on as soon as they are generated, e.g. to the teacher
+(streamed scoring, `opd_core.trainer.streaming`); the returned rollouts are the same rows in
+the same order either way, each exactly once.
+
 Needs only an `EngineClient` (no Ray): the round loop and scripts/gpu_check.py both use it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -19,6 +25,7 @@ from opd_core.algorithm.batch import TrainBatch
 from opd_core.config import OPDRunConfig
 from opd_core.engine.client import EngineClient
 from opd_core.engine.protocol import per_sequence_params
+from opd_core.trainer.pieces import Pieces
 from opd_core.verifier import is_correct
 
 __all__ = ["Rollouts", "generate_rollouts", "round_draw"]
@@ -49,6 +56,18 @@ class Rollouts:
     def batch(self) -> TrainBatch:
         return TrainBatch(prompt_ids=self.prompt_ids, response_ids=self.response_ids)
 
+    def __len__(self) -> int:
+        return len(self.prompt_index)
+
+    @classmethod
+    def concat(cls, parts: list[Rollouts]) -> Rollouts:
+        """The rows of `parts`, one after the other."""
+        out = cls()
+        for part in parts:
+            for f in fields(cls):
+                getattr(out, f.name).extend(getattr(part, f.name))
+        return out
+
 
 def round_draw(cfg: OPDRunConfig, round_index: int, num_prompts: int) -> tuple[list[int], int]:
     """Round `round_index`'s draw from `num_prompts` train prompts: the prompt rows in request
@@ -73,6 +92,7 @@ def generate_rollouts(
     context_length: int | None = None,
     weight_version: str | None = None,
     max_total_tokens: int | None = None,
+    on_batch: Callable[[int, Rollouts], None] | None = None,
 ) -> Rollouts:
     """A round's prompts (seeded by round) and their responses from the engines at `client`.
 
@@ -80,7 +100,8 @@ def generate_rollouts(
     `max_total_tokens`: the longest prompt + response the teacher scores; responses are capped
     to stay within it too.
     `weight_version`: what the engines were set to, recorded where a response does not say
-    (real SGLang reports it per response in meta_info, the built-in engine does not)."""
+    (real SGLang reports it per response in meta_info, the built-in engine does not).
+    `on_batch(start, part)`: each client batch's rows as they arrive (module docstring)."""
     rollout = cfg.rollout
     rows, seed = round_draw(cfg, round_index, len(prompt_ids))
     params = {
@@ -102,37 +123,54 @@ def generate_rollouts(
                 {**p, "max_new_tokens": min(p["max_new_tokens"], b)}
                 for p, b in zip(shared, budgets)
             ]
+    labels = prompts.column("label").to_pylist()
+    messages = prompts.column("prompt").to_pylist()
+    indices = prompts.column("index").to_pylist()
+
+    def rows_of(start: int, responses: list[dict]) -> Rollouts:
+        """The rows of the samples at positions start, start + 1, ..."""
+        out = Rollouts()
+        for position, response in enumerate(responses, start):
+            row = rows[position]
+            response_ids = list(response["output_ids"])
+            text = tokenizer.decode(response_ids, skip_special_tokens=True)
+            meta = response["meta_info"]
+            out.prompt_index.append(indices[row])
+            out.sample_index.append(position % rollout.n_samples_per_prompt)
+            out.prompt_ids.append(prompt_ids[row])
+            out.response_ids.append(response_ids)
+            out.response_text.append(text)
+            out.rollout_logprobs.append([e[0] for e in meta.get("output_token_logprobs") or []])
+            out.finish_reason.append(meta["finish_reason"]["type"])
+            out.label.append(labels[row])
+            out.correct.append(is_correct(text, labels[row]))
+            version = meta.get("weight_version") or weight_version or "default"
+            out.weight_version.append(str(version))
+            out.samples.append(
+                {
+                    "prompt": messages[row],
+                    "response_text": text,
+                    "label": labels[row],
+                    "response_ids": response_ids,
+                }
+            )
+        return out
+
+    pieces: Pieces[Rollouts] = Pieces(f"round {round_index} rollouts")
+
+    def deliver(start: int, responses: list[dict]) -> None:
+        part = rows_of(start, responses)
+        pieces.add(start, len(part), part)
+        on_batch(start, part)
+
     responses = client.generate(
         [prompt_ids[i] for i in rows],
         sampling,
         return_logprob=True,
         progress=f"round {round_index} rollout",
         context_length=context_length,
+        on_batch=None if on_batch is None else deliver,
     )
-    labels = prompts.column("label").to_pylist()
-    messages = prompts.column("prompt").to_pylist()
-    indices = prompts.column("index").to_pylist()
-    out = Rollouts()
-    for position, (row, response) in enumerate(zip(rows, responses)):
-        response_ids = list(response["output_ids"])
-        text = tokenizer.decode(response_ids, skip_special_tokens=True)
-        meta = response["meta_info"]
-        out.prompt_index.append(indices[row])
-        out.sample_index.append(position % rollout.n_samples_per_prompt)
-        out.prompt_ids.append(prompt_ids[row])
-        out.response_ids.append(response_ids)
-        out.response_text.append(text)
-        out.rollout_logprobs.append([e[0] for e in meta.get("output_token_logprobs") or []])
-        out.finish_reason.append(meta["finish_reason"]["type"])
-        out.label.append(labels[row])
-        out.correct.append(is_correct(text, labels[row]))
-        out.weight_version.append(str(meta.get("weight_version") or weight_version or "default"))
-        out.samples.append(
-            {
-                "prompt": messages[row],
-                "response_text": text,
-                "label": labels[row],
-                "response_ids": response_ids,
-            }
-        )
-    return out
+    if on_batch is None:
+        return rows_of(0, responses)
+    return Rollouts.concat(pieces.ordered(len(rows)))

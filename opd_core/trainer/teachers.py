@@ -45,6 +45,18 @@ class TeacherScores:
         batch.teacher_topk_ids, batch.teacher_topk_logprobs = self.topk_ids, self.topk_logprobs
         batch.teacher_logprobs = self.logprobs
 
+    @classmethod
+    def concat(cls, parts: Sequence[TeacherScores]) -> TeacherScores:
+        """The rows of `parts`, one after the other (top-k only if every part has it)."""
+        logprobs = [row for part in parts for row in part.logprobs]
+        if not parts or any(part.topk_ids is None for part in parts):
+            return cls(logprobs)
+        return cls(
+            logprobs,
+            [row for part in parts for row in part.topk_ids],
+            [row for part in parts for row in part.topk_logprobs],
+        )
+
     def table(self, prompt_index: Sequence[int], sample_index: Sequence[int]) -> pa.Table:
         """Rows of `teacher_logprobs.arrow`."""
         return scores_to_table(
@@ -53,7 +65,7 @@ class TeacherScores:
 
 
 class Teacher(Protocol):
-    def score(self, batch: TrainBatch, label: str) -> TeacherScores: ...
+    def score(self, batch: TrainBatch, label: str | None) -> TeacherScores: ...
 
     def close(self) -> None: ...
 
@@ -64,10 +76,11 @@ class ServerTeacher:
     def __init__(self, client: EngineClient, topk: int = 0):
         self.client, self.topk = client, topk
 
-    def score(self, batch: TrainBatch, label: str) -> TeacherScores:
+    def score(self, batch: TrainBatch, label: str | None) -> TeacherScores:
+        """`label` names the progress bar (None: no bar)."""
         prompts, responses = batch.prompt_ids, batch.response_ids
         if self.topk:
-            label = f"{label} top-{self.topk}"
+            label = label and f"{label} top-{self.topk}"
             return TeacherScores(*self.client.score_topk(prompts, responses, self.topk, label))
         return TeacherScores(self.client.score(prompts, responses, progress=label))
 
@@ -81,7 +94,7 @@ class MegatronTeacher:
     def __init__(self, trainer: TrainerGroup, topk: int = 0):
         self.trainer, self.topk = trainer, topk
 
-    def score(self, batch: TrainBatch, label: str) -> TeacherScores:
+    def score(self, batch: TrainBatch, label: str | None) -> TeacherScores:
         if self.topk:
             return TeacherScores(*self.trainer.teacher_topk(batch, self.topk))
         return TeacherScores(self.trainer.teacher_logprobs(batch))
