@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray
+from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -96,14 +96,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """download + convert of the tiny toy, done once."""
-    from opd_core.stages import Convert, Download
-
-    root = tmp_path_factory.mktemp("prepared")
-    cfg = load_config(REPO / "configs" / "toy.yaml", RUN)
-    run_dir = RunDir.create(root, "base")
-    Download(cfg, run_dir).run()
-    Convert(cfg, run_dir).run()
-    return run_dir.root
+    return prepare_toy(tmp_path_factory.mktemp("prepared"), RUN)
 
 
 def _run(prepared: Path, tmp_path: Path, target: str, *extra: str) -> tuple[Path, float]:

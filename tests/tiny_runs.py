@@ -1,7 +1,8 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
 models, with no teacher or student training, and the smallest batches that run every stage.
-Also the tiny HF models (and their torch_dist checkpoints) that several test files build, and
-a local Ray cluster for a test module to share."""
+Also the tiny HF models (and their torch_dist checkpoints) that several test files build, a
+toy run directory prepared up to training, and a local Ray cluster for a test module to
+share."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,8 +11,11 @@ import ray
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from opd_core.config import load_config
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import hf_to_torch_dist
+from opd_core.rundir import RunDir
+from opd_core.stages import Convert, Download
 
 TINY_TOY = [
     "toy.num_train=64",
@@ -29,6 +33,16 @@ SMALL_BATCHES = [
     "train.micro_batch_size=8",
     "train.lr_warmup_iters=0",  # the toy's 10 warmup steps need a run longer than 10 rounds
 ]
+
+
+def prepare_toy(root: Path, overrides: list[str]) -> Path:
+    """A run directory under `root` with the toy's download and convert stages done (of
+    configs/toy.yaml + `overrides`): copy it per run to train it several ways."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml", overrides)
+    run_dir = RunDir.create(root, "base")
+    Download(cfg, run_dir).run()
+    Convert(cfg, run_dir).run()
+    return run_dir.root
 
 
 def student_and_teacher(root, teacher_step: int | None = None) -> dict:

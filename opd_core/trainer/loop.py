@@ -35,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,16 @@ from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS, ROLLOUTS
+from opd_core.trainer.async_rounds import async_rounds
 from opd_core.trainer.group import TrainerGroup, TrainingActorDied
 from opd_core.trainer.rollouts import Rollouts, generate_rollouts
-from opd_core.trainer.state import TrainState
+from opd_core.trainer.state import TrainState, rollout_weight_version
 from opd_core.trainer.teachers import ServerTeacher, Teacher, TeacherScores, open_teacher
 
 logger = logging.getLogger("opd.train")
 
 RoundCallback = Callable[[int, dict], None]
+MADE_BEFORE = ("time_generate", "time_score")  # the phases of `Rounds.produce`
 # The teacher the rounds score with: the teacher stage's fleet (self-healing), the URLs of
 # servers someone else runs, or None (no server teacher).
 TeacherServers = ServerFleet | Sequence[str] | None
@@ -76,12 +79,12 @@ def run_rounds(
     `teacher_checkpoint`: the Megatron teacher (opd_type=megatron), resolved by the stage.
     """
     state = TrainState.load(run_dir.stage("train"))
+    drive = async_rounds if cfg.rollout.async_rounds else serial_rounds
     with Rounds(cfg, run_dir, teacher, teacher_checkpoint, state) as rounds:
         while True:
             try:
                 last_metrics = state.metrics
-                for round_index in range(state.next_round, cfg.rollout.rounds):
-                    last_metrics = rounds.run_round(round_index)
+                for round_index, last_metrics in drive(rounds, state.next_round):
                     if on_round:
                         on_round(round_index, last_metrics)
                 final_hf = rounds.trainer.export_hf(run_dir.final_student_hf)
@@ -89,6 +92,28 @@ def run_rounds(
             except TrainingActorDied as death:  # back to the last checkpoint, then on from there
                 rounds.rebuild_trainer(death)
     return {"final_hf": str(final_hf), "rounds": cfg.rollout.rounds, "last_metrics": last_metrics}
+
+
+def serial_rounds(rounds: Rounds, start: int) -> Iterator[tuple[int, dict]]:
+    """Rounds `start`.. one after the other, each sampling from the weights of the step before
+    it; yields (round, metrics) once each round is done."""
+    for round_index in range(start, rounds.cfg.rollout.rounds):
+        yield round_index, rounds.run_round(round_index)
+
+
+@dataclass
+class Produced:
+    """What a round trains on: its rollouts, rewards and teacher scores (already written to
+    rollouts.arrow / teacher_logprobs.arrow), and the seconds spent making them."""
+
+    rollouts: Rollouts
+    rewards: np.ndarray
+    batch: TrainBatch
+    scores: TeacherScores | None
+    timer: PhaseTimer
+    # Made on a background thread while the previous round trained (async rounds): its
+    # seconds are not part of this round's wall time on the driver.
+    overlapped: bool = False
 
 
 class PhaseTimer:
@@ -174,11 +199,11 @@ class Rounds:
                 start_servers(
                     "rollout",
                     cfg,
-                    state.hf_export or run_dir.student_hf,
+                    state.rollout_export or run_dir.student_hf,
                     run_dir.rollout_log,
                     reservation=reservation,
                     devices=devices,
-                    weight_version=str(state.next_round),
+                    weight_version=self._resume_version(),
                 )
             )
             self.rollout_client = stack.enter_context(self.engines.client(cfg.client))
@@ -243,9 +268,15 @@ class Rounds:
             # It lives in the actors.
             self.teacher = open_teacher(self.cfg, None, self.trainer, self.run_dir.teacher_hf)
         self.engines.update_weights(
-            state.hf_export or self.run_dir.student_hf, str(state.next_round)
+            state.rollout_export or self.run_dir.student_hf, self._resume_version()
         )
         self._write_placement()
+
+    def _resume_version(self) -> str:
+        """The weight_version of the engines' weights when the rounds (re)start at
+        `state.next_round` (`state.rollout_export`)."""
+        async_rounds = self.cfg.rollout.async_rounds
+        return str(rollout_weight_version(self.state.next_round, async_rounds))
 
     def _score_limit(self) -> int | None:
         """The longest prompt + response the teacher servers score (SGLang answers 400 above
@@ -283,6 +314,12 @@ class Rounds:
 
     def run_round(self, round_index: int) -> dict:
         """Generate, reward, score, advantages, step, sync; returns the round's metrics row."""
+        return self.consume(round_index, self.produce(round_index))
+
+    def produce(self, round_index: int, overlapped: bool = False) -> Produced:
+        """Generate, reward, score: the round's rollouts and teacher scores, written to its
+        rollouts.arrow and teacher_logprobs.arrow. `overlapped`: made while another round
+        trains (async rounds)."""
         round_dir, timer = self.run_dir.round_dir(round_index), PhaseTimer()
         with timer("generate"):
             rollouts = self.generate(round_index)
@@ -296,9 +333,23 @@ class Rounds:
             if scores is not None:
                 table = scores.table(rollouts.prompt_index, rollouts.sample_index)
                 write_arrow(round_dir / "teacher_logprobs.arrow", table)
+        return Produced(rollouts, rewards, batch, scores, timer, overlapped)
+
+    def consume(
+        self, round_index: int, produced: Produced, wait: Callable[[], object] | None = None
+    ) -> dict:
+        """Advantages, step, sync, then the round's metrics (and checkpoint); returns the
+        metrics row. `wait`: called after the step, before the engines get the new weights
+        (async rounds: until the next round's rollouts, made by these engines, are done)."""
+        round_dir, timer = self.run_dir.round_dir(round_index), produced.timer
+        rollouts, batch, scores = produced.rollouts, produced.batch, produced.scores
+        rewards = produced.rewards
         with timer("train"):
             advantages = self.advantages(batch, rollouts, rewards, scores)
             train_metrics = self.trainer.train_step(batch)
+        if wait is not None:
+            with timer("wait_rollouts"):
+                wait()
         with timer("sync"):
             export_dir = self.sync(round_index)
         metrics = {
@@ -309,14 +360,21 @@ class Rounds:
             **train_metrics,
             **self._restarts(),
             **timer.seconds,
-            "seconds": sum(timer.seconds.values()),
+            # The round's wall time on the driver.
+            "seconds": sum(
+                seconds
+                for phase, seconds in timer.seconds.items()
+                if not (produced.overlapped and phase in MADE_BEFORE)
+            ),
         }
         write_json(round_dir / "metrics.json", metrics)
         self.metrics_log.append(metrics)
         if self._is_checkpoint_round(round_index):
             root = self.run_dir.torch_dist_checkpoints
             self.trainer.save_checkpoint(root, step=round_index + 1)
-            self.state.record_checkpoint(round_index, root, export_dir, metrics)
+            self.state.record_checkpoint(
+                round_index, root, export_dir, metrics, async_rounds=self.cfg.rollout.async_rounds
+            )
         return metrics
 
     def generate(self, round_index: int) -> Rollouts:
@@ -354,7 +412,7 @@ class Rounds:
         else the step's own forward is the old policy's), ppo values, the KL reference, then
         advantages with the OPD term."""
         algorithm = self.cfg.algorithm
-        if algorithm.use_rollout_logprobs:
+        if self.cfg.old_logprobs_from_rollouts:
             batch.old_logprobs = [
                 np.asarray(x, dtype=np.float32) for x in rollouts.rollout_logprobs
             ]
