@@ -16,6 +16,11 @@ stage, not this, from a notebook. One round (slime's loop, one rollout per round
  5. step: the actors take the policy step(s);
  6. sync: the actors export HF weights and every rollout engine reloads them.
 
+Steps 1-3 are `Rounds.produce` (what the round trains on, written to its rollouts.arrow and
+teacher_logprobs.arrow), steps 4-6 `Rounds.consume`. `serial_rounds` runs one round after the
+other; with `rollout.async_rounds`, `opd_core.trainer.async_rounds` makes round k+1 while
+round k trains (its rollouts then come from the weights one step behind).
+
 Everything a round produces is written before the next starts, and `state.json` records the
 last checkpointed round, so a killed run resumes where it stopped (see `TrainState`).
 

@@ -9,14 +9,18 @@ disk: a restart continues with the round after the newest checkpoint, from that 
 and its HF export. Rounds finished after it (if `train.save_interval` > 1) are redone, with
 the same seeds, so the result is the same as an uninterrupted run.
 
+The rollout engines of a resumed run start from `rollout_export`: that HF export, or with
+`rollout.async_rounds` the one before it (round n's rollouts come from the policy after
+n-1 steps there; see `rollout_weight_version`), which pruning then keeps.
+
 Every checkpoint is recorded when it is written: the size and sha256 of each file of its
-torch_dist iteration and of its HF export, and of each file of the rounds it concludes
-(`round_NNNN/`). Resuming checks them, newest checkpoint first, and falls back to the newest
-one that is intact with every round before it intact, saying which ("checkpoint of round 19
-is damaged (...); resuming from round 9's"); the rounds after it are redone. Paths are
-stored relative to the run directory, so a copied or moved run directory resumes from its
-own files; a state.json of an older version (absolute paths) still loads, its paths mapped
-onto this run directory.
+torch_dist iteration and of its HF export (and rollout export), and of each file of the
+rounds it concludes (`round_NNNN/`). Resuming checks them, newest checkpoint first, and
+falls back to the newest one that is intact with every round before it intact, saying which
+("checkpoint of round 19 is damaged (...); resuming from round 9's"); the rounds after it
+are redone. Paths are stored relative to the run directory, so a copied or moved run
+directory resumes from its own files; a state.json of an older version (absolute paths)
+still loads, its paths mapped onto this run directory.
 """
 
 from __future__ import annotations
