@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
+from tiny_runs import KILLING_REWARD, SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -42,43 +42,16 @@ RUN = [
 ]
 NOT_COMPARED = ("seconds", "time_")  # wall-clock; the *_restarts counts are checked apart
 
-KILL_ACTOR_REWARD = """
-import os
-from pathlib import Path
 
-import psutil
-
-MARKER = Path({marker!r})
-calls = 0
-
-
-def reward(samples):
-    # Round 3's reward runs on the background thread while round 2 trains: kill the training
-    # actor (a descendant of this driver) there, once.
-    global calls
-    calls += 1
-    if calls == 4 and not MARKER.exists():
-        MARKER.write_text("killed")
-        for process in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                if any(part.startswith("ray::TrainActor") for part in process.cmdline()):
-                    process.kill()
-                    process.wait(30)
-            except psutil.Error:
-                continue
-    return [0.0] * len(samples)
-"""
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    return prepare_toy(tmp_path_factory.mktemp("prepared"), RUN)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     with local_ray(num_cpus=8):
         yield
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return prepare_toy(tmp_path_factory.mktemp("prepared"), RUN)
 
 
 def _train(root: Path, *extra: str) -> None:
@@ -178,10 +151,13 @@ def test_a_killed_training_actor_ends_as_the_uninterrupted_run(
 ):
     root = _copy(prepared, tmp_path / "run")
     reward = tmp_path / "kill_actor.py"
-    reward.write_text(KILL_ACTOR_REWARD.format(marker=str(tmp_path / "killed")))
+    # Round 3's reward, on the background thread while round 2 trains.
+    reward.write_text(
+        KILLING_REWARD.format(target="actor", root=str(root), marker=str(tmp_path / "k"), call=4)
+    )
     with caplog.at_level(logging.WARNING, logger="opd"):
         _train(root, f"rollout.num_rollout={ROUNDS}", f"reward.type={reward}:reward")
-    assert (tmp_path / "killed").exists()
+    assert (tmp_path / "k").exists()
     # Round 2 fails; round 1's checkpoint holds v2, the rollouts of round 2 come from v1 again.
     assert "rebuilding the training actors from round 1's checkpoint and redoing from round 2" in (
         caplog.text
