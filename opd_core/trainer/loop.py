@@ -413,9 +413,11 @@ class Rounds:
         rewards: np.ndarray,
         scores: TeacherScores | None,
     ) -> AdvantageResult:
-        """Old log-probs when something reads them before the step (`cfg.old_logprobs_forward`;
-        else the step's own forward is the old policy's), ppo values, the KL reference, then
-        advantages with the OPD term."""
+        """Old log-probs (the engine's rollout log-probs where `cfg.old_logprobs_from_rollouts`:
+        async rounds train on rollouts of the previous weights; else a forward pass when
+        something reads them before the step, `cfg.old_logprobs_forward`; else the step's own
+        forward is the old policy's), ppo values, the KL reference, then advantages with the
+        OPD term."""
         algorithm = self.cfg.algorithm
         if self.cfg.old_logprobs_from_rollouts:
             batch.old_logprobs = [
