@@ -269,6 +269,12 @@ class RolloutConfig(ServerConfig):
     # generate (opd_core.trainer.streaming); the rows written are the same either way.
     # False = score after the whole round is generated.
     stream_scoring: bool = True
+    # Asynchronous rounds (slime has no flag for it: its train_async.py driver): round k+1's
+    # rollouts are generated (and scored by a server teacher) while round k trains, by the
+    # engines still holding the weights before round k's step. Round k's rollouts then come
+    # from the policy after max(k-1, 0) steps (each row's weight_version says which), and
+    # the PPO ratio takes the engine's log-probs as the old ones (see use_rollout_logprobs).
+    async_rounds: bool = False
 
     NOT_IN_CACHE_KEY = ServerConfig.NOT_IN_CACHE_KEY | {"stream_scoring"}
 
@@ -625,7 +631,24 @@ class OPDRunConfig(Section):
             raise ValueError("train.micro_batch_size must be <= train.global_batch_size")
         self._check_lr_schedule()
         self._check_parallel_layout()
+        self._check_async_rounds()
         return self
+
+    def _check_async_rounds(self) -> None:
+        if not self.rollout.async_rounds:
+            return
+        if self.algorithm.teacher_source == "megatron":
+            raise ValueError(
+                "rollout.async_rounds=true needs a teacher server (algorithm.opd_type=sglang) "
+                "or no teacher: the Megatron teacher (opd_type=megatron) scores inside the "
+                "training actors, which are busy with the step the next rollouts overlap"
+            )
+        if self.train.ray.colocate:
+            raise ValueError(
+                "rollout.async_rounds=true cannot run with train.ray.colocate=true: colocated "
+                "engines share the actors' GPUs, so generation cannot overlap a step (slime's "
+                "train_async.py refuses colocation too)"
+            )
 
     def _check_parallel_layout(self) -> None:
         """TP must divide the heads and kv groups and PP the layers of every model the
@@ -676,6 +699,13 @@ class OPDRunConfig(Section):
         return -(-samples // self.train.global_batch_size)
 
     @property
+    def old_logprobs_from_rollouts(self) -> bool:
+        """True when the PPO ratio's old log-probs are the engine's per-token rollout log-probs:
+        asked for (use_rollout_logprobs), or asynchronous rounds, whose rollouts come from
+        weights the trainer no longer holds (the behaviour policy, one step behind)."""
+        return self.algorithm.use_rollout_logprobs or self.rollout.async_rounds
+
+    @property
     def old_logprobs_forward(self) -> bool:
         """True when a round needs the policy's log-probs in a forward pass of their own.
 
@@ -686,7 +716,7 @@ class OPDRunConfig(Section):
         the sampled-token OPD penalty on the advantages, ppo's critic path, or when asked.
         """
         algorithm = self.algorithm
-        if algorithm.use_rollout_logprobs:
+        if self.old_logprobs_from_rollouts:
             return False  # the engine's log-probs are the old ones
         return (
             algorithm.old_logprob_forward == "always"

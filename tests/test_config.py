@@ -95,6 +95,15 @@ def _write(tmp_path, text):
             "algorithm: {use_opd: false, opd_type: null, opd_teacher_load: /ckpt}",
             "opd_teacher_load is set but algorithm.use_opd is false",
         ),
+        (
+            "rollout: {async_rounds: true}\n"
+            "algorithm: {use_opd: true, opd_type: megatron, opd_teacher_load: /ckpt}",
+            "rollout.async_rounds=true needs a teacher server",
+        ),
+        (
+            "rollout: {async_rounds: true}\ntrain: {ray: {colocate: true}}",
+            "rollout.async_rounds=true cannot run with train.ray.colocate=true",
+        ),
     ],
 )
 def test_slime_opd_argument_errors(tmp_path, yaml_text, message):
@@ -130,6 +139,12 @@ def test_section_hash_tracks_only_its_sections():
     changed = load_config(CONFIGS / "toy.yaml", ["train.lr=0.5"])
     assert base.section_hash("eval") == changed.section_hash("eval")
     assert base.section_hash("train") != changed.section_hash("train")
+
+
+def test_async_rounds_are_part_of_the_training_key():
+    base = load_config(CONFIGS / "toy.yaml")
+    asynchronous = load_config(CONFIGS / "toy.yaml", ["rollout.async_rounds=true"])
+    assert base.section_hash("rollout") != asynchronous.section_hash("rollout")
 
 
 def test_where_training_runs_is_not_part_of_its_cache_key():
@@ -199,3 +214,10 @@ def test_a_separate_old_logprob_pass_only_when_something_reads_it():
     assert needs(train=one_step, algorithm={"opd_topk": 8, "old_logprob_forward": "always"})
     assert needs(train=one_step, algorithm={"use_opd": False, "advantage_estimator": "ppo"})
     assert not needs(train=one_step, algorithm={"opd_topk": 0, "use_rollout_logprobs": True})
+    # Async rounds: the engine's log-probs are the behaviour policy's, the trainer's are not.
+    assert not needs(train=one_step, algorithm={"opd_topk": 0}, rollout={"async_rounds": True})
+    assert not needs(
+        train={"global_batch_size": 4, "micro_batch_size": 4},
+        algorithm={"advantage_estimator": "ppo"},
+        rollout={"async_rounds": True},
+    )

@@ -26,7 +26,7 @@ from opd_core.config import load_config
 from opd_core.io import ArtifactError, read_json, write_json
 from opd_core.rundir import RunDir, is_done, run_cached, stage_key, verify_inputs
 from opd_core.stages.train import OWNER_FILE, Train, TrainingChanged
-from opd_core.trainer.state import STATE_FILE, TrainState
+from opd_core.trainer.state import STATE_FILE, TrainState, rollout_weight_version
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
@@ -117,7 +117,9 @@ def test_a_copied_run_directory_keeps_its_cache_hits_and_checks_its_own_files(tm
 # --------------------------------------------------------------- train/state.json
 
 
-def _checkpoint(run: RunDir, round_index: int, weights: bytes = b"w") -> TrainState:
+def _checkpoint(
+    run: RunDir, round_index: int, weights: bytes = b"w", async_rounds: bool = False
+) -> TrainState:
     """What one round and its checkpoint leave on disk, recorded as the loop records it."""
     for name in ("rollouts.arrow", "teacher_logprobs.arrow", "metrics.json"):
         _write(run.round_dir(round_index) / name, f"{name} {round_index}".encode())
@@ -128,7 +130,11 @@ def _checkpoint(run: RunDir, round_index: int, weights: bytes = b"w") -> TrainSt
     _write(run.hf_export(round_index) / "config.json", b"{}")
     state = TrainState.load(run.stage("train"))
     state.record_checkpoint(
-        round_index, run.torch_dist_checkpoints, run.hf_export(round_index), {"round": round_index}
+        round_index,
+        run.torch_dist_checkpoints,
+        run.hf_export(round_index),
+        {"round": round_index},
+        async_rounds=async_rounds,
     )
     return state
 
@@ -226,6 +232,52 @@ def test_old_hf_exports_are_pruned_but_resume_points_and_final_are_kept(tmp_path
     kept = sorted(p.name for p in run.final_student_hf.parent.iterdir())
     assert kept == ["final", "round_0001", "round_0003", "round_0004", "round_0005"]
     assert state.prune_hf_exports(keep=0, current_round=5) == []  # 0 = keep all
+
+
+def test_async_resume_points_keep_the_export_their_rollouts_come_from(tmp_path):
+    """rollout.async_rounds: resuming after round c's checkpoint, round c+1's rollouts come from
+    round c-1's export (the converted student for c = 0); it is recorded, kept by pruning, and
+    checked: damaged, the resume falls back to the checkpoint before."""
+    run = RunDir.create(tmp_path, "r")
+    state = _checkpoint(run, 0, async_rounds=True)
+    assert state.rollout_export is None  # round 1's rollouts: the converted student
+    assert rollout_weight_version(state.next_round, async_rounds=True) == 0
+    for round_index in range(1, 6):  # checkpoints at rounds 0, 3 and 5
+        _write(run.hf_export(round_index) / "model.safetensors", b"w")
+        if round_index in (3, 5):
+            state = _checkpoint(run, round_index, async_rounds=True)
+    assert state.rollout_export == str(run.hf_export(4))
+    assert read_json(run.stage("train") / STATE_FILE)["rollout_export"] == (
+        "train/checkpoints/hf/round_0004"
+    )
+    assert rollout_weight_version(state.next_round, async_rounds=True) == 5
+    assert rollout_weight_version(state.next_round, async_rounds=False) == 6
+
+    deleted = TrainState.load(run.stage("train")).prune_hf_exports(keep=1, current_round=5)
+    assert [p.name for p in deleted] == ["round_0001"]  # 0 and 3 are resume points
+    kept = sorted(p.name for p in run.final_student_hf.parent.iterdir())
+    assert kept == ["round_0000", "round_0002", "round_0003", "round_0004", "round_0005"]
+
+    (run.hf_export(4) / "model.safetensors").unlink()
+    state = TrainState.load(run.stage("train"))
+    notes = state.rewind_to_intact(rounds=6)
+    assert notes == [
+        "checkpoint of round 5 is damaged (train/checkpoints/hf/round_0004/model.safetensors "
+        "missing)",
+        "resuming from round 3's checkpoint, redoing rounds 4-5",
+    ]
+    assert state.rollout_export == str(run.hf_export(2))
+    assert TrainState.load(run.stage("train")).rollout_export == str(run.hf_export(2))
+
+
+def test_serial_resume_points_roll_out_from_their_own_export(tmp_path):
+    run = RunDir.create(tmp_path, "r")
+    state = _checkpoint(run, 0)
+    assert state.rollout_export == state.hf_export == str(run.hf_export(0))
+    saved = read_json(run.stage("train") / STATE_FILE)
+    del saved["rollout_export"]  # a state.json of an older version
+    write_json(run.stage("train") / STATE_FILE, saved)
+    assert TrainState.load(run.stage("train")).rollout_export == str(run.hf_export(0))
 
 
 # ------------------------------------------------------------------ who owns train/

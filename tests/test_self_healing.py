@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepared_toy_run
+from tiny_runs import KILLING_REWARD, SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -36,56 +36,6 @@ ROUNDS = 3
 RUN = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=1", *SMALL_BATCHES, *TINY_TOY]
 NOT_COMPARED = ("seconds", "time_")  # wall-clock; the *_restarts counts are checked apart
 
-KILLING_REWARD = """
-import os, signal, threading, time
-from pathlib import Path
-
-import psutil
-
-TARGET, ROOT, MARKER = {target!r}, Path({root!r}), Path({marker!r})
-calls = 0
-
-
-def _victim():
-    # Only this run's processes: descendants of this driver (its Ray cluster, its servers).
-    for process in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            cmdline = process.cmdline()
-        except psutil.Error:
-            continue
-        if TARGET == "actor":
-            if any(part.startswith("ray::TrainActor") for part in cmdline):
-                return process, False
-            continue
-        if "opd_core.engine.server" not in cmdline or "--model-path" not in cmdline:
-            continue
-        model = cmdline[cmdline.index("--model-path") + 1]
-        role = "teacher" if TARGET == "teacher" else "student"
-        if model == str(ROOT / "download" / "models" / role):
-            return process, True
-    raise RuntimeError(f"no {{TARGET}} process to kill")
-
-
-def _kill():
-    process, group = _victim()
-    if group:
-        os.killpg(process.pid, signal.SIGKILL)
-    else:
-        process.kill()
-    process.wait(30)
-
-
-def reward(samples):
-    global calls
-    calls += 1
-    if calls == 2 and TARGET != "none" and not MARKER.exists():  # round 1, once
-        MARKER.write_text(str(time.time()))
-        killer = threading.Thread(target=_kill)
-        killer.start()
-        killer.join()
-    return [0.0] * len(samples)
-"""
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -96,7 +46,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """download + convert of the tiny toy, done once."""
-    return prepared_toy_run(tmp_path_factory.mktemp("prepared"), RUN)
+    return prepare_toy(tmp_path_factory.mktemp("prepared"), RUN)
 
 
 def _run(prepared: Path, tmp_path: Path, target: str, *extra: str) -> tuple[Path, float]:
@@ -108,7 +58,9 @@ def _run(prepared: Path, tmp_path: Path, target: str, *extra: str) -> tuple[Path
     shutil.copytree(prepared, root, symlinks=True)
     reward = tmp_path / f"reward_{target}.py"
     reward.write_text(
-        KILLING_REWARD.format(target=target, root=str(root), marker=str(tmp_path / f"{target}.k"))
+        KILLING_REWARD.format(
+            target=target, root=str(root), marker=str(tmp_path / f"{target}.k"), call=2
+        )
     )
     cfg = load_config(REPO / "configs" / "toy.yaml", [*RUN, f"reward.type={reward}:reward", *extra])
     run_dir = RunDir.open(root)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepared_toy_run
+from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -75,7 +75,7 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """The serial and the streamed run of one prepared toy run (download + convert once)."""
     base = tmp_path_factory.mktemp("runs")
     with local_ray(num_cpus=8):
-        prepared = prepared_toy_run(base / "prepared", RUN)
+        prepared = prepare_toy(base / "prepared", RUN)
         yield {
             "serial": _train(prepared, base / "serial", "rollout.stream_scoring=false"),
             "streamed": _train(

@@ -1,7 +1,8 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
 models, with no teacher or student training, and the smallest batches that run every stage.
-Also the tiny HF models (and their torch_dist checkpoints) that several test files build, and
-a local Ray cluster for a test module to share."""
+Also the tiny HF models (and their torch_dist checkpoints) that several test files build, a
+toy run directory prepared up to training, and a local Ray cluster for a test module to
+share."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,9 +35,65 @@ SMALL_BATCHES = [
 ]
 
 
-def prepared_toy_run(root: Path, overrides: list[str]) -> Path:
-    """download + convert of configs/toy.yaml with `overrides`, as run directory root/base:
-    what a test's train stages copy, so that each run skips the two."""
+# A reward function (its source, to .format(target=, root=, marker=, call=)) that SIGKILLs
+# one part of the run of `root` at its `call`-th call (1 = round 0's reward), once (a marker
+# file): target "teacher" (its server), "rollout" (the student's engine), "actor" (a training
+# actor), or "none"; it returns zero rewards. It runs in the driver, between a round's
+# generation and its scoring (with async rounds, on the thread that makes the next round).
+KILLING_REWARD = """
+import os, signal, threading, time
+from pathlib import Path
+
+import psutil
+
+TARGET, ROOT, MARKER, CALL = {target!r}, Path({root!r}), Path({marker!r}), {call!r}
+calls = 0
+
+
+def _victim():
+    # Only this run's processes: descendants of this driver (its Ray cluster, its servers).
+    for process in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
+        if TARGET == "actor":
+            if any(part.startswith("ray::TrainActor") for part in cmdline):
+                return process, False
+            continue
+        if "opd_core.engine.server" not in cmdline or "--model-path" not in cmdline:
+            continue
+        model = cmdline[cmdline.index("--model-path") + 1]
+        role = "teacher" if TARGET == "teacher" else "student"
+        if model == str(ROOT / "download" / "models" / role):
+            return process, True
+    raise RuntimeError(f"no {{TARGET}} process to kill")
+
+
+def _kill():
+    process, group = _victim()
+    if group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+    process.wait(30)
+
+
+def reward(samples):
+    global calls
+    calls += 1
+    if calls == CALL and TARGET != "none" and not MARKER.exists():  # once
+        MARKER.write_text(str(time.time()))
+        killer = threading.Thread(target=_kill)
+        killer.start()
+        killer.join()
+    return [0.0] * len(samples)
+"""
+
+
+def prepare_toy(root: Path, overrides: list[str]) -> Path:
+    """A run directory under `root` with the toy's download and convert stages done (of
+    configs/toy.yaml + `overrides`): copy it per run to train it several ways."""
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "toy.yaml", overrides)
     run_dir = RunDir.create(root, "base")
     Download(cfg, run_dir).run()

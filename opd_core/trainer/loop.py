@@ -21,6 +21,11 @@ stage, not this, from a notebook. One round (slime's loop, one rollout per round
 Each round's metrics hold its timeline (`RoundTimeline`): when each phase started and ended
 and when each server was busy (`time_*`), which the report draws.
 
+Steps 1-3 are `Rounds.produce` (what the round trains on, written to its rollouts.arrow and
+teacher_logprobs.arrow), steps 4-6 `Rounds.consume`. `serial_rounds` runs one round after the
+other; with `rollout.async_rounds`, `opd_core.trainer.async_rounds` makes round k+1 while
+round k trains (its rollouts then come from the weights one step behind).
+
 Everything a round produces is written before the next starts, and `state.json` records the
 last checkpointed round, so a killed run resumes where it stopped (see `TrainState`).
 
@@ -37,9 +42,10 @@ would. Each round's metrics count the relaunches and rebuilds (`*_restarts`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +62,10 @@ from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
 from opd_core.schemas import PROMPTS, ROLLOUTS
+from opd_core.trainer.async_rounds import async_rounds
 from opd_core.trainer.group import TrainerGroup, TrainingActorDied
 from opd_core.trainer.rollouts import Rollouts, generate_rollouts
-from opd_core.trainer.state import TrainState
+from opd_core.trainer.state import TrainState, rollout_weight_version
 from opd_core.trainer.streaming import StreamedScoring
 from opd_core.trainer.teachers import ServerTeacher, Teacher, TeacherScores, open_teacher
 from opd_core.trainer.timeline import RoundTimeline
@@ -83,12 +90,12 @@ def run_rounds(
     `teacher_checkpoint`: the Megatron teacher (opd_type=megatron), resolved by the stage.
     """
     state = TrainState.load(run_dir.stage("train"))
+    drive = async_rounds if cfg.rollout.async_rounds else serial_rounds
     with Rounds(cfg, run_dir, teacher, teacher_checkpoint, state) as rounds:
         while True:
             try:
                 last_metrics = state.metrics
-                for round_index in range(state.next_round, cfg.rollout.rounds):
-                    last_metrics = rounds.run_round(round_index)
+                for round_index, last_metrics in drive(rounds, state.next_round):
                     if on_round:
                         on_round(round_index, last_metrics)
                 final_hf = rounds.trainer.export_hf(run_dir.final_student_hf)
@@ -96,6 +103,28 @@ def run_rounds(
             except TrainingActorDied as death:  # back to the last checkpoint, then on from there
                 rounds.rebuild_trainer(death)
     return {"final_hf": str(final_hf), "rounds": cfg.rollout.rounds, "last_metrics": last_metrics}
+
+
+def serial_rounds(rounds: Rounds, start: int) -> Iterator[tuple[int, dict]]:
+    """Rounds `start`.. one after the other, each sampling from the weights of the step before
+    it; yields (round, metrics) once each round is done."""
+    for round_index in range(start, rounds.cfg.rollout.rounds):
+        yield round_index, rounds.run_round(round_index)
+
+
+@dataclass
+class Produced:
+    """What a round trains on: its rollouts, rewards and teacher scores (already written to
+    rollouts.arrow / teacher_logprobs.arrow), and the timeline of making them."""
+
+    rollouts: Rollouts
+    rewards: np.ndarray
+    batch: TrainBatch
+    scores: TeacherScores | None
+    timeline: RoundTimeline
+    # Made on a background thread while the previous round trained (async rounds): the
+    # round's own time on the driver starts when it is consumed.
+    overlapped: bool = False
 
 
 class Rounds:
@@ -166,11 +195,11 @@ class Rounds:
                 start_servers(
                     "rollout",
                     cfg,
-                    state.hf_export or run_dir.student_hf,
+                    state.rollout_export or run_dir.student_hf,
                     run_dir.rollout_log,
                     reservation=reservation,
                     devices=devices,
-                    weight_version=str(state.next_round),
+                    weight_version=self._resume_version(),
                 )
             )
             self.rollout_client = stack.enter_context(self.engines.client(cfg.client))
@@ -240,9 +269,15 @@ class Rounds:
             # It lives in the actors.
             self.teacher = open_teacher(self.cfg, None, self.trainer, self.run_dir.teacher_hf)
         self.engines.update_weights(
-            state.hf_export or self.run_dir.student_hf, str(state.next_round)
+            state.rollout_export or self.run_dir.student_hf, self._resume_version()
         )
         self._write_placement()
+
+    def _resume_version(self) -> str:
+        """The weight_version of the engines' weights when the rounds (re)start at
+        `state.next_round` (`state.rollout_export`)."""
+        async_rounds = self.cfg.rollout.async_rounds
+        return str(rollout_weight_version(self.state.next_round, async_rounds))
 
     def _score_limit(self) -> int | None:
         """The longest prompt + response the teacher servers score (SGLang answers 400 above
@@ -282,8 +317,15 @@ class Rounds:
         """Generate, reward, score, advantages, step, sync; returns the round's metrics row.
         With streamed scoring the teacher scores each generated batch while the others still
         generate; the rows written are the same."""
+        return self.consume(round_index, self.produce(round_index))
+
+    def produce(self, round_index: int, overlapped: bool = False) -> Produced:
+        """Generate, reward, score: the round's rollouts and teacher scores, written to its
+        rollouts.arrow and teacher_logprobs.arrow. `overlapped`: made while another round
+        trains (async rounds)."""
         round_dir, timeline = self.run_dir.round_dir(round_index), RoundTimeline()
-        self._server_spans()  # drop what came before this round
+        if not overlapped:
+            self._server_spans()  # drop what came before this round
         streamed = self._streamed_scoring(round_index, timeline)
         with timeline("generate"):
             rollouts = self.generate(round_index, on_batch=streamed and streamed.submit)
@@ -305,9 +347,27 @@ class Rounds:
         if scores is not None:
             table = scores.table(rollouts.prompt_index, rollouts.sample_index)
             write_arrow(round_dir / "teacher_logprobs.arrow", table)
+        return Produced(rollouts, rewards, batch, scores, timeline, overlapped)
+
+    def consume(
+        self, round_index: int, produced: Produced, wait: Callable[[], object] | None = None
+    ) -> dict:
+        """Advantages, step, sync, then the round's metrics (and checkpoint); returns the
+        metrics row. `wait`: called after the step, before the engines get the new weights
+        (async rounds: until the next round's rollouts, made by these engines, are done)."""
+        round_dir, timeline = self.run_dir.round_dir(round_index), produced.timeline
+        if produced.overlapped:
+            # The round starts on the driver now: its rollouts, made while the round before
+            # trained, get negative times, and `seconds` is its wall time on the driver.
+            timeline.rebase()
+        rollouts, batch, scores = produced.rollouts, produced.batch, produced.scores
+        rewards = produced.rewards
         with timeline("train"):
             advantages = self.advantages(batch, rollouts, rewards, scores)
             train_metrics = self.trainer.train_step(batch)
+        if wait is not None:
+            with timeline("wait_rollouts"):
+                wait()
         with timeline("sync"):
             export_dir = self.sync(round_index)
         for role, spans in self._server_spans().items():
@@ -326,7 +386,9 @@ class Rounds:
         if self._is_checkpoint_round(round_index):
             root = self.run_dir.torch_dist_checkpoints
             self.trainer.save_checkpoint(root, step=round_index + 1)
-            self.state.record_checkpoint(round_index, root, export_dir, metrics)
+            self.state.record_checkpoint(
+                round_index, root, export_dir, metrics, async_rounds=self.cfg.rollout.async_rounds
+            )
         return metrics
 
     def _streamed_scoring(
@@ -387,11 +449,13 @@ class Rounds:
         rewards: np.ndarray,
         scores: TeacherScores | None,
     ) -> AdvantageResult:
-        """Old log-probs when something reads them before the step (`cfg.old_logprobs_forward`;
-        else the step's own forward is the old policy's), ppo values, the KL reference, then
-        advantages with the OPD term."""
+        """Old log-probs (the engine's rollout log-probs where `cfg.old_logprobs_from_rollouts`:
+        async rounds train on rollouts of the previous weights; else a forward pass when
+        something reads them before the step, `cfg.old_logprobs_forward`; else the step's own
+        forward is the old policy's), ppo values, the KL reference, then advantages with the
+        OPD term."""
         algorithm = self.cfg.algorithm
-        if algorithm.use_rollout_logprobs:
+        if self.cfg.old_logprobs_from_rollouts:
             batch.old_logprobs = [
                 np.asarray(x, dtype=np.float32) for x in rollouts.rollout_logprobs
             ]

@@ -34,13 +34,15 @@ from opd_core.io import atomic_path, read_arrow
 
 __all__ = ["PHASES", "RoundTimeline", "plot_timeline"]
 
-# A round's phases in the order they start (streamed scoring overlaps generate and reward).
-PHASES = ("generate", "reward", "score", "train", "sync")
+# A round's phases in the order they start (streamed scoring overlaps generate and reward;
+# async rounds wait for the next round's rollouts after the step).
+PHASES = ("generate", "reward", "score", "train", "wait_rollouts", "sync")
 _COLORS = {
     "generate": "tab:blue",
     "reward": "tab:olive",
     "score": "tab:orange",
     "train": "tab:green",
+    "wait_rollouts": "tab:gray",
     "sync": "tab:purple",
 }
 _SERVER_COLORS = {"rollout": "tab:blue", "teacher": "tab:orange"}
@@ -68,6 +70,13 @@ class RoundTimeline:
 
     def record(self, phase: str, start: float, end: float) -> None:
         self.phases[phase] = (start, end)
+
+    def rebase(self) -> None:
+        """Start the round now: phases recorded so far move to negative times (async rounds:
+        rollouts made while the round before trained)."""
+        shift = time.perf_counter() - self.origin
+        self.origin += shift
+        self.phases = {p: (start - shift, end - shift) for p, (start, end) in self.phases.items()}
 
     def add_servers(self, role: str, spans: Sequence[tuple[str, float, float]]) -> None:
         """`spans`: (url, sent, answered) in perf_counter seconds (EngineClient.request_spans)."""
