@@ -1,7 +1,8 @@
 """Ours vs TRL's on-policy distillation on the toy demo: same models, prompts, budget, schedule.
 
     make bench-peer          # creates .venv-trl once, then runs this
-    python -m benchmarks.peer_trl [--seeds 0 1] [--systems trl ours] [--rounds N] [--fresh]
+    python -m benchmarks.peer_trl [--seeds 0 1] [--systems trl ours ours-async] [--rounds N]
+                                  [--fresh]
 
 For each seed, one after the other: TRL 1.16's `DistillationTrainer` (benchmarks/trl_distill.py,
 in its own venv), then ours, `opd run --config configs/toy.yaml seed=S run.run_id=...`. Both
@@ -37,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy.yaml"
 TRL_SCRIPT = ROOT / "benchmarks" / "trl_distill.py"
 RESULT = "peer_result.json"
+# Our variants: extra `opd run` overrides. ours-async: asynchronous rounds (round k+1 made while
+# round k trains) with one torch thread per training rank, so the three processes (engine,
+# teacher and actor: the toy config gives the servers one thread each) overlap on 2 cores.
+OURS = {
+    "ours": [],
+    "ours-async": ["rollout.async_rounds=true", "train.ray.actor_num_cpus_per_rank=1"],
+}
 # What of a run's output reaches the console: TRL's logged steps, our rounds' summaries, errors.
 PROGRESS = re.compile(r"\{'loss'|^trl: |round \d+: |Error")
 
@@ -62,7 +71,7 @@ PROGRESS = re.compile(r"\{'loss'|^trl: |round \d+: |Error")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--systems", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
+    parser.add_argument("--systems", nargs="+", default=["trl", "ours"], choices=["trl", *OURS])
     parser.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     parser.add_argument("--work-dir", default=str(ROOT / "artifacts" / "peer_trl"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peer_trl.json"))
@@ -88,7 +97,7 @@ def main() -> None:
             if args.fresh:
                 shutil.rmtree(out, ignore_errors=True)
             print(f"[peer] {system} seed {seed}: starting (load {_load(os.getloadavg())})")
-            run = run_trl if system == "trl" else run_ours
+            run = run_trl if system == "trl" else partial(run_ours, variant=system)
             row = {"system": system, "seed": seed, "load_average_start": os.getloadavg()}
             overrides = [f"seed={seed}"]
             if args.rounds:
@@ -214,8 +223,8 @@ def lr_schedule(cfg: OPDRunConfig) -> list[float]:
 # ---------------------------------------------------------------------------------- ours
 
 
-def run_ours(cfg: OPDRunConfig, out: Path, args) -> dict:
-    run_id = f"ours-s{cfg.seed}"
+def run_ours(cfg: OPDRunConfig, out: Path, args, variant: str = "ours") -> dict:
+    run_id = f"{variant}-s{cfg.seed}"
     command = [
         str(Path(sys.executable).with_name("opd")),
         "run",
@@ -225,6 +234,7 @@ def run_ours(cfg: OPDRunConfig, out: Path, args) -> dict:
         f"rollout.num_rollout={cfg.rollout.num_rollout}",
         f"run.run_id={run_id}",
         f"run.artifacts_dir={out}",
+        *OURS[variant],
     ]
     done = out / "run_seconds.json"  # written once `opd run` finished
     if not done.is_file() or read_json(done)["command"] != command:
@@ -285,9 +295,9 @@ def _run_logged(command: list[str], log: Path) -> None:
 
 def summarize(rows: list[dict]) -> dict:
     """Per system: total gain over total train seconds (seeds pooled), mean whole-run seconds;
-    and ours / TRL for both."""
+    and each of ours / TRL for both."""
     systems = {}
-    for system in ("trl", "ours"):
+    for system in ("trl", *OURS):
         mine = [row for row in rows if row["system"] == system]
         if mine:
             systems[system] = {
@@ -299,32 +309,34 @@ def summarize(rows: list[dict]) -> dict:
                 "mean_pass_at_1_final": float(np.mean([r["pass_at_1_final"] for r in mine])),
                 "seeds": [r["seed"] for r in mine],
             }
-    out = {"systems": systems}
-    if len(systems) == 2:
-        ours, trl = systems["ours"], systems["trl"]
-        out["gain_per_train_second_ratio"] = ours["gain_per_100s"] / trl["gain_per_100s"]
-        out["whole_run_ratio"] = ours["mean_whole_seconds"] / trl["mean_whole_seconds"]
-        out["train_seconds_ratio"] = ours["mean_train_seconds"] / trl["mean_train_seconds"]
+    out: dict = {"systems": systems, "ratios": {}}
+    for variant in OURS:
+        if variant in systems and "trl" in systems:
+            ours, trl = systems[variant], systems["trl"]
+            out["ratios"][variant] = {
+                "gain_per_train_second": ours["gain_per_100s"] / trl["gain_per_100s"],
+                "whole_run": ours["mean_whole_seconds"] / trl["mean_whole_seconds"],
+                "train_seconds": ours["mean_train_seconds"] / trl["mean_train_seconds"],
+            }
     return out
 
 
 def print_table(rows: list[dict], summary: dict) -> None:
     print(
-        f"\n{'system':<7}{'seed':>5}{'train s':>9}{'whole s':>9}{'pass@1':>17}"
+        f"\n{'system':<11}{'seed':>5}{'train s':>9}{'whole s':>9}{'pass@1':>17}"
         f"{'gain/100 s':>12}   load average start -> end"
     )
     for r in rows:
         print(
-            f"{r['system']:<7}{r['seed']:>5}{r['train_seconds']:>9.1f}{r['whole_seconds']:>9.1f}"
+            f"{r['system']:<11}{r['seed']:>5}{r['train_seconds']:>9.1f}{r['whole_seconds']:>9.1f}"
             f"{r['pass_at_1_baseline']:>9.3f} -> {r['pass_at_1_final']:.3f}"
             f"{r['gain_per_100s']:>+12.3f}   {_load(r['load_average_start'])} -> "
             f"{_load(r['load_average_end'])}"
         )
-    if "gain_per_train_second_ratio" in summary:
+    for variant, ratio in summary["ratios"].items():
         print(
-            f"ours / TRL: gain per training second {summary['gain_per_train_second_ratio']:.2f}x, "
-            f"train seconds {summary['train_seconds_ratio']:.2f}x, "
-            f"whole run {summary['whole_run_ratio']:.2f}x"
+            f"{variant} / TRL: gain per training second {ratio['gain_per_train_second']:.2f}x, "
+            f"train seconds {ratio['train_seconds']:.2f}x, whole run {ratio['whole_run']:.2f}x"
         )
 
 
