@@ -337,9 +337,10 @@ class TrainActor:
         micro_metrics = run_forward_backward(self.optim.model, self._micro_batches(batch), loss_of)
         stats = self.optim.step()
         self.iteration += 1
-        out = token_mean(micro_metrics, METRIC_KEYS, global_tokens)
-        if batch.teacher_logprobs is not None:
-            out.update(token_mean(micro_metrics, OPD_METRIC_KEYS, global_tokens))
+        # One reduction for all keys; the OPD ones only when the batch carries teacher
+        # log-probs (the same on every rank: each DP shard of such a batch has the field).
+        keys = METRIC_KEYS + (OPD_METRIC_KEYS if batch.teacher_logprobs is not None else ())
+        out = token_mean(micro_metrics, keys, global_tokens)
         out.update(stats)
         # `returns is not None` holds on every DP shard of a batch that has returns (an empty shard
         # gets []), so all ranks agree on taking the critic step and its collectives.
