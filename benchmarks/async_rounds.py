@@ -28,13 +28,12 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.peer_trl import _load
+from benchmarks.peer_trl import _load, opd_run_command
 from opd_core.io import read_arrow, read_json, write_json
 from opd_core.rundir import RunDir
 
@@ -86,17 +85,7 @@ def main() -> None:
 def run_variant(variant: str, seed: int, args, out: Path) -> dict:
     overrides, env = VARIANTS[variant]
     run_id = f"{variant}-s{seed}"
-    command = [
-        str(Path(sys.executable).with_name("opd")),
-        "run",
-        "--config",
-        str(CONFIG),
-        f"seed={seed}",
-        f"rollout.num_rollout={args.rounds}",
-        *overrides,
-        f"run.run_id={run_id}",
-        f"run.artifacts_dir={out}",
-    ]
+    command = opd_run_command(seed, args.rounds, run_id, out, overrides)
     done = out / "run.json"
     if args.fresh or not done.is_file() or read_json(done)["command"] != command:
         shutil.rmtree(out, ignore_errors=True)

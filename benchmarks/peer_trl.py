@@ -223,19 +223,27 @@ def lr_schedule(cfg: OPDRunConfig) -> list[float]:
 # ---------------------------------------------------------------------------------- ours
 
 
-def run_ours(cfg: OPDRunConfig, out: Path, args, variant: str = "ours") -> dict:
-    run_id = f"{variant}-s{cfg.seed}"
-    command = [
+def opd_run_command(
+    seed: int, rounds: int, run_id: str, artifacts_dir: Path, overrides: list[str]
+) -> list[str]:
+    """`opd run` of the toy demo config (this venv's `opd`) with a seed, a round count, a run
+    directory and more overrides."""
+    return [
         str(Path(sys.executable).with_name("opd")),
         "run",
         "--config",
         str(CONFIG),
-        f"seed={cfg.seed}",
-        f"rollout.num_rollout={cfg.rollout.num_rollout}",
+        f"seed={seed}",
+        f"rollout.num_rollout={rounds}",
         f"run.run_id={run_id}",
-        f"run.artifacts_dir={out}",
-        *OURS[variant],
+        f"run.artifacts_dir={artifacts_dir}",
+        *overrides,
     ]
+
+
+def run_ours(cfg: OPDRunConfig, out: Path, args, variant: str = "ours") -> dict:
+    run_id = f"{variant}-s{cfg.seed}"
+    command = opd_run_command(cfg.seed, cfg.rollout.num_rollout, run_id, out, OURS[variant])
     done = out / "run_seconds.json"  # written once `opd run` finished
     if not done.is_file() or read_json(done)["command"] != command:
         shutil.rmtree(out, ignore_errors=True)
