@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from opd_core.engine.prefix import PrefixPlan
 from opd_core.engine.protocol import (
     ContextLimits,
     SingleRequest,
@@ -81,8 +82,12 @@ class Generator:
         context_length: int | None = None,
         sampling_seed_mode: SamplingSeedMode = "honour",
         trust_remote_code: bool = False,
+        prefix_cache: bool = True,
     ):
         check_model_path(model_path)
+        # SGLang's radix cache (off with --disable-radix-cache): shared prompt prefixes of a
+        # batch are computed once (`prefix.py`).
+        self.prefix_cache = prefix_cache
         self.model_path = str(model_path)
         self.trust_remote_code = trust_remote_code
         self.sampling_seed_mode = sampling_seed_mode
@@ -334,36 +339,66 @@ class Generator:
             ]
         )
 
-    def _run(self, seqs: list[Sequence], on_step) -> None:
-        batch, longest = len(seqs), max(len(s.prompt_ids) for s in seqs)
-        input_ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-        for i, seq in enumerate(seqs):  # left padding: every prompt ends at the last column
-            input_ids[i, longest - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-            attention_mask[i, longest - len(seq.prompt_ids) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention_mask, position_ids = (
-            t.to(self.device) for t in (input_ids, attention_mask, position_ids)
-        )
+    def _cacheable(self, seq: Sequence) -> int:
+        """How many leading prompt tokens `seq` may share (see `prefix.py`): none with the
+        cache off or with logprob_start_len 0, else up to its logprob start."""
+        if not self.prefix_cache:
+            return 0
+        return seq.logprob_start if seq.request.return_logprob else len(seq.prompt_ids) - 1
 
-        decoding = any(s.max_new_tokens > 0 for s in seqs)
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, attention mask) of `rows`, left-padded so every row ends in the last
+        column."""
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                input_ids[i, width - len(row) :] = torch.tensor(row)
+                attention_mask[i, width - len(row) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _run(self, seqs: list[Sequence], on_step) -> None:
+        batch = len(seqs)
         wants_input = [s.request.return_logprob for s in seqs]
-        cache = DynamicCache(config=self.model.config) if decoding else None
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=decoding,
-            # Only the last position's logits are needed unless someone asked for prompt logprobs.
-            logits_to_keep=0 if any(wants_input) else 1,
-        )
+        plan = PrefixPlan.of([s.prompt_ids for s in seqs], [self._cacheable(s) for s in seqs])
+        cache = DynamicCache(config=self.model.config)
+        # The prefill, segment by segment (one segment when nothing is shared): the cache and
+        # the mask follow each row to the rows that extend it, so a row's keys are exactly
+        # its own prompt, with padding between segments masked out.
+        attention_mask = None
+        for segment in plan.segments:
+            if segment.parents is not None:
+                index = torch.tensor(segment.parents, device=self.device)
+                cache.reorder_cache(index)
+                attention_mask = attention_mask[index]
+            input_ids, segment_mask = self._left_padded(segment.rows)
+            attention_mask = (
+                segment_mask
+                if attention_mask is None
+                else torch.cat([attention_mask, segment_mask], dim=1)
+            )
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+            last = segment is plan.segments[-1]
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                # Only the last position's logits are needed unless someone asked for prompt
+                # logprobs (which only the last segment holds).
+                logits_to_keep=0 if last and any(wants_input) else 1,
+            )
+        for seq, cached in zip(seqs, plan.cached_tokens):
+            seq.cached_tokens = cached
         logits = out.logits
         if any(wants_input):
             self._input_logprobs(
                 [s for s, w in zip(seqs, wants_input) if w],
                 logits[wants_input],
                 input_ids[wants_input],
+                [start for start, w in zip(plan.suffix_starts, wants_input) if w],
             )
         for seq in seqs:
             if seq.max_new_tokens <= 0:
@@ -418,13 +453,18 @@ class Generator:
             next_logits = out.logits[:, -1]
 
     def _input_logprobs(
-        self, seqs: list[Sequence], logits: torch.Tensor, input_ids: torch.Tensor
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        suffix_starts: list[int],
     ) -> None:
         """Prompt log-probs at temperature 1 for positions logprob_start..end, first one None.
 
-        One gather and one logsumexp for the whole (left-padded) batch: the logits in column
-        c predict the token in column c+1, so
-        log p(token c+1) = logit[c, token] - logsumexp(logit[c]).
+        `input_ids` are the last prefill segment's (left-padded) rows, sequence i's prompt
+        from position `suffix_starts[i]` on (which is at most its logprob start). One gather
+        and one logsumexp for the whole batch: the logits in column c predict the token in
+        column c+1, so log p(token c+1) = logit[c, token] - logsumexp(logit[c]).
         """
         targets = input_ids[:, 1:].unsqueeze(2)
         shifted = logits[:, :-1]
@@ -433,11 +473,12 @@ class Generator:
         )
         token_logprobs = token_logprobs.clamp(min=_LOGPROB_FLOOR).cpu()
         longest = input_ids.shape[1]
-        for row, seq in enumerate(seqs):
+        for row, (seq, offset) in enumerate(zip(seqs, suffix_starts)):
+            # Positions in this row: prompt position j sits in column pad + j - offset.
             pad, start, length = (
-                longest - len(seq.prompt_ids),
-                seq.logprob_start,
-                len(seq.prompt_ids),
+                longest - (len(seq.prompt_ids) - offset),
+                seq.logprob_start - offset,
+                len(seq.prompt_ids) - offset,
             )
             # Entry for prompt token j (j > start) comes from column pad + j - 1.
             seq.input_logprobs = [

@@ -48,6 +48,7 @@ class Sequence:
     output_top: list[tuple[list[float], list[int]]] = field(default_factory=list)
     input_logprobs: list[float | None] | None = None
     input_top: list[tuple[list[float], list[int]] | None] | None = None
+    cached_tokens: int = 0  # prompt tokens another sequence of the batch computed for it
     finish_reason: dict[str, Any] | None = None
     generator: torch.Generator | None = field(init=False, repr=False)
 
@@ -63,6 +64,7 @@ class Sequence:
             output_top=[],
             input_logprobs=None,
             input_top=None,
+            cached_tokens=0,
             finish_reason=None,
         )
 
@@ -135,7 +137,7 @@ class Sequence:
             "finish_reason": self.finish_reason,
             "prompt_tokens": len(self.prompt_ids),
             "completion_tokens": len(self.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
         }
         if req.return_logprob:
             text_of = token_text if req.return_text_in_logprobs else (lambda _id: None)

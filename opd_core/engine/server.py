@@ -117,9 +117,9 @@ def create_app(
 
     `deterministic` is SGLang's --enable-deterministic-inference: only then is a request's
     `sampling_seed` honoured (see `generation.py`). `generator_kwargs` go to `Generator`
-    (device, dtype, seed, context_length, trust_remote_code). `on_load_error(reason)` is
-    called if the model cannot be loaded (`serve` uses it to exit). `server_args` are echoed
-    by /server_info.
+    (device, dtype, seed, context_length, trust_remote_code, prefix_cache).
+    `on_load_error(reason)` is called if the model cannot be loaded (`serve` uses it to exit).
+    `server_args` are echoed by /server_info.
     """
     generator_kwargs["sampling_seed_mode"] = "deterministic" if deterministic else "ignore"
     engine = BatchingEngine(
@@ -130,6 +130,7 @@ def create_app(
         "context_length": generator_kwargs.get("context_length"),
         "max_running_requests": max_batch_size,
         "enable_deterministic_inference": deterministic,
+        "disable_radix_cache": not generator_kwargs.get("prefix_cache", True),
         "random_seed": generator_kwargs.get("seed"),
         **(server_args or {}),
     }
@@ -544,6 +545,12 @@ def build_parser():
         help="honour each request's sampling_seed (without it SGLang ignores them)",
     )
     parser.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="compute every prompt in full (by default a batch's shared prefixes are "
+        "computed once, as SGLang's radix cache does)",
+    )
+    parser.add_argument(
         "--max-running-requests", type=int, default=64, help="most sequences in one batch"
     )
     parser.add_argument(
@@ -622,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
         dtype={"auto": None, "half": "float16", "float": "float32"}.get(args.dtype, args.dtype),
         trust_remote_code=args.trust_remote_code,
+        prefix_cache=not args.disable_radix_cache,
     )
 
 
