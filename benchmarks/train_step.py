@@ -66,12 +66,15 @@ MODELS = {  # name -> make_tiny_qwen3 overrides
     "toy round (top-8 OPD)": TOY_STUDENT,
 }
 # name -> batch shape: samples, micro-batch, prompt / response lengths (uniform in [min, max]),
-# teacher top-k (0 = none)
-DEFAULT_SHAPE = dict(batch=32, micro_batch=32, prompt_len=(24, 48), response_len=(16, 32), topk=0)
+# teacher top-k (0 = none), samples per prompt (consecutive samples share their prompt)
+DEFAULT_SHAPE = dict(
+    batch=32, micro_batch=32, prompt_len=(24, 48), response_len=(16, 32), topk=0, per_prompt=1
+)
 SHAPES = {name: DEFAULT_SHAPE for name in MODELS} | {
-    # The toy task's chat prompts are 78 tokens; responses stop at 16 (most reach it).
+    # The toy task's chat prompts are 78 tokens; responses stop at 16 (most reach it); a
+    # round samples each of its 64 prompts 4 times.
     "toy round (top-8 OPD)": dict(
-        batch=256, micro_batch=128, prompt_len=(78, 78), response_len=(12, 16), topk=8
+        batch=256, micro_batch=128, prompt_len=(78, 78), response_len=(12, 16), topk=8, per_prompt=4
     )
 }
 
@@ -84,7 +87,12 @@ def make_batch(shape: dict, vocab: int, seed: int = 0):
     def tokens(lengths: tuple[int, int]) -> list[int]:
         return list(map(int, rng.integers(3, vocab, rng.integers(lengths[0], lengths[1] + 1))))
 
-    prompts = [tokens(shape["prompt_len"]) for _ in range(shape["batch"])]
+    per_prompt = shape["per_prompt"]
+    prompts = [
+        prompt
+        for prompt in (tokens(shape["prompt_len"]) for _ in range(shape["batch"] // per_prompt))
+        for _ in range(per_prompt)
+    ]
     responses = [tokens(shape["response_len"]) for _ in range(shape["batch"])]
     advantages = [rng.standard_normal(len(r)).astype(np.float32) for r in responses]
     batch = TrainBatch(prompts, responses, advantages=advantages)
@@ -103,7 +111,7 @@ def make_batch(shape: dict, vocab: int, seed: int = 0):
     return batch
 
 
-def run_config(shape: dict, attention_backend: str = "auto"):
+def run_config(shape: dict, attention_backend: str = "auto", share_prompts: str = "auto"):
     from opd_core.config import OPDRunConfig
 
     algorithm = {"use_opd": True, "opd_topk": shape["topk"]} if shape["topk"] else {}
@@ -113,6 +121,7 @@ def run_config(shape: dict, attention_backend: str = "auto"):
                 "global_batch_size": shape["batch"],
                 "micro_batch_size": shape["micro_batch"],
                 "attention_backend": attention_backend,
+                "share_prompts": share_prompts,
             },
             "algorithm": algorithm,
         }
@@ -250,10 +259,13 @@ def measure_shape(name: str, steps: int, min_seconds: float) -> dict:
         step, old_logprob_pass = megatron_step(hf_dir, ckpt, cfg, batch)
         # megatron's unfused local attention: the actor before its SDPA core attention.
         local_step, _ = megatron_step(hf_dir, ckpt, run_config(shape, "local"), batch)
+        # One row per sample (the actor before its shared-prompt layout; what transformers runs).
+        per_sample_step, _ = megatron_step(hf_dir, ckpt, run_config(shape, "auto", "off"), batch)
         seconds = timed_interleaved(
             {
                 "megatron": step,
                 "megatron_local_attention": local_step,
+                "megatron_per_sample_layout": per_sample_step,
                 "old_logprob_pass": old_logprob_pass,
                 "transformers": transformers_step(hf_dir, cfg, batch),
             },
@@ -271,6 +283,7 @@ def measure_shape(name: str, steps: int, min_seconds: float) -> dict:
         # The forward a round skips when it is one on-policy step (cfg.old_logprobs_forward).
         "old_logprob_pass_s": seconds["old_logprob_pass"]["wall"],
         "megatron_local_attention_s_per_step": seconds["megatron_local_attention"]["wall"],
+        "megatron_per_sample_layout_s_per_step": seconds["megatron_per_sample_layout"]["wall"],
         "transformers_cpu_s_per_step": seconds["transformers"]["cpu"],
         "megatron_tokens_per_s": tokens / megatron_s,
         "transformers_tokens_per_s": tokens / hf_s,
@@ -315,7 +328,7 @@ def main() -> None:
     print(
         f"{'shape':<24}{'batch':>12}{'tokens/step':>12}{'megatron tok/s':>16}"
         f"{'transformers tok/s':>20}{'megatron/hf':>13}{'by CPU s':>10}{'old-lp pass s':>15}"
-        f"{'local-attn s':>14}{'step s':>9}"
+        f"{'local-attn s':>14}{'per-sample s':>14}{'step s':>9}"
     )
     for row in rows:
         shape = row["shape"]
@@ -324,7 +337,8 @@ def main() -> None:
             f"{row['tokens_per_step']:>12}{row['megatron_tokens_per_s']:>16.0f}"
             f"{row['transformers_tokens_per_s']:>20.0f}{row['speedup']:>12.2f}x"
             f"{row['speedup_cpu']:>9.2f}x{row['old_logprob_pass_s']:>15.4f}"
-            f"{row['megatron_local_attention_s_per_step']:>14.4f}{row['megatron_s_per_step']:>9.4f}"
+            f"{row['megatron_local_attention_s_per_step']:>14.4f}"
+            f"{row['megatron_per_sample_layout_s_per_step']:>14.4f}{row['megatron_s_per_step']:>9.4f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

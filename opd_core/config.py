@@ -396,9 +396,9 @@ class TrainConfig(Section):
     that schedule resolved in steps.
     """
 
-    # How many old exports stay on disk, and which kernel computes attention (the same math),
-    # do not change what is trained.
-    NOT_IN_CACHE_KEY = frozenset({"keep_hf_exports", "attention_backend"})
+    # How many old exports stay on disk, which kernel computes attention and how the samples
+    # are laid out in its input (the same math) do not change what is trained.
+    NOT_IN_CACHE_KEY = frozenset({"keep_hf_exports", "attention_backend", "share_prompts"})
 
     lr: float = Field(1e-3, gt=0)
     # ppo critic's AdamW lr; None = train.lr.
@@ -427,6 +427,11 @@ class TrainConfig(Section):
     # Megatron-LM's --attention-backend: auto = Transformer Engine where CUDA and TE are there,
     # else core attention in torch SDPA; local = megatron's unfused DotProductAttention.
     attention_backend: Literal["auto", "te", "sdpa", "local"] = "auto"
+    # The samples of one prompt share one input row in every actor forward: the prompt once,
+    # then each sample's response attending to the prompt and itself (same logits and
+    # gradients, the prompt computed once instead of n_samples_per_prompt times). auto = on
+    # unless attention is Transformer Engine's, whose causal kernels ignore such a mask.
+    share_prompts: Literal["auto", "on", "off"] = "auto"
     # HF exports of rounds kept: the last N, plus every resume point and `final`; 0 = all.
     keep_hf_exports: int = Field(2, ge=0)
     # auto = bf16 on CUDA, fp32 on CPU.

@@ -12,16 +12,15 @@ import torch
 
 from opd_core.hf_utils import make_tiny_qwen3
 from opd_core.megatron.convert import load_hf_config, load_hf_into_model
+from opd_core.megatron.layout import Layout
 from opd_core.megatron.model import (
     build_gpt_model,
     forward_logits,
     full_vocab_logprobs,
-    pad_batch,
     resolve_attention_backend,
     response_entropy,
     response_logprobs,
     response_logprobs_of,
-    response_spans,
     response_topk,
     response_vocab_logprobs,
 )
@@ -61,11 +60,11 @@ def test_sdpa_matches_megatrons_dot_product_attention_forward_and_backward(hf_di
     sdpa, local = _model(hf_dir, "sdpa"), _model(hf_dir, "local")
     assert _attention_modules(sdpa) == {"SDPACoreAttention"}
     assert _attention_modules(local) == {"DotProductAttention"}
-    ids, mask, _ = pad_batch(PROMPTS, RESPONSES)
+    layout = Layout.of(PROMPTS, RESPONSES)
     outputs = {}
     for name, model in (("sdpa", sdpa), ("local", local)):
-        logits = forward_logits(model, ids, mask)
-        loss = sum(lp.sum() for lp in response_logprobs(logits, PROMPTS, RESPONSES))
+        logits = forward_logits(model, layout)
+        loss = sum(lp.sum() for lp in response_logprobs(logits, layout))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         outputs[name] = (logits.detach(), grads)
@@ -82,11 +81,10 @@ def test_sdpa_matches_megatrons_dot_product_attention_forward_and_backward(hf_di
 def test_no_mask_on_a_causal_layer_is_causal_attention(hf_dir):
     """attention_mask=None takes SDPA's is_causal path: equal to the explicit causal mask."""
     model = _model(hf_dir, "sdpa").eval()
-    ids, mask, _ = pad_batch([[3, 4, 5, 6, 7, 8]], [[9, 10]])  # one row: no padding
+    layout = Layout.of([[3, 4, 5, 6, 7, 8]], [[9, 10]])  # one row: no padding
     with torch.no_grad():
-        explicit = forward_logits(model, ids, mask)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        causal = model(input_ids=ids, position_ids=positions, attention_mask=None)
+        explicit = forward_logits(model, layout)
+        causal = model(input_ids=layout.ids, position_ids=layout.positions, attention_mask=None)
     assert (explicit - causal).abs().max() <= 1e-5
 
 
@@ -134,9 +132,9 @@ def _has_te() -> bool:
 def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir, packed):
     init_single_process()
     torch.manual_seed(0)
-    ids, _, _ = pad_batch(PROMPTS, RESPONSES)
-    logits = (3 * torch.randn(*ids.shape, 40)).requires_grad_()
-    spans = response_spans(PROMPTS, RESPONSES)
+    layout = Layout.of(PROMPTS, RESPONSES)
+    logits = (3 * torch.randn(*layout.ids.shape, 40)).requires_grad_()
+    spans = [(len(p) - 1, len(p) + len(r) - 1) for p, r in zip(PROMPTS, RESPONSES)]
     topk_ids = [
         np.random.default_rng(i).integers(0, 40, (len(r), 3)) for i, r in enumerate(RESPONSES)
     ]
@@ -153,16 +151,12 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
         return out
 
     def helpers():
-        full = (
-            response_vocab_logprobs(logits, PROMPTS, RESPONSES)
-            if packed
-            else full_vocab_logprobs(logits)
-        )
+        full = response_vocab_logprobs(logits, layout) if packed else full_vocab_logprobs(logits)
         return list(
             zip(
-                response_logprobs(logits, PROMPTS, RESPONSES),
-                response_entropy(full, PROMPTS, RESPONSES),
-                response_logprobs_of(full, PROMPTS, RESPONSES, topk_ids),
+                response_logprobs(logits, layout),
+                response_entropy(full, layout),
+                response_logprobs_of(full, layout, topk_ids),
             )
         )
 
@@ -182,7 +176,7 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
             assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
-    triples = response_topk(logits.detach(), PROMPTS, RESPONSES, k=3)
+    triples = response_topk(logits.detach(), layout, k=3)
     for (sampled, ids_k, values), (want, _, _), (start, end), row in zip(
         triples, expected, spans, range(len(spans))
     ):
@@ -204,3 +198,51 @@ def test_freed_tensor_memory_stays_in_the_process():
     for _ in range(20):
         torch.ones(4 << 20)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000
+
+
+# Groups of samples of one prompt (what a GRPO round trains), out of order, with an empty
+# response, and a prompt on its own.
+GROUP_PROMPTS = [[5, 6, 7, 8, 9], [12, 13], [5, 6, 7, 8, 9], [14, 15, 16], [5, 6, 7, 8, 9]]
+GROUP_RESPONSES = [[21, 22, 23], [24, 25, 26, 27], [28], [], [29, 30, 31, 32, 33, 34]]
+
+
+def test_shared_prompt_layout_holds_each_prompt_once():
+    layout = Layout.of(GROUP_PROMPTS, GROUP_RESPONSES, share_prompts=True)
+    assert layout.ids.shape == (3, 5 + 3 + 1 + 6)  # rows: the 3 distinct prompts
+    assert layout.ids[0].tolist() == [5, 6, 7, 8, 9, 21, 22, 23, 28, 29, 30, 31, 32, 33, 34]
+    # Each response continues the prompt's positions, as in its own row.
+    assert layout.positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 5, 5, 6, 7, 8, 9, 10]
+    # Sample 2's only token (column 8) sees the prompt and itself, not sample 0's response.
+    allowed = (~layout.mask[0, 0, 8]).nonzero().flatten().tolist()
+    assert allowed == [0, 1, 2, 3, 4, 8]
+    # Every sample's first response token is read at its prompt's last position.
+    assert layout.rows.tolist()[:3] == [0, 0, 0] and layout.cols.tolist()[:3] == [4, 5, 6]
+    assert layout.lengths == [3, 4, 1, 0, 6]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+def test_shared_prompt_layout_gives_the_per_sample_logits_and_gradients(hf_dir, backend):
+    """The same model on both layouts: every response token's log-prob, entropy and the
+    parameters' gradients agree (the rotary positions and the mask do the work)."""
+    model = _model(hf_dir, backend)
+    results = {}
+    for shared in (False, True):
+        layout = Layout.of(GROUP_PROMPTS, GROUP_RESPONSES, share_prompts=shared)
+        model.zero_grad()
+        logits = forward_logits(model, layout)
+        logprobs = response_logprobs(logits, layout)
+        entropy = response_entropy(response_vocab_logprobs(logits, layout), layout)
+        # Different weights per sample, so a response read at another's positions shows.
+        loss = sum(
+            (i + 1) * (lp.sum() + 0.5 * e.sum()) for i, (lp, e) in enumerate(zip(logprobs, entropy))
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[shared] = ([lp.detach() for lp in logprobs], grads)
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert [t.shape for t in plain] == [t.shape for t in shared]
+    assert max(float((a - b).abs().max()) for a, b in zip(plain, shared) if a.numel()) <= 1e-5
+    assert max(float(t.abs().max()) for t in plain if t.numel()) > 0.1  # not trivially equal
+    for name in plain_grads:
+        scale = plain_grads[name].abs().max().clamp(min=1.0)
+        assert (plain_grads[name] - shared_grads[name]).abs().max() <= 1e-5 * scale, name

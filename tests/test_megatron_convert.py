@@ -31,6 +31,7 @@ from opd_core.megatron.convert import (
     read_hf_state_dict,
     torch_dist_to_hf,
 )
+from opd_core.megatron.layout import Layout
 from opd_core.megatron.model import (
     ConfigMismatchError,
     UnsupportedModelError,
@@ -38,7 +39,6 @@ from opd_core.megatron.model import (
     check_config_matches,
     forward_logits,
     model_family,
-    pad_batch,
 )
 from opd_core.rundir import RunDir
 from opd_core.stages import Convert
@@ -96,13 +96,13 @@ def test_reload_into_fresh_model_gives_identical_logits(models):
     hf_dir = dirs["qwen3_untied"]
     ckpt = hf_to_torch_dist(hf_dir, root / "reload", step=5)
     config = load_hf_config(hf_dir)
-    ids, mask, _ = pad_batch([[1, 2, 3, 4, 5], [7, 8]], [[9, 10], [11]])
+    layout = Layout.of([[1, 2, 3, 4, 5], [7, 8]], [[9, 10], [11]])
     logits = []
     for _ in range(2):
         model = build_gpt_model(config, dtype=torch.float32).eval()
         checkpoint.load_model(model, ckpt, step=5)
         with torch.no_grad():
-            logits.append(forward_logits(model, ids, mask))
+            logits.append(forward_logits(model, layout))
     assert torch.equal(logits[0], logits[1])
     with pytest.raises(Exception, match="iter_0000007"):
         checkpoint.load_model(model, ckpt, step=7)

@@ -1,7 +1,10 @@
 """Tensor and data parallelism on CPU: real Ray actors in a placement group, gloo, megatron-core.
 
 Three training steps at TP=2 and at DP=2 give the losses of TP=1/DP=1 (within 1e-3), and a
-TP=2 checkpoint loads at TP=1 and back with the same log-probs. ~60 s on 2 cores.
+TP=2 checkpoint loads at TP=1 and back with the same log-probs. The batch has samples sharing
+a prompt, as a GRPO round does, so every layout trains the shared-prompt input
+(megatron.layout); the single rank also runs it one row per sample for the same losses.
+~70 s on 2 cores.
 """
 
 import signal
@@ -50,7 +53,9 @@ def student(tmp_path_factory):
     return hf_dir, hf_to_torch_dist(hf_dir, root / "torch_dist")
 
 
-def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> OPDRunConfig:
+def config(
+    tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8, share_prompts: str = "auto"
+) -> OPDRunConfig:
     return OPDRunConfig.model_validate(
         {
             "train": {
@@ -63,6 +68,7 @@ def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> 
                     "pipeline_model_parallel_size": pp,
                 },
                 "ray": {"actor_num_cpus_per_rank": 1},
+                "share_prompts": share_prompts,
             }
         }
     )
@@ -70,7 +76,8 @@ def config(tp: int = 1, dp: int = 1, pp: int = 1, micro_batch_size: int = 8) -> 
 
 def make_batch() -> TrainBatch:
     rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(3, 300, rng.integers(2, 7)))) for _ in range(8)]
+    distinct = [list(map(int, rng.integers(3, 300, rng.integers(2, 7)))) for _ in range(5)]
+    prompts = [distinct[i] for i in (0, 0, 1, 1, 2, 3, 3, 4)]  # groups of 2 and single ones
     # Lengths 0..5: includes empty responses.
     responses = [list(map(int, rng.integers(3, 300, rng.integers(0, 6)))) for _ in range(8)]
     advantages = [rng.standard_normal(len(r)).astype(np.float32) for r in responses]
@@ -91,6 +98,10 @@ def single_rank(cluster, student):
         losses = three_steps(group, batch)
         logprobs = group.compute_logprobs(batch)
     assert losses[0] != losses[2]  # the steps really changed the model
+    with TrainerGroup(config(share_prompts="off"), hf_dir, ckpt) as group:
+        np.testing.assert_allclose(three_steps(group, make_batch()), losses, atol=1e-5)
+        for a, b in zip(group.compute_logprobs(batch), logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
     return losses, logprobs
 
 
@@ -112,7 +123,7 @@ def test_tp2_and_dp2_match_single_rank_and_tp_checkpoints_reshard(single_rank, s
         assert sorted(r["dp_rank"] for r in group.ranks) == [0, 1]
         np.testing.assert_allclose(three_steps(group, batch), reference, atol=1e-3)
         # One sample for two DP ranks: one shard is empty and must still join the collectives.
-        single = batch.select([4])
+        single = batch.select([next(i for i, r in enumerate(batch.response_ids) if r)])
         assert np.isfinite(group.train_step(single)["loss"])
         assert len(group.compute_logprobs(single)[0]) == len(single.response_ids[0]) > 0
 
@@ -141,7 +152,7 @@ def test_pp2_matches_single_rank_and_pp_checkpoints_reshard(single_rank, student
         group.save_checkpoint(tmp_path / "pp2", step=3)
         group.export_hf(tmp_path / "pp2_hf")
         # One sample: one micro-batch, still through both stages.
-        single = batch.select([4])
+        single = batch.select([next(i for i, r in enumerate(batch.response_ids) if r)])
         assert np.isfinite(group.train_step(single)["loss"])
     np.testing.assert_allclose(losses, reference, atol=1e-3)
     for a, b in zip(pp2_logprobs, reference_logprobs):

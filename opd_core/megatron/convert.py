@@ -28,7 +28,8 @@ from opd_core.io import ArtifactError, atomic_path
 from opd_core.megatron import checkpoint, mapping
 from opd_core.megatron.checkpoint import HF_SIDE_FILES
 from opd_core.megatron.known_warnings import quiet_known_warnings
-from opd_core.megatron.model import build_gpt_model, forward_logits, pad_batch
+from opd_core.megatron.layout import Layout
+from opd_core.megatron.model import build_gpt_model, forward_logits
 
 
 def load_hf_config(hf_dir: str | Path):
@@ -179,8 +180,8 @@ def check_parity(
     _ensure_process_group()
     model = build_gpt_model(hf_config, dtype=torch.float32).eval()
     path = checkpoint.load_model(model, ckpt_dir, step)
-    mg_ids, mask, _ = pad_batch(ids.tolist(), [[] for _ in range(batch_size)])
-    mg_logits = forward_logits(model, mg_ids, mask).float().cpu()
+    layout = Layout.of(ids.tolist(), [[] for _ in range(batch_size)])
+    mg_logits = forward_logits(model, layout).float().cpu()
     diff = (hf_logits - mg_logits).abs()
     return {
         "max_abs_logits_diff": float(diff.max()),

@@ -2,9 +2,9 @@
 
     model = build_gpt_model(hf_config)          # after parallel.init_distributed: this rank's stage
     check_config_matches(hf_config, model)      # raises naming a mismatching field
-    ids, mask, _ = pad_batch(prompt_ids, response_ids)
-    logits = forward_logits(model, ids, mask)   # on the last pipeline stage (see megatron.pipeline)
-    logprobs = response_logprobs(logits, prompt_ids, response_ids)  # [len(response)] tensors
+    layout = Layout.of(prompt_ids, response_ids)  # where each token sits (megatron.layout)
+    logits = forward_logits(model, layout)      # on the last pipeline stage (megatron.pipeline)
+    logprobs = response_logprobs(logits, layout)  # [len(response)] tensors
 
 Core attention is torch's scaled_dot_product_attention (`opd_core.megatron.attention`) unless
 Transformer Engine is there; `build_gpt_model(..., attention_backend=...)` picks another.
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from opd_core.megatron.cpu_shims import apply_cpu_shims
+from opd_core.megatron.layout import Layout, rotary_positions
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2"}
 
@@ -167,6 +168,18 @@ def resolve_attention_backend(backend: str = "auto") -> str:
     return backend
 
 
+def resolve_share_prompts(share_prompts: str, attention_backend: str = "auto") -> bool:
+    """Whether the actor's forwards use the shared-prompt layout (`megatron.layout`):
+    `train.share_prompts` (auto | on | off) on this machine's attention backend."""
+    backend = resolve_attention_backend(attention_backend)
+    if share_prompts == "on" and backend == "te":
+        raise ValueError(
+            "train.share_prompts=on needs core attention that applies the layout's mask "
+            "(attention_backend sdpa or local): Transformer Engine's causal kernels ignore it"
+        )
+    return share_prompts == "on" or (share_prompts == "auto" and backend != "te")
+
+
 def _layer_spec(config, attention_backend: str = "auto") -> Any:
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -281,94 +294,32 @@ def check_config_matches(hf_config: Any, model) -> None:
 # ------------------------------------------------------------------------------ forward
 
 
-def pad_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], device=None):
-    """Right-pad prompt+response; return ids [b,s], the bool mask [b,1,s,s] (True = masked)."""
-    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-    lengths = torch.tensor([len(s) for s in sequences])
-    seq_len = max(int(lengths.max()), 1)
-    ids = torch.zeros(len(sequences), seq_len, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    positions = torch.arange(seq_len)
-    causal = positions[None, :] > positions[:, None]  # key after query
-    padded_key = positions[None, :] >= lengths[:, None]  # [b, s]
-    mask = causal[None, None] | padded_key[:, None, None, :]
-    device = device or (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-    return ids.to(device), mask.to(device), lengths
-
-
-def forward_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits [b, s, vocab / tp] (vocab-parallel under tensor parallelism) on the last pipeline
-    stage; on the others the hidden states handed to the next stage."""
-    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
-    return model(input_ids=ids, position_ids=positions, attention_mask=mask)
-
-
-def response_spans(
-    prompt_ids: list[list[int]], response_ids: list[list[int]]
-) -> list[tuple[int, int]]:
-    """(start, end) of each sample's response in the output positions (position t predicts
-    token t+1)."""
-    spans = []
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if len(prompt) == 0:
-            raise ValueError(
-                f"sample {row}: empty prompt (the first response token needs a prefix)"
-            )
-        spans.append((len(prompt) - 1, len(prompt) + len(response) - 1))
-    return spans
-
-
-def response_positions(spans: list[tuple[int, int]], device=None) -> tuple[torch.Tensor, ...]:
-    """(rows, cols) of every response position, sample after sample: `x[rows, cols]` packs a
-    [b, s, ...] tensor into [sum of response lengths, ...]; split it back by the span lengths.
-
-    One advanced-indexing gather instead of one slice per sample matters for the backward: the
-    gradient of each slice `x[row, start:end]` is a zero tensor the size of all of `x`, so per
-    sample slicing costs b full-size tensors where this costs one.
-    """
-    rows = [
-        torch.full((end - start,), row, dtype=torch.long) for row, (start, end) in enumerate(spans)
-    ]
-    cols = [torch.arange(start, end) for start, end in spans]
-    if not spans:
-        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(
-            0, dtype=torch.long, device=device
+def forward_logits(model, layout: Layout) -> torch.Tensor:
+    """Logits [rows, s, vocab / tp] (vocab-parallel under tensor parallelism) on the last
+    pipeline stage; on the others the hidden states handed to the next stage."""
+    with rotary_positions(model, layout):
+        return model(
+            input_ids=layout.ids, position_ids=layout.positions, attention_mask=layout.mask
         )
-    return torch.cat(rows).to(device), torch.cat(cols).to(device)
 
 
-def _split(packed: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    return list(packed.split([end - start for start, end in spans]))
-
-
-def response_logprobs(
-    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
-) -> list[torch.Tensor]:
+def response_logprobs(logits: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
 
-    `logits` is the last stage's output for `pad_batch(prompt_ids, response_ids)`. Gradients
-    flow (no_grad is the caller's). Under tensor parallel the vocab-parallel cross entropy does
-    the softmax across ranks, without gathering the vocabulary. Only the response positions
-    are computed: the prompt's and the padding's would be softmaxed, forward and backward, for
-    nothing.
+    `logits` is the last stage's output for `layout`. Gradients flow (no_grad is the caller's).
+    Under tensor parallel the vocab-parallel cross entropy does the softmax across ranks,
+    without gathering the vocabulary. Only the response positions are computed: the prompt's
+    and the padding's would be softmaxed, forward and backward, for nothing.
     """
     from megatron.core import tensor_parallel
 
-    spans = response_spans(prompt_ids, response_ids)
-    if not spans:
+    if not layout.lengths:
         return []
-    rows, cols = response_positions(spans, logits.device)
     # A fresh [n, v/tp] tensor (the cross entropy works in place on its input).
-    picked = logits[rows, cols].float()
-    targets = torch.as_tensor(
-        [token for response in response_ids for token in response],
-        dtype=torch.long,
-        device=logits.device,
-    )
+    picked = logits[layout.response_positions].float()
     # vocab_parallel_cross_entropy wants [s, b, v] and [s, b]: here [n, 1, v] and [n, 1].
-    nll = tensor_parallel.vocab_parallel_cross_entropy(picked[:, None], targets[:, None])
-    return _split(-nll[:, 0], spans)
+    nll = tensor_parallel.vocab_parallel_cross_entropy(picked[:, None], layout.targets[:, None])
+    return layout.split(-nll[:, 0])
 
 
 def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -378,15 +329,12 @@ def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
     return _vocab_log_softmax(logits)
 
 
-def response_vocab_logprobs(
-    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
-) -> torch.Tensor:
+def response_vocab_logprobs(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
     """`full_vocab_logprobs` at the response positions only: [sum of response lengths, vocab],
     packed sample after sample (differentiable). The prompt's and the padding's positions,
     most of a short-answer batch, are neither softmaxed nor back-propagated through.
     `response_entropy` and `response_logprobs_of` take this or the [b, s, vocab] form."""
-    spans = response_spans(prompt_ids, response_ids)
-    return _vocab_log_softmax(logits[response_positions(spans, logits.device)])
+    return _vocab_log_softmax(logits[layout.response_positions])
 
 
 def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -398,76 +346,59 @@ def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _at_responses(full_logprobs: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+def _at_responses(full_logprobs: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[n, vocab] at the response positions, from either form of the full log-probs."""
     if full_logprobs.dim() == 2:  # response_vocab_logprobs: already packed
         return full_logprobs
-    return full_logprobs[response_positions(spans, full_logprobs.device)]
+    return full_logprobs[layout.response_positions]
 
 
-def response_entropy(
-    full_logprobs: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]]
-) -> list[torch.Tensor]:
+def response_entropy(full_logprobs: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """Entropy of the next-token distribution at every response position, from
     `full_vocab_logprobs` or `response_vocab_logprobs` (gradients flow); the other positions
     are not computed."""
-    spans = response_spans(prompt_ids, response_ids)
-    if not spans:
+    if not layout.lengths:
         return []
-    logprobs = _at_responses(full_logprobs, spans)
-    return _split(-(logprobs.exp() * logprobs).sum(-1), spans)
+    logprobs = _at_responses(full_logprobs, layout)
+    return layout.split(-(logprobs.exp() * logprobs).sum(-1))
 
 
 def response_logprobs_of(
-    full_logprobs: torch.Tensor,
-    prompt_ids: list[list[int]],
-    response_ids: list[list[int]],
-    token_ids: list,
+    full_logprobs: torch.Tensor, layout: Layout, token_ids: list
 ) -> list[torch.Tensor]:
     """Log-probs of given tokens at every response position, from `full_vocab_logprobs` or
     `response_vocab_logprobs` (top-k OPD: the teacher's top-k ids, per sample a
     [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
-    spans = response_spans(prompt_ids, response_ids)
-    if not spans:
+    if not layout.lengths:
         return []
     # Already [t, k] per sample, possibly an empty [0, k]; k from any 2-d one.
     arrays = [np.asarray(ids) for ids in token_ids]
     k = max((a.shape[1] for a in arrays if a.ndim == 2), default=0)
     # torch.tensor copies: arrays arriving through Ray are read-only.
     index = torch.tensor(
-        np.concatenate([a.reshape(end - start, k) for a, (start, end) in zip(arrays, spans)]),
+        np.concatenate([a.reshape(t, k) for a, t in zip(arrays, layout.lengths)]),
         dtype=torch.long,
         device=full_logprobs.device,
     )
-    return _split(_at_responses(full_logprobs, spans).gather(-1, index), spans)
+    return layout.split(_at_responses(full_logprobs, layout).gather(-1, index))
 
 
-def response_topk(
-    logits: torch.Tensor, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int
-):
+def response_topk(logits: torch.Tensor, layout: Layout, k: int):
     """The model's k most likely tokens at every response position (top-k OPD, opd_type=megatron).
 
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
     triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
     """
-    spans = response_spans(prompt_ids, response_ids)
-    if not spans:
+    if not layout.lengths:
         return []
-    picked = response_vocab_logprobs(logits, prompt_ids, response_ids)
+    picked = response_vocab_logprobs(logits, layout)
     top_logprobs, top_ids = picked.topk(k, dim=-1)
-    sampled = response_logprobs_of(
-        picked,
-        prompt_ids,
-        response_ids,
-        [np.asarray(response, dtype=np.int64).reshape(-1, 1) for response in response_ids],
-    )
+    sampled = layout.split(picked.gather(-1, layout.targets[:, None])[:, 0])
     return [
         (
-            logprobs[:, 0].cpu().numpy(),
+            logprobs.cpu().numpy(),
             ids.to(torch.int32).cpu().numpy(),
             values.cpu().numpy(),
         )
-        for logprobs, ids, values in zip(
-            sampled, _split(top_ids, spans), _split(top_logprobs, spans)
-        )
+        for logprobs, ids, values in zip(sampled, layout.split(top_ids), layout.split(top_logprobs))
     ]

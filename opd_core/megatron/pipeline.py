@@ -3,9 +3,11 @@
     rows = run_forward(model, micro_batches, per_sample)           # inference: per sample
     metrics = run_forward_backward(model, micro_batches, loss_of)  # training: per micro-batch
 
-`per_sample(output, micro) -> list` turns the last stage's output for one micro-batch (logits
-[b, s, vocab/tp], or the critic's values [b, s, 1]) into one result per sample.
-`loss_of(output, micro) -> (loss, metrics)` gives the micro-batch's loss, already weighted by
+Each micro-batch goes in as a `megatron.layout.Layout` (one row per sample, or with
+`share_prompts` one row per distinct prompt holding all its samples' responses).
+`per_sample(output, micro, layout) -> list` turns the last stage's output for one micro-batch
+(logits [rows, s, vocab/tp], or the critic's values [rows, s, 1]) into one result per sample.
+`loss_of(output, micro, layout) -> (loss, metrics)` gives the micro-batch's loss, weighted by
 its share of the global batch: the models are built with `calculate_per_token_loss`, so the
 schedule neither divides it by the number of micro-batches nor does DDP average gradients over
 data-parallel ranks (they are summed).
@@ -26,56 +28,62 @@ from typing import Any
 import torch
 
 from opd_core.algorithm.batch import TrainBatch
+from opd_core.megatron.layout import Layout
 
 
 def _schedule(
-    model, micro_batches: list[TrainBatch], on_output: Callable, forward_only: bool
+    model,
+    micro_batches: list[TrainBatch],
+    on_output: Callable,
+    forward_only: bool,
+    share_prompts: bool,
 ) -> list:
     """What the schedule's loss function returned for each micro-batch (on the last stage)."""
     from functools import partial
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from opd_core.megatron.model import forward_logits, pad_batch
+    from opd_core.megatron.model import forward_logits
 
     if not micro_batches:  # an empty data-parallel shard: nothing to run on any of its stages
         return []
+    layouts = [
+        Layout.of(micro.prompt_ids, micro.response_ids, share_prompts) for micro in micro_batches
+    ]
 
     def forward_step(data_iterator, model):
-        micro = next(data_iterator)
-        ids, mask, _ = pad_batch(micro.prompt_ids, micro.response_ids)
-        return forward_logits(model, ids, mask), partial(on_output, micro=micro)
+        micro, layout = next(data_iterator)
+        return forward_logits(model, layout), partial(on_output, micro=micro, layout=layout)
 
-    longest = max(
-        len(p) + len(r)
-        for micro in micro_batches
-        for p, r in zip(micro.prompt_ids, micro.response_ids)
-    )
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
+        data_iterator=iter(zip(micro_batches, layouts)),
         model=[model],
         num_microbatches=len(micro_batches),
-        seq_length=max(longest, 1),  # shapes are exchanged per micro-batch (variable_seq_lengths)
-        micro_batch_size=max(len(micro) for micro in micro_batches),
+        # Shapes are exchanged per micro-batch (variable_seq_lengths).
+        seq_length=max(layout.ids.shape[1] for layout in layouts),
+        micro_batch_size=max(layout.ids.shape[0] for layout in layouts),
         forward_only=forward_only,
     )
 
 
 @torch.no_grad()
 def run_forward(
-    model, micro_batches: list[TrainBatch], per_sample: Callable[[torch.Tensor, TrainBatch], list]
+    model,
+    micro_batches: list[TrainBatch],
+    per_sample: Callable[[torch.Tensor, TrainBatch, Layout], list],
+    share_prompts: bool = False,
 ) -> list:
     """Forward only; the per-sample results of every micro-batch in order (on the last stage)."""
     no_tokens = torch.zeros((), dtype=torch.int)
 
-    def on_output(output, micro):
-        return torch.zeros(()), no_tokens, per_sample(output, micro)
+    def on_output(output, micro, layout):
+        return torch.zeros(()), no_tokens, per_sample(output, micro, layout)
 
     model.eval()
     return [
         row
-        for rows in _schedule(model, micro_batches, on_output, forward_only=True)
+        for rows in _schedule(model, micro_batches, on_output, True, share_prompts)
         for row in rows
     ]
 
@@ -83,15 +91,16 @@ def run_forward(
 def run_forward_backward(
     model,
     micro_batches: list[TrainBatch],
-    loss_of: Callable[[torch.Tensor, TrainBatch], tuple[torch.Tensor, dict[str, Any]]],
+    loss_of: Callable[[torch.Tensor, TrainBatch, Layout], tuple[torch.Tensor, dict[str, Any]]],
+    share_prompts: bool = False,
 ) -> list[dict[str, Any]]:
     """Forward and backward over every micro-batch (gradients accumulate in the parameters);
     the metrics of each micro-batch in order (on the last stage)."""
 
-    def on_output(output, micro):
-        loss, metrics = loss_of(output, micro)
+    def on_output(output, micro, layout):
+        loss, metrics = loss_of(output, micro, layout)
         # The count is only reported back (calculate_per_token_loss): `loss` is already weighted.
         return loss, torch.zeros((), dtype=torch.int), metrics
 
     model.train()
-    return _schedule(model, micro_batches, on_output, forward_only=False)
+    return _schedule(model, micro_batches, on_output, False, share_prompts)

@@ -50,9 +50,11 @@ from opd_core.megatron.critic import (
     response_values,
     save_critic,
 )
+from opd_core.megatron.layout import Layout
 from opd_core.megatron.model import (
     build_gpt_model,
     model_family,
+    resolve_share_prompts,
     response_entropy,
     response_logprobs,
     response_logprobs_of,
@@ -133,6 +135,11 @@ class TrainActor:
         self.hf_config_dir = spec.hf_config_dir
         self.hf_config = load_hf_config(spec.hf_config_dir)
         self.dtype = _dtype(self.train_cfg.dtype)
+        # One row per distinct prompt in every forward (megatron.layout) where the attention
+        # kernel allows it.
+        self.share_prompts = resolve_share_prompts(
+            self.train_cfg.share_prompts, self.train_cfg.attention_backend
+        )
         self.model = self._build_model(self.hf_config)
         self.optim = build_optimizer(self.model, self.train_cfg, spec.schedule)
         if self.algorithm.advantage_estimator == "ppo":
@@ -200,16 +207,16 @@ class TrainActor:
         ]
 
     def _forward(self, model, batch: TrainBatch, per_sample) -> list:
-        """per_sample(output, micro) over this shard's micro-batches (see megatron.pipeline)."""
-        return run_forward(model, self._micro_batches(batch), per_sample)
+        """per_sample(output, micro, layout) over this shard's micro-batches (see
+        megatron.pipeline)."""
+        return run_forward(model, self._micro_batches(batch), per_sample, self.share_prompts)
 
     def _logprobs(self, model, batch: TrainBatch) -> list[np.ndarray]:
         return self._forward(
             model,
             batch,
-            lambda logits, micro: [
-                lp.cpu().numpy()
-                for lp in response_logprobs(logits, micro.prompt_ids, micro.response_ids)
+            lambda logits, _micro, layout: [
+                lp.cpu().numpy() for lp in response_logprobs(logits, layout)
             ],
         )
 
@@ -227,7 +234,7 @@ class TrainActor:
         return self._forward(
             self._teacher(),
             batch,
-            lambda logits, micro: response_topk(logits, micro.prompt_ids, micro.response_ids, k),
+            lambda logits, _micro, layout: response_topk(logits, layout, k),
         )
 
     def _teacher(self):
@@ -253,9 +260,8 @@ class TrainActor:
         return self._forward(
             self.critic,
             batch,
-            lambda output, micro: [
-                v.cpu().numpy()
-                for v in response_values(output, micro.prompt_ids, micro.response_ids)
+            lambda output, _micro, layout: [
+                v.cpu().numpy() for v in response_values(output, layout)
             ],
         )
 
@@ -271,22 +277,19 @@ class TrainActor:
             self.algorithm.entropy_coef > 0 or ps.get_tensor_model_parallel_world_size() == 1
         )
 
-        def loss_of(logits, micro: TrainBatch):
-            prompts, responses = micro.prompt_ids, micro.response_ids
-            logprobs = response_logprobs(logits, prompts, responses)
+        def loss_of(logits, micro: TrainBatch, layout: Layout):
+            logprobs = response_logprobs(logits, layout)
             # The full-vocabulary log-softmax (gathered under TP) at the response positions only,
             # once for entropy and top-k.
             full = (
-                response_vocab_logprobs(logits, prompts, responses)
+                response_vocab_logprobs(logits, layout)
                 if need_entropy or micro.teacher_topk_ids
                 else None
             )
-            entropy = response_entropy(full, prompts, responses) if need_entropy else None
+            entropy = response_entropy(full, layout) if need_entropy else None
             # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
             topk_ids = micro.teacher_topk_ids
-            student_topk = (
-                response_logprobs_of(full, prompts, responses, topk_ids) if topk_ids else None
-            )
+            student_topk = response_logprobs_of(full, layout, topk_ids) if topk_ids else None
             width = max(len(r) for r in micro.response_ids)
             logprobs_t = stack_padded(logprobs, width)
             device = logprobs_t.device
@@ -334,7 +337,9 @@ class TrainActor:
             return weighted_by_tokens(loss, metrics, mask, global_tokens)
 
         self.optim.zero_grad()
-        micro_metrics = run_forward_backward(self.optim.model, self._micro_batches(batch), loss_of)
+        micro_metrics = run_forward_backward(
+            self.optim.model, self._micro_batches(batch), loss_of, self.share_prompts
+        )
         stats = self.optim.step()
         self.iteration += 1
         # One reduction for all keys; the OPD ones only when the batch carries teacher
@@ -353,11 +358,9 @@ class TrainActor:
         """One critic optimizer step on the clipped value loss; token-weighted like the policy
         loss."""
 
-        def loss_of(output, micro: TrainBatch):
+        def loss_of(output, micro: TrainBatch, layout: Layout):
             width = max(len(r) for r in micro.response_ids)
-            values_t = stack_padded(
-                response_values(output, micro.prompt_ids, micro.response_ids), width
-            )
+            values_t = stack_padded(response_values(output, layout), width)
             device = values_t.device
             mask = pad_rows(micro.loss_masks, width).to(device)
             # No stored old values: the clip is centred on the current ones (no clipping now).
@@ -377,7 +380,7 @@ class TrainActor:
 
         self.critic_optim.zero_grad()
         micro_metrics = run_forward_backward(
-            self.critic_optim.model, self._micro_batches(batch), loss_of
+            self.critic_optim.model, self._micro_batches(batch), loss_of, self.share_prompts
         )
         stats = self.critic_optim.step()
         out = token_mean(micro_metrics, CRITIC_METRIC_KEYS, global_tokens)

@@ -1,0 +1,197 @@
+"""Where a micro-batch's tokens sit in the model's input, and where each response token's
+outputs come out.
+
+    layout = Layout.of(prompt_ids, response_ids, share_prompts=True)
+    logits = forward_logits(model, layout)             # [layout rows, s, vocab / tp]
+    picked = logits[layout.response_positions]         # [all response tokens, vocab / tp]
+    per_sample = layout.split(picked)                  # [len(response_i), vocab / tp] each
+
+Position t of a row predicts the token in column t + 1, so the outputs for response token j
+of a sample come from the column just before it; `response_positions` lists those (row,
+column) pairs sample after sample, and every per-token quantity (log-probs, entropy, top-k,
+the critic's values) is read there.
+
+Two layouts of the same samples:
+- **one row per sample** (`share_prompts=False`): prompt + response, right-padded, causal;
+  what slime's Megatron actor feeds the model.
+- **shared prompts**: one row per distinct prompt, holding it once followed by the responses
+  of all its samples. A response token attends to the prompt and to its own response's earlier
+  tokens only (the mask), and its rotary positions continue from the prompt's end as in its own
+  row (`rotary_positions`), so each response token sees exactly the inputs it sees in the
+  per-sample layout: the same logits up to float rounding and the same gradients (the prompt's
+  activations receive the sum of its samples' gradients, as n copies' gradients would add up).
+  The first response token of every sample is predicted by the prompt's last position, which
+  the group now shares. GRPO rounds sample each prompt n times, so the prompt is computed once
+  instead of n times: the toy round (78-token prompts, 4 samples of at most 16 tokens) becomes
+  64 rows of at most 142 tokens instead of 256 rows of at most 94.
+
+The shared layout needs core attention that applies the given mask as is (the SDPA and local
+specs; Transformer Engine's causal kernels ignore an arbitrary mask) and unfused rotary
+embeddings (`apply_rope_fusion` off, as `build_transformer_config` sets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Layout", "rotary_positions"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    ids: torch.Tensor  # [rows, s] token ids (0 in padding)
+    mask: torch.Tensor  # [rows, 1, s, s] bool, True = masked out (megatron's convention)
+    positions: torch.Tensor  # [rows, s] each token's position in its own sequence
+    rows: torch.Tensor  # [n]: for each response token, sample after sample, its output row
+    cols: torch.Tensor  # [n]: ... and its output column
+    targets: torch.Tensor  # [n]: the response tokens themselves
+    lengths: list[int]  # each sample's response length (how to split [n, ...] per sample)
+    shared: bool  # the shared-prompt layout (rotary positions differ from the columns)
+
+    @property
+    def response_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x[layout.response_positions]` packs a [rows, s, ...] output into [n, ...].
+
+        One advanced-indexing gather instead of one slice per sample matters for the backward:
+        the gradient of each slice is a zero tensor the size of all of `x`, so per-sample
+        slicing costs one full-size tensor per sample where this costs one.
+        """
+        return self.rows, self.cols
+
+    def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """[n, ...] -> one [len(response_i), ...] tensor per sample."""
+        return list(packed.split(self.lengths))
+
+    @classmethod
+    def of(
+        cls,
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        share_prompts: bool = False,
+        device=None,
+    ) -> Layout:
+        for row, prompt in enumerate(prompt_ids):
+            if len(prompt) == 0:
+                raise ValueError(
+                    f"sample {row}: empty prompt (the first response token needs a prefix)"
+                )
+        device = device or (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        if share_prompts:
+            return cls._shared(prompt_ids, response_ids, device)
+        return cls._per_sample(prompt_ids, response_ids, device)
+
+    @classmethod
+    def _per_sample(cls, prompt_ids, response_ids, device) -> Layout:
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
+        width = max([len(s) for s in sequences] + [1])
+        ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        columns = torch.arange(width)
+        causal = columns[None, :] > columns[:, None]  # key after query
+        padded_key = columns[None, :] >= lengths[:, None]  # [b, s]
+        mask = causal[None, None] | padded_key[:, None, None, :]
+        rows, cols = [], []
+        for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+            rows += [row] * len(response)
+            cols += range(len(prompt) - 1, len(prompt) + len(response) - 1)
+        positions = columns.expand(len(sequences), width)
+        return cls._build(ids, mask, positions, rows, cols, response_ids, False, device)
+
+    @classmethod
+    def _shared(cls, prompt_ids, response_ids, device) -> Layout:
+        group_of: dict[tuple[int, ...], int] = {}
+        members: list[list[int]] = []  # sample indices per distinct prompt, first-seen order
+        for sample, prompt in enumerate(prompt_ids):
+            group = group_of.setdefault(tuple(prompt), len(group_of))
+            if group == len(members):
+                members.append([])
+            members[group].append(sample)
+        width = max(len(prompt_ids[m[0]]) + sum(len(response_ids[s]) for s in m) for m in members)
+        ids = torch.zeros(len(members), width, dtype=torch.long)
+        positions = torch.zeros(len(members), width, dtype=torch.long)
+        # segment[r, c]: -1 for the prompt, k for the k-th response of the row, -2 for padding.
+        segment = torch.full((len(members), width), -2, dtype=torch.long)
+        spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(prompt_ids)  # (row, start, end)
+        for row, samples in enumerate(members):
+            prompt = prompt_ids[samples[0]]
+            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            positions[row, : len(prompt)] = torch.arange(len(prompt))
+            segment[row, : len(prompt)] = -1
+            start = len(prompt)
+            for k, sample in enumerate(samples):
+                response = response_ids[sample]
+                end = start + len(response)
+                ids[row, start:end] = torch.tensor(response, dtype=torch.long)
+                positions[row, start:end] = torch.arange(len(prompt), len(prompt) + len(response))
+                segment[row, start:end] = k
+                spans[sample] = (row, start, end)
+                start = end
+        columns = torch.arange(width)
+        query, key = segment[:, :, None], segment[:, None, :]  # [rows, s, 1], [rows, 1, s]
+        allowed = (columns[None, :] <= columns[:, None])[None] & (
+            (key == -1) | ((key == query) & (query >= 0))
+        )
+        allowed[..., 0] |= query[..., 0] == -2  # padding queries read column 0: never empty
+        rows, cols = [], []
+        for sample, (row, start, end) in enumerate(spans):
+            if end > start:  # the prompt's last position predicts the first response token
+                rows += [row] * (end - start)
+                cols += [len(prompt_ids[sample]) - 1, *range(start, end - 1)]
+        mask = ~allowed[:, None]
+        return cls._build(ids, mask, positions, rows, cols, response_ids, True, device)
+
+    @classmethod
+    def _build(cls, ids, mask, positions, rows, cols, response_ids, shared, device) -> Layout:
+        return cls(
+            ids=ids.to(device),
+            mask=mask.to(device),
+            positions=positions.contiguous().to(device),
+            rows=torch.tensor(rows, dtype=torch.long, device=device),
+            cols=torch.tensor(cols, dtype=torch.long, device=device),
+            targets=torch.tensor(
+                [token for response in response_ids for token in response],
+                dtype=torch.long,
+                device=device,
+            ),
+            lengths=[len(response) for response in response_ids],
+            shared=shared,
+        )
+
+
+@contextlib.contextmanager
+def rotary_positions(model: torch.nn.Module, layout: Layout) -> Iterator[None]:
+    """Within the block, the model's rotary embeddings are those of `layout.positions`
+    ([s, rows, 1, dim], one set per row) instead of the columns 0..s-1 megatron uses.
+
+    Megatron's `RotaryEmbedding(seq_len)` gives the table for positions 0..seq_len-1 as
+    [seq_len, 1, 1, dim]; every position of a layout is below its width, so the rows' own
+    embeddings are that table indexed by their positions (its unfused rotary application
+    broadcasts a per-row table as for multimodal rope). The per-sample layout needs nothing.
+    """
+    if not layout.shared:
+        yield
+        return
+    # megatron lazily, as in model.py: the CLI imports this module and must start fast.
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    positions = layout.positions.t()  # [s, rows]
+
+    def at_positions(_module, _args, table: torch.Tensor) -> torch.Tensor:
+        return table[:, 0, 0][positions].unsqueeze(2)
+
+    handles = [
+        module.register_forward_hook(at_positions)
+        for module in model.modules()
+        if isinstance(module, RotaryEmbedding)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
