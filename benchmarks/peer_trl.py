@@ -62,7 +62,7 @@ RESULT = "peer_result.json"
 # teacher and actor: the toy config gives the servers one thread each) overlap on 2 cores.
 OURS = {
     "ours": [],
-    "ours-async": ["rollout.async_rounds=true", "train.ray.actor_num_cpus_per_rank=1"],
+    "ours-async": ["rollout.async_rounds=true"],  # the actor's threads: cluster.actor_threads
 }
 # What of a run's output reaches the console: TRL's logged steps, our rounds' summaries, errors.
 PROGRESS = re.compile(r"\{'loss'|^trl: |round \d+: |Error")

@@ -240,6 +240,27 @@ def actor_cpus(cfg: OPDRunConfig, servers: float = 0) -> int:
     return cfg.train.ray.actor_num_cpus_per_rank or max(1, int(spare // world))
 
 
+def actor_threads(cfg: OPDRunConfig) -> int:
+    """Torch threads per training-actor rank on the CPU: train.ray.actor_num_cpus_per_rank,
+    else its share of this machine's cores. In serial rounds the servers idle while the actor
+    trains, so that is every core split over the ranks; with `rollout.async_rounds` the next
+    round generates and is scored while this one trains, so the actor takes only the cores
+    the CPU servers' threads leave (at least 1): on 2 cores one for the engine, one for the
+    teacher, one for the actor, instead of three processes fighting over both."""
+    cores = os.cpu_count() or 1
+    if cfg.train.ray.actor_num_cpus_per_rank:
+        return cfg.train.ray.actor_num_cpus_per_rank
+    busy = 0
+    if cfg.rollout.async_rounds:
+        teacher, rollout = cfg.teacher, cfg.rollout
+        cpu_teacher = teacher.backend == "builtin" and not teacher.num_gpus_per_engine
+        if cfg.algorithm.teacher_source == "server" and cpu_teacher:
+            busy += teacher.num_replicas * (teacher.cpu_threads or cores)
+        if rollout.backend == "builtin" and not rollout.num_gpus_per_engine:
+            busy += rollout.num_engines * (rollout.cpu_threads or cores)
+    return max(1, (cores - busy) // cfg.train.parallel.world_size)
+
+
 # ----------------------------------------------------------------------------- Ray itself
 
 

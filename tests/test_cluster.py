@@ -18,6 +18,7 @@ from opd_core.cluster import (
     Layout,
     LayoutError,
     NodeResources,
+    actor_threads,
     dry_run,
     format_table,
     overlaps,
@@ -113,3 +114,20 @@ def test_overlaps_names_the_units_sharing_a_gpu():
         PlacementRow("rollout", 2, "10.0.0.2", "n2", ("3",)),  # another node's GPU 3
     ]
     assert overlaps(rows) == ["GPU 3 on node n1 is held by teacher replica 0, rollout engine 1"]
+
+
+def test_actor_threads_leave_the_cpu_servers_their_threads_in_async_rounds(monkeypatch):
+    """Serial rounds: the servers idle while the actor trains, so it takes every core. Async
+    rounds: engine and teacher work meanwhile, so the actor gets what their threads leave."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    toy = ROOT / "configs" / "toy.yaml"  # one thread per server
+    assert actor_threads(load_config(toy)) == 8
+    assert actor_threads(load_config(toy, ["rollout.async_rounds=true"])) == 6
+    two_ranks = ["rollout.async_rounds=true", "train.parallel.data_parallel_size=2"]
+    assert actor_threads(load_config(toy, [*two_ranks, "train.global_batch_size=256"])) == 3
+    # Servers on every core (cpu_threads unset) leave none: at least one thread anyway.
+    every_core = ["rollout.async_rounds=true", "rollout.cpu_threads=null"]
+    assert actor_threads(load_config(toy, every_core)) == 1
+    # Set by hand, it wins.
+    manual = ["rollout.async_rounds=true", "train.ray.actor_num_cpus_per_rank=4"]
+    assert actor_threads(load_config(toy, manual)) == 4

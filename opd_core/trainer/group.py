@@ -23,7 +23,6 @@ session it joined.
 from __future__ import annotations
 
 import contextlib
-import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from opd_core.cluster import (
     Layout,
     PlacementRow,
     Reservation,
+    actor_threads,
     ray_session,
     reserve,
 )
@@ -87,9 +87,7 @@ class TrainerGroup:
         self._check_layout(teacher_ckpt_dir)  # before any actor starts
         role = Layout.from_config(cfg).role("actor")
         # Threads per rank on CPU: its share of this machine (Ray's CPUs only schedule).
-        threads = ray_cfg.actor_num_cpus_per_rank or max(
-            1, (os.cpu_count() or 1) // self.world_size
-        )
+        threads = actor_threads(cfg)
         spec = ActorSpec.from_config(
             cfg, hf_config_dir, ckpt_dir, step, teacher_ckpt_dir, num_threads=threads
         )

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,14 @@ from opd_core.algorithm.advantages import AdvantageResult, compute_advantages
 from opd_core.algorithm.batch import TrainBatch
 from opd_core.algorithm.metrics import MetricsLog, round_metrics
 from opd_core.algorithm.rewards import load_reward_fn
-from opd_core.cluster import ClusterResources, Layout, colocated_devices, ray_session, reserve
+from opd_core.cluster import (
+    ClusterResources,
+    Layout,
+    Reservation,
+    colocated_devices,
+    ray_session,
+    reserve,
+)
 from opd_core.config import OPDRunConfig
 from opd_core.engine.fleet import ServerFleet, start_servers
 from opd_core.evaluation import chat_prompt_ids
@@ -161,7 +168,7 @@ class Rounds:
         self._stack = ExitStack()
 
     def __enter__(self) -> Rounds:
-        cfg, run_dir, state = self.cfg, self.run_dir, self.state
+        cfg, run_dir = self.cfg, self.run_dir
         timeout = cfg.train.ray.placement_timeout
         with self._stack as stack:
             self.metrics_log = MetricsLog(
@@ -177,31 +184,29 @@ class Rounds:
             self.layout.check(ClusterResources.from_ray())
             self._actors = reserve(self.layout.role("actor"), timeout)
             stack.callback(self._actors.release)
-            self.trainer = self._start_trainer()
-            stack.callback(lambda: self.trainer.shutdown())
             rollout = self.layout.role("rollout")
-            reservation, devices = None, None
+            reservation = None
             if rollout is not None:
                 reservation = reserve(rollout, timeout, host=self._actors)
                 stack.callback(reservation.release)
-                if rollout.colocated:  # the GPUs of the actors it shares
-                    devices = [
-                        colocated_devices(self.trainer.placement, e, rollout.gpus)
-                        for e in range(rollout.count)
-                    ]
-            # Resume from the newest checkpointed round, else start from the converted student;
-            # weight_version = the number of policy updates in those weights.
-            self.engines = stack.enter_context(
-                start_servers(
-                    "rollout",
-                    cfg,
-                    state.rollout_export or run_dir.student_hf,
-                    run_dir.rollout_log,
-                    reservation=reservation,
-                    devices=devices,
-                    weight_version=self._resume_version(),
+            starting = None
+            if rollout is None or not rollout.colocated:
+                # The engines start while the actors load (each takes seconds of imports and
+                # weights); colocated engines need the actors' GPU ids first.
+                starting = stack.enter_context(ThreadPoolExecutor(1)).submit(
+                    self._start_engines, reservation
                 )
-            )
+                stack.callback(_stop_when_started, starting)
+            self.trainer = self._start_trainer()
+            stack.callback(lambda: self.trainer.shutdown())
+            if starting is None:  # colocated: on the GPUs of the actors they share
+                devices = [
+                    colocated_devices(self.trainer.placement, e, rollout.gpus)
+                    for e in range(rollout.count)
+                ]
+                self.engines = stack.enter_context(self._start_engines(reservation, devices))
+            else:
+                self.engines = starting.result()
             self.rollout_client = stack.enter_context(self.engines.client(cfg.client))
             self.teacher: Teacher | None = open_teacher(
                 cfg, self.teacher_servers, self.trainer, run_dir.teacher_hf
@@ -220,6 +225,21 @@ class Rounds:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+
+    def _start_engines(
+        self, reservation: Reservation | None, devices: list[list[str]] | None = None
+    ) -> ServerFleet:
+        """The rollout engines, from the newest checkpointed round's weights, else the
+        converted student's; weight_version = the number of policy updates in those weights."""
+        return start_servers(
+            "rollout",
+            self.cfg,
+            self.state.rollout_export or self.run_dir.student_hf,
+            self.run_dir.rollout_log,
+            reservation=reservation,
+            devices=devices,
+            weight_version=self._resume_version(),
+        )
 
     def _start_trainer(self) -> TrainerGroup:
         """The training actors in their bundles, from the newest checkpoint (model, optimizer,
@@ -493,3 +513,13 @@ class Rounds:
         """Every `save_interval` rounds, and always the last one."""
         last = round_index == self.cfg.rollout.rounds - 1
         return last or (round_index + 1) % self.cfg.train.save_interval == 0
+
+
+def _stop_when_started(starting: Future) -> None:
+    """Stop the fleet a background start made, once it is done; nothing if the start failed
+    (start_servers stops what it started before raising)."""
+    try:
+        fleet = starting.result()
+    except BaseException:
+        return
+    fleet.stop()
