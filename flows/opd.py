@@ -4,13 +4,16 @@
     opd stage train --run-dir artifacts/latest           # the CLI calls stage_flow(...)
     prefect deployment run opd/full                       # once `make up` has registered it
 
-    download -> convert -> teacher -> baseline_eval -> train -> final_eval
+    download -> convert -> baseline_eval -> train -> final_eval
+         `--> teacher (its servers start meanwhile) --^
 
 Only orchestration lives here: order, the teacher's lifetime, names. Each stage is a task in
-`tasks/` that is a cache hit when its inputs and config section are unchanged. Checks that
-can fail a run are made as early as their facts are known: the parallel layout against the
-models right after download, and whether training may take over `train/` (it refuses to
-delete finished rounds of another setup unless `restart_train`) before a teacher starts.
+`tasks/` that is a cache hit when its inputs and config section are unchanged. The teacher
+needs only the downloaded models, so its servers start while the student is converted and
+evaluated (on a cluster each of those takes minutes for an 8B/32B pair). Checks that can fail
+a run are made as early as their facts are known: the parallel layout against the models
+right after download, and whether training may take over `train/` (it refuses to delete
+finished rounds of another setup unless `restart_train`) before the evals spend time.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from flows.teardown import stop_run_servers, teardown_hook
 from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
 from opd_core.io import write_text
 from opd_core.rundir import STAGES, RunDir
-from opd_core.stages import Teacher, Train
+from opd_core.stages import Convert, Teacher, Train
 from tasks.convert import convert
 from tasks.download import download
 from tasks.evaluate import baseline_eval, final_eval
@@ -72,13 +75,29 @@ def open_run(cfg: OPDRunConfig) -> RunDir:
 
 @contextmanager
 def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
-    """Yields the running teacher (a ServerFleet; None if no server is needed) and stops
-    what it started."""
+    """Starts the teacher (task `teacher`) in the background and yields a function that waits
+    for it: the running ServerFleet, or None if no server is needed. Leaving stops what was
+    started, after waiting for a start still under way."""
     if skip or not Teacher(cfg, run_dir).needed:
-        yield None
+        yield lambda: None
         return
-    with start_teacher(cfg, run_dir) as fleet:
-        yield fleet
+    starting = start_teacher.submit(cfg, run_dir)
+    try:
+        yield starting.result
+    finally:
+        try:
+            fleet = starting.result()
+        except BaseException:  # raised to whoever waited for it, or a failure already raised
+            fleet = None
+        if fleet is not None:
+            fleet.stop()
+
+
+def train_is_cached(cfg: OPDRunConfig, run_dir: RunDir) -> bool:
+    """Whether the train stage will be a cache hit, as far as it is known before convert
+    runs: its key covers the converted student, so a convert that will run means training
+    will too (a cached rerun then needs no teacher: most of its time would be the start)."""
+    return Convert(cfg, run_dir).is_cached() and Train(cfg, run_dir).is_cached()
 
 
 def _run_name() -> str:
@@ -132,13 +151,11 @@ def opd_flow(
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
     Train(cfg, run_dir).check_layout()  # a hub model's shapes are known from here on
-    convert(cfg, run_dir)
-    training_stage = Train(cfg, run_dir)
-    training_stage.check_claim(restart_train)  # before evals and a teacher spend time
-    baseline = baseline_eval(cfg, run_dir)
-    # A cached train stage needs no teacher: skip its start-up (most of a cached rerun's time).
-    with teacher_server(cfg, run_dir, skip=training_stage.is_cached()) as teacher:
-        training = train(cfg, run_dir, teacher, restart_train)
+    with teacher_server(cfg, run_dir, skip=train_is_cached(cfg, run_dir)) as teacher:
+        convert(cfg, run_dir)
+        Train(cfg, run_dir).check_claim(restart_train)  # before the evals spend time
+        baseline = baseline_eval(cfg, run_dir)
+        training = train(cfg, run_dir, teacher(), restart_train)
     final = final_eval(cfg, run_dir)
     return {"run_dir": str(run_dir.root), "baseline": baseline, "final": final, "train": training}
 
@@ -170,6 +187,7 @@ def stage_flow(
         training_stage.check_claim(restart_train)
         skip_teacher = training_stage.is_cached()
     with teacher_server(cfg, rd, skip=skip_teacher) as teacher:
+        fleet = teacher()
         if stage == "teacher":
-            return {"urls": teacher.urls if teacher else None}
-        return train(cfg, rd, teacher, restart_train)
+            return {"urls": fleet.urls if fleet else None}
+        return train(cfg, rd, fleet, restart_train)

@@ -47,9 +47,12 @@ def test_toy_pipeline_end_to_end(prefect_harness, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").is_file()
     assert read_json(run / "convert" / "parity.json")["max_abs_logits_diff"] <= 1e-4
 
-    # teacher: the endpoint it served on.
+    # teacher: the endpoint it served on; its start overlapped the student's conversion.
     endpoint = read_json(run / "teacher" / "endpoint.json")
     assert endpoint["urls"][0].startswith("http://127.0.0.1:")
+    task_runs = _task_runs("toy:e2e")
+    assert task_runs["teacher"].start_time < task_runs["convert"].end_time
+    assert task_runs["train"].start_time > task_runs["teacher"].end_time
 
     # train: per round, rollouts and teacher log-probs aligned token for token, metrics.
     for round_index in (0, ROUNDS - 1):
@@ -119,3 +122,21 @@ def test_toy_pipeline_megatron_teacher_mode(prefect_harness, tmp_path):
     baseline = read_json(run / "baseline_eval" / "summary.json")
     final = read_json(run / "final_eval" / "summary.json")
     assert final["pass_at_1"] >= baseline["pass_at_1"] + IMPROVEMENT, (baseline, final)
+
+
+def _task_runs(flow_run_name: str) -> dict:
+    """The task runs of the newest flow run called `flow_run_name`, by task name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )[0]
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    return {run.name.rsplit("-", 1)[0]: run for run in task_runs}
