@@ -13,7 +13,8 @@ needs only the downloaded models, so its servers start while the student is conv
 evaluated (on a cluster each of those takes minutes for an 8B/32B pair). Checks that can fail
 a run are made as early as their facts are known: the parallel layout against the models
 right after download, and whether training may take over `train/` (it refuses to delete
-finished rounds of another setup unless `restart_train`) before the evals spend time.
+finished rounds of another setup unless `restart_train`) before a teacher starts when the
+converted student is cached (else right after convert, before the evals).
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def opd_flow(
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
     Train(cfg, run_dir).check_layout()  # a hub model's shapes are known from here on
+    if Convert(cfg, run_dir).is_cached():  # training's inputs are known: refuse before a teacher
+        Train(cfg, run_dir).check_claim(restart_train)
     with teacher_server(cfg, run_dir, skip=train_is_cached(cfg, run_dir)) as teacher:
         convert(cfg, run_dir)
         Train(cfg, run_dir).check_claim(restart_train)  # before the evals spend time

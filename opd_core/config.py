@@ -374,7 +374,9 @@ class RayConfig(Section):
     actor_num_nodes: int = Field(1, ge=1)
     # 0 = CPU actors.
     actor_num_gpus_per_node: int = Field(0, ge=0)
-    # None = cpu_count // world size (at least 1).
+    # CPUs (and torch threads) per rank; None = its share of this machine: the cores split
+    # over the ranks, and with rollout.async_rounds only those the CPU servers' threads leave
+    # (cluster.actor_threads).
     actor_num_cpus_per_rank: int | None = Field(None, gt=0)
     # Seconds to wait for each role's placement group.
     placement_timeout: float = Field(300.0, gt=0)

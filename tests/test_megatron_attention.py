@@ -218,6 +218,8 @@ def test_shared_prompt_layout_holds_each_prompt_once():
     # Every sample's first response token is read at its prompt's last position.
     assert layout.rows.tolist()[:3] == [0, 0, 0] and layout.cols.tolist()[:3] == [4, 5, 6]
     assert layout.lengths == [3, 4, 1, 0, 6]
+    # No prompt twice: nothing to share, the plain layout.
+    assert not Layout.of(PROMPTS, RESPONSES, share_prompts=True).shared
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "local"])

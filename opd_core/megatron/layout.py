@@ -80,7 +80,8 @@ class Layout:
                     f"sample {row}: empty prompt (the first response token needs a prefix)"
                 )
         device = device or (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-        if share_prompts:
+        # Nothing shared (every prompt once): the plain layout, which needs no per-row rotary.
+        if share_prompts and len({tuple(p) for p in prompt_ids}) < len(prompt_ids):
             return cls._shared(prompt_ids, response_ids, device)
         return cls._per_sample(prompt_ids, response_ids, device)
 
