@@ -106,13 +106,11 @@ def test_launch_builtin_serve_and_stop(model_dir, tmp_path):
         ).json()
         assert info["enable_deterministic_inference"] is True and info["context_length"] == 64
         assert info["max_running_requests"] == 16
+        assert info["disable_radix_cache"] is True  # honoured: shared prefixes computed apart
         text = log.read_text()
-        for ignored in (
-            "--chunked-prefill-size 4096",
-            "--disable-radix-cache",
-            "--schedule-policy lpm",
-        ):
+        for ignored in ("--chunked-prefill-size 4096", "--schedule-policy lpm"):
             assert f"ignoring {ignored}: an SGLang flag" in text
+        assert "ignoring --disable-radix-cache" not in text
         info = check_external([server.url], api_key="secret", timeout=10)
         assert info["healthy"] == [server.url] and info["model_info"]["model_path"] == str(
             model_dir
