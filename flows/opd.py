@@ -29,6 +29,7 @@ from prefect.runtime import flow_run
 
 from flows.teardown import stop_run_servers, teardown_hook
 from opd_core.config import OPDRunConfig, apply_override, load_config, validate_config
+from opd_core.engine.fleet import stop_when_started
 from opd_core.io import write_text
 from opd_core.rundir import STAGES, RunDir
 from opd_core.stages import Convert, Teacher, Train
@@ -86,19 +87,7 @@ def teacher_server(cfg: OPDRunConfig, run_dir: RunDir, skip: bool = False):
     try:
         yield starting.result
     finally:
-        try:
-            fleet = starting.result()
-        except BaseException:  # raised to whoever waited for it, or a failure already raised
-            fleet = None
-        if fleet is not None:
-            fleet.stop()
-
-
-def train_is_cached(cfg: OPDRunConfig, run_dir: RunDir) -> bool:
-    """Whether the train stage will be a cache hit, as far as it is known before convert
-    runs: its key covers the converted student, so a convert that will run means training
-    will too (a cached rerun then needs no teacher: most of its time would be the start)."""
-    return Convert(cfg, run_dir).is_cached() and Train(cfg, run_dir).is_cached()
+        stop_when_started(starting)
 
 
 def _run_name() -> str:
@@ -152,9 +141,14 @@ def opd_flow(
     logger.info("run directory: %s", run_dir.root)
     download(cfg, run_dir)
     Train(cfg, run_dir).check_layout()  # a hub model's shapes are known from here on
-    if Convert(cfg, run_dir).is_cached():  # training's inputs are known: refuse before a teacher
+    # With the converted student cached, training's inputs are known: refuse before a teacher
+    # starts, and start none for a cached train stage (most of a cached rerun's time). A
+    # convert that will run means training will too (its key covers the converted student).
+    converted = Convert(cfg, run_dir).is_cached()
+    if converted:
         Train(cfg, run_dir).check_claim(restart_train)
-    with teacher_server(cfg, run_dir, skip=train_is_cached(cfg, run_dir)) as teacher:
+    skip_teacher = converted and Train(cfg, run_dir).is_cached()
+    with teacher_server(cfg, run_dir, skip=skip_teacher) as teacher:
         convert(cfg, run_dir)
         Train(cfg, run_dir).check_claim(restart_train)  # before the evals spend time
         baseline = baseline_eval(cfg, run_dir)

@@ -248,9 +248,7 @@ def actor_threads(cfg: OPDRunConfig) -> int:
     the CPU servers' threads leave (at least 1): on 2 cores one for the engine, one for the
     teacher, one for the actor, instead of three processes fighting over both."""
     cores = os.cpu_count() or 1
-    if cfg.train.ray.actor_num_cpus_per_rank:
-        return cfg.train.ray.actor_num_cpus_per_rank
-    busy = 0
+    busy = 0  # threads of the CPU servers working while the actor trains
     if cfg.rollout.async_rounds:
         teacher, rollout = cfg.teacher, cfg.rollout
         cpu_teacher = teacher.backend == "builtin" and not teacher.num_gpus_per_engine
@@ -258,7 +256,7 @@ def actor_threads(cfg: OPDRunConfig) -> int:
             busy += teacher.num_replicas * (teacher.cpu_threads or cores)
         if rollout.backend == "builtin" and not rollout.num_gpus_per_engine:
             busy += rollout.num_engines * (rollout.cpu_threads or cores)
-    return max(1, (cores - busy) // cfg.train.parallel.world_size)
+    return actor_cpus(cfg, busy)
 
 
 # ----------------------------------------------------------------------------- Ray itself

@@ -173,3 +173,19 @@ def test_external_servers_are_used_as_given_never_started_or_relaunched(models, 
             fleet.update_weights(models[1], "7")
             assert fleet.weight_versions() == {server.url: "7"}
             assert fleet.recover(RuntimeError("down")) is False
+
+
+def test_a_fleets_clients_are_kept_and_keyed_by_their_settings():
+    """Made once per fleet (a new httpx client loads a TLS context every time), but a
+    one-server fleet's update client (default retries) is not its control client (2)."""
+    from opd_core.engine.fleet import ServerFleet
+
+    cfg = OPDRunConfig()
+    url = "http://127.0.0.1:9"
+    fleet = ServerFleet("rollout", "external", cfg.rollout, "m", [url])
+    update, control = fleet._client_of(url), fleet._control().__enter__()
+    assert update is fleet._client_of(url) and control is fleet._control().__enter__()
+    assert update is not control
+    assert update.transport.max_retries == 5 and control.transport.max_retries == 2
+    fleet.stop()
+    assert fleet._clients == {}

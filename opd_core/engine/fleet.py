@@ -274,7 +274,9 @@ class ServerFleet:
 
     def _client_of(self, *urls: str, **kwargs: Any) -> EngineClient:
         with self._lock:
-            key = " ".join(urls)
+            # The settings are part of the key: a one-server fleet's update client (default
+            # retries) and its control client (2 retries) share a URL, not a client.
+            key = repr((urls, sorted(kwargs.items())))
             if key not in self._clients:
                 self._clients[key] = EngineClient(list(urls), api_key=self.cfg.api_key, **kwargs)
             return self._clients[key]
@@ -412,6 +414,18 @@ def _row(role: str, index: int, info: dict[str, Any]) -> PlacementRow:
     return PlacementRow(
         role, index, info["node_ip"], info["node_id"], tuple(info["gpu_ids"]), info["url"]
     )
+
+
+def stop_when_started(starting) -> None:
+    """Stop the fleet a background start (a future of `start_servers`, or of a task that
+    returns its fleet) made, once that start is done; nothing if it failed (start_servers
+    stops what it started before raising, and the failure reaches whoever waits for it)."""
+    try:
+        fleet = starting.result()
+    except BaseException:
+        return
+    if fleet is not None:
+        fleet.stop()
 
 
 def start_servers(

@@ -362,7 +362,12 @@ class Generator:
         batch = len(seqs)
         wants_input = [s.request.return_logprob for s in seqs]
         plan = PrefixPlan.of([s.prompt_ids for s in seqs], [self._cacheable(s) for s in seqs])
-        cache = DynamicCache(config=self.model.config)
+        # A KV cache for the segments after the first and for decoding; a scoring batch with
+        # nothing shared (one segment, no new tokens) keeps none.
+        decoding = any(s.max_new_tokens > 0 for s in seqs)
+        cache = (
+            DynamicCache(config=self.model.config) if decoding or len(plan.segments) > 1 else None
+        )
         # The prefill, segment by segment (one segment when nothing is shared): the cache and
         # the mask follow each row to the rows that extend it, so a row's keys are exactly
         # its own prompt, with padding between segments masked out.
@@ -385,7 +390,7 @@ class Generator:
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
-                use_cache=True,
+                use_cache=cache is not None,
                 # Only the last position's logits are needed unless someone asked for prompt
                 # logprobs (which only the last segment holds).
                 logits_to_keep=0 if last and any(wants_input) else 1,

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +64,7 @@ from opd_core.cluster import (
     reserve,
 )
 from opd_core.config import OPDRunConfig
-from opd_core.engine.fleet import ServerFleet, start_servers
+from opd_core.engine.fleet import ServerFleet, start_servers, stop_when_started
 from opd_core.evaluation import chat_prompt_ids
 from opd_core.io import read_arrow, write_arrow, write_json
 from opd_core.rundir import RunDir
@@ -196,7 +196,7 @@ class Rounds:
                 starting = stack.enter_context(ThreadPoolExecutor(1)).submit(
                     self._start_engines, reservation
                 )
-                stack.callback(_stop_when_started, starting)
+                stack.callback(stop_when_started, starting)
             self.trainer = self._start_trainer()
             stack.callback(lambda: self.trainer.shutdown())
             if starting is None:  # colocated: on the GPUs of the actors they share
@@ -513,13 +513,3 @@ class Rounds:
         """Every `save_interval` rounds, and always the last one."""
         last = round_index == self.cfg.rollout.rounds - 1
         return last or (round_index + 1) % self.cfg.train.save_interval == 0
-
-
-def _stop_when_started(starting: Future) -> None:
-    """Stop the fleet a background start made, once it is done; nothing if the start failed
-    (start_servers stops what it started before raising)."""
-    try:
-        fleet = starting.result()
-    except BaseException:
-        return
-    fleet.stop()
