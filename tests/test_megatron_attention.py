@@ -16,7 +16,7 @@ from opd_core.megatron.layout import Layout
 from opd_core.megatron.model import (
     build_gpt_model,
     forward_logits,
-    full_vocab_logprobs,
+    forward_response_logits,
     resolve_attention_backend,
     response_entropy,
     response_logprobs,
@@ -64,7 +64,7 @@ def test_sdpa_matches_megatrons_dot_product_attention_forward_and_backward(hf_di
     outputs = {}
     for name, model in (("sdpa", sdpa), ("local", local)):
         logits = forward_logits(model, layout)
-        loss = sum(lp.sum() for lp in response_logprobs(logits, layout))
+        loss = response_logprobs(logits[layout.response_positions], layout).sum()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         outputs[name] = (logits.detach(), grads)
@@ -78,14 +78,61 @@ def test_sdpa_matches_megatrons_dot_product_attention_forward_and_backward(hf_di
         assert (grads_sdpa[name] - grads_local[name]).abs().max() <= 1e-5 * scale, name
 
 
-def test_no_mask_on_a_causal_layer_is_causal_attention(hf_dir):
-    """attention_mask=None takes SDPA's is_causal path: equal to the explicit causal mask."""
-    model = _model(hf_dir, "sdpa").eval()
-    layout = Layout.of([[3, 4, 5, 6, 7, 8]], [[9, 10]])  # one row: no padding
-    with torch.no_grad():
-        explicit = forward_logits(model, layout)
-        causal = model(input_ids=layout.ids, position_ids=layout.positions, attention_mask=None)
-    assert (explicit - causal).abs().max() <= 1e-5
+@pytest.mark.parametrize("backend", ["sdpa", "local"])
+def test_right_padded_rows_need_no_mask(hf_dir, backend):
+    """The per-sample layout gives no mask (causal attention: SDPA's is_causal, megatron's
+    default causal mask for the local spec): every real position's logits equal those of the
+    explicit causal + padding mask, and so do the gradients of a loss on them."""
+    model = _model(hf_dir, backend)
+    layout = Layout.of(PROMPTS, RESPONSES)
+    assert layout.mask is None
+    columns = torch.arange(layout.ids.shape[1])
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES)])
+    explicit_mask = (columns[None, :] > columns[:, None])[None, None] | (
+        columns[None, :] >= lengths[:, None]
+    )[:, None, None, :]
+    real = columns[None, :] < lengths[:, None]
+    results = []
+    for mask in (None, explicit_mask):
+        model.zero_grad()
+        logits = model(input_ids=layout.ids, position_ids=layout.positions, attention_mask=mask)
+        (logits[real] ** 2).mean().backward()
+        results.append(
+            (logits.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()})
+        )
+    (causal, causal_grads), (masked, masked_grads) = results
+    assert (causal - masked).abs().max() <= 1e-5
+    for name in masked_grads:
+        scale = masked_grads[name].abs().max().clamp(min=1.0)
+        assert (causal_grads[name] - masked_grads[name]).abs().max() <= 1e-5 * scale, name
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_sample", "shared_prompts"])
+def test_response_logits_are_the_full_logits_at_the_response_positions(hf_dir, shared):
+    """forward_response_logits runs the output layer at the response positions only: the same
+    logits as the full forward read there, and the same gradients."""
+    model = _model(hf_dir, "sdpa")
+    prompts, responses = (GROUP_PROMPTS, GROUP_RESPONSES) if shared else (PROMPTS, RESPONSES)
+    layout = Layout.of(prompts, responses, share_prompts=shared)
+    # Different weights per token and vocabulary entry, so a logit read at another's
+    # position shows in the gradients.
+    weights = torch.randn(sum(layout.lengths), model.vocab_size)
+    results = []
+    for picked in (
+        lambda: forward_logits(model, layout)[layout.response_positions],
+        lambda: forward_response_logits(model, layout),
+    ):
+        model.zero_grad()
+        logits = picked()
+        assert logits.shape == weights.shape
+        (logits * weights).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (response, response_grads) = results
+    assert full.abs().max() > 1.0
+    assert (full - response).abs().max() <= 1e-5
+    for name in full_grads:
+        scale = full_grads[name].abs().max().clamp(min=1.0)
+        assert (full_grads[name] - response_grads[name]).abs().max() <= 1e-5 * scale, name
 
 
 def test_what_sdpa_attention_does_not_support_is_named(hf_dir):
@@ -128,8 +175,8 @@ def _has_te() -> bool:
     return True
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["full_vocab_logprobs", "packed"])
-def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir, packed):
+@pytest.mark.parametrize("from_vocab", [False, True], ids=["cross_entropy", "vocab_logprobs"])
+def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf_dir, from_vocab):
     init_single_process()
     torch.manual_seed(0)
     layout = Layout.of(PROMPTS, RESPONSES)
@@ -151,12 +198,14 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
         return out
 
     def helpers():
-        full = response_vocab_logprobs(logits, layout) if packed else full_vocab_logprobs(logits)
+        picked = logits[layout.response_positions]  # what forward_response_logits gives
+        vocab = response_vocab_logprobs(picked)
+        sampled = response_logprobs(picked, layout, vocab if from_vocab else None)
         return list(
             zip(
-                response_logprobs(logits, layout),
-                response_entropy(full, layout),
-                response_logprobs_of(full, layout, topk_ids),
+                layout.split(sampled),
+                layout.split(response_entropy(vocab)),
+                layout.split(response_logprobs_of(vocab, layout, topk_ids)),
             )
         )
 
@@ -176,7 +225,8 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
             assert torch.allclose(a, b, atol=1e-6)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
-    triples = response_topk(logits.detach(), layout, k=3)
+    triples = response_topk(logits.detach()[layout.response_positions], layout, k=3)
+    assert len(triples) == len(RESPONSES)
     for (sampled, ids_k, values), (want, _, _), (start, end), row in zip(
         triples, expected, spans, range(len(spans))
     ):
@@ -184,6 +234,30 @@ def test_response_helpers_equal_a_per_sample_log_softmax_forward_and_backward(hf
         assert np.allclose(sampled, want.detach().numpy(), atol=1e-6)
         assert np.array_equal(ids_k, top.indices.numpy().astype(np.int32))
         assert np.allclose(values, top.values.numpy(), atol=1e-6)
+
+
+def test_padded_values_lay_out_per_sample_arrays_and_name_a_wrong_length():
+    layout = Layout.of(PROMPTS, RESPONSES)
+    advantages = [np.arange(len(r), dtype=np.float32) + 10 * i for i, r in enumerate(RESPONSES)]
+    padded = layout.padded_values(advantages, "advantages")
+    assert padded.shape == (4, 7)
+    for i, values in enumerate(advantages):
+        assert padded[i, : len(values)].tolist() == values.tolist()
+        assert not padded[i, len(values) :].any()
+    # The packed form of the same values lays out identically (and keeps gradients).
+    packed = torch.from_numpy(np.concatenate(advantages)).requires_grad_()
+    assert torch.equal(layout.padded(packed), padded)
+    layout.padded(packed).sum().backward()
+    assert torch.equal(packed.grad, torch.ones_like(packed))
+    # [t, k] values (the teacher's top-k log-probs), an empty response as [0] or [0, k].
+    topk = [np.ones((len(r), 3)) for r in RESPONSES]
+    topk[2] = np.zeros(0)
+    assert layout.padded_values(topk, "teacher_topk_logprobs").shape == (4, 7, 3)
+    wrong = advantages[:1] + [advantages[1][:-1]] + advantages[2:]
+    with pytest.raises(ValueError, match="advantages: sample 1 has 6 values for 7 response tokens"):
+        layout.padded_values(wrong, "advantages")
+    with pytest.raises(ValueError, match="advantages: 3 samples for 4 responses"):
+        layout.padded_values(advantages[:3], "advantages")
 
 
 def test_freed_tensor_memory_stays_in_the_process():
@@ -231,9 +305,9 @@ def test_shared_prompt_layout_gives_the_per_sample_logits_and_gradients(hf_dir, 
     for shared in (False, True):
         layout = Layout.of(GROUP_PROMPTS, GROUP_RESPONSES, share_prompts=shared)
         model.zero_grad()
-        logits = forward_logits(model, layout)
-        logprobs = response_logprobs(logits, layout)
-        entropy = response_entropy(response_vocab_logprobs(logits, layout), layout)
+        logits = forward_response_logits(model, layout)
+        logprobs = layout.split(response_logprobs(logits, layout))
+        entropy = layout.split(response_entropy(response_vocab_logprobs(logits)))
         # Different weights per sample, so a response read at another's positions shows.
         loss = sum(
             (i + 1) * (lp.sum() + 0.5 * e.sum()) for i, (lp, e) in enumerate(zip(logprobs, entropy))

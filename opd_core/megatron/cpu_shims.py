@@ -19,6 +19,7 @@ it glibc hands activations back to the kernel every step and the step pays page 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -54,6 +55,12 @@ def apply_cpu_shims() -> bool:
 
     schedules.torch = _TorchOnCpu()
 
+    from megatron.core.fusions import fused_softmax
+
+    # The local attention's softmax builds the causal mask of a layer given none (the
+    # per-sample layout's right-padded rows need none) on "cuda".
+    fused_softmax.get_default_causal_mask = _causal_mask_on_cpu
+
     from megatron.core.tensor_parallel import random as tp_random
 
     # The tracker forks CUDA RNG states for dropout in tensor-parallel regions.
@@ -66,6 +73,12 @@ def apply_cpu_shims() -> bool:
 
     _APPLIED = True
     return True
+
+
+@functools.lru_cache
+def _causal_mask_on_cpu(sq: int) -> torch.Tensor:
+    """megatron.core.transformer.utils.get_default_causal_mask, made on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
 class _TorchOnCpu:

@@ -2,7 +2,7 @@
 
     critic = build_critic_model(hf_config)                  # after parallel.init_distributed(...)
     copy_trunk_from_student(critic, student_model)          # trunk = the student's weights
-    values = response_values(critic_output, layout)  # [len(response)] tensors (megatron.layout)
+    values = response_values(critic_output)  # [n] at the n response positions (megatron.layout)
     save_critic(critic, directory); load_critic(critic, directory)
 
 Architecture (as verl / OpenRLHF build Megatron critics): the whole transformer of the
@@ -33,7 +33,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from opd_core.megatron import checkpoint
-from opd_core.megatron.layout import Layout
 from opd_core.megatron.model import build_gpt_model
 
 VALUE_HEAD_PREFIX = "output_layer."
@@ -100,7 +99,7 @@ def load_critic(critic, directory: str | Path) -> None:
     checkpoint.load_model(critic, directory)  # a bare dist_checkpointing dir; checks names, shapes
 
 
-def response_values(output: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """V at every response position from the critic's last-stage output [rows, s, 1] for
-    `layout`: list of [len(response_i)] fp32 tensors (gradients flow)."""
-    return layout.split(output[..., 0].float()[layout.response_positions])
+def response_values(output: torch.Tensor) -> torch.Tensor:
+    """V at every response position, [n] fp32 packed, from the critic's last-stage output
+    (`forward_response_logits` through the value head: [n, 1]; gradients flow)."""
+    return output[:, 0].float()

@@ -2,18 +2,22 @@
 outputs come out.
 
     layout = Layout.of(prompt_ids, response_ids, share_prompts=True)
-    logits = forward_logits(model, layout)             # [layout rows, s, vocab / tp]
-    picked = logits[layout.response_positions]         # [all response tokens, vocab / tp]
-    per_sample = layout.split(picked)                  # [len(response_i), vocab / tp] each
+    logits = forward_response_logits(model, layout)    # [all response tokens, vocab / tp]
+    per_sample = layout.split(logits)                  # [len(response_i), vocab / tp] each
+    padded = layout.padded(logprobs)                   # [samples, longest response] for a loss
 
 Position t of a row predicts the token in column t + 1, so the outputs for response token j
 of a sample come from the column just before it; `response_positions` lists those (row,
 column) pairs sample after sample, and every per-token quantity (log-probs, entropy, top-k,
-the critic's values) is read there.
+the critic's values) is read there, packed: one [n, ...] tensor for the n response tokens of
+the micro-batch, which `split` cuts per sample and `padded` lays out as [samples, width, ...].
 
 Two layouts of the same samples:
 - **one row per sample** (`share_prompts=False`): prompt + response, right-padded, causal;
-  what slime's Megatron actor feeds the model.
+  what slime's Megatron actor feeds the model. It needs no mask (`mask` is None): a real
+  token's keys are all before it, so causal attention never reads the padding; only padding
+  queries see other padding, and nothing reads their outputs. Causal attention without a mask
+  is the cheaper kernel (SDPA's `is_causal`).
 - **shared prompts**: one row per distinct prompt, holding it once followed by the responses
   of all its samples. A response token attends to the prompt and to its own response's earlier
   tokens only (the mask), and its rotary positions continue from the prompt's end as in its own
@@ -36,6 +40,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["Layout", "rotary_positions"]
@@ -44,13 +49,16 @@ __all__ = ["Layout", "rotary_positions"]
 @dataclass(frozen=True)
 class Layout:
     ids: torch.Tensor  # [rows, s] token ids (0 in padding)
-    mask: torch.Tensor  # [rows, 1, s, s] bool, True = masked out (megatron's convention)
+    # [rows, 1, s, s] bool, True = masked out (megatron's convention); None = causal.
+    mask: torch.Tensor | None
     positions: torch.Tensor  # [rows, s] each token's position in its own sequence
     rows: torch.Tensor  # [n]: for each response token, sample after sample, its output row
     cols: torch.Tensor  # [n]: ... and its output column
     targets: torch.Tensor  # [n]: the response tokens themselves
     lengths: list[int]  # each sample's response length (how to split [n, ...] per sample)
     shared: bool  # the shared-prompt layout (rotary positions differ from the columns)
+    samples: torch.Tensor  # [n]: for each response token, its sample ...
+    offsets: torch.Tensor  # [n]: ... and its index in that sample's response
 
     @property
     def response_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +73,38 @@ class Layout:
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """[n, ...] -> one [len(response_i), ...] tensor per sample."""
         return list(packed.split(self.lengths))
+
+    def split_numpy(self, packed: torch.Tensor) -> list[np.ndarray]:
+        """[n, ...] -> one [len(response_i), ...] numpy array per sample (one copy to host)."""
+        if not self.lengths:
+            return []
+        return np.split(packed.detach().cpu().numpy(), np.cumsum(self.lengths[:-1]))
+
+    def padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """[n, ...] -> [samples, longest response, ...], zero after each response (what the
+        losses take). One scatter, differentiable, instead of a pad per sample."""
+        width = max(self.lengths, default=0)
+        out = packed.new_zeros((len(self.lengths), width, *packed.shape[1:]))
+        return out.index_put((self.samples, self.offsets), packed)
+
+    def padded_values(self, per_sample: list, what: str, dtype=torch.float32) -> torch.Tensor:
+        """Per-sample arrays of [len(response_i), ...] values (what a TrainBatch holds: loss
+        masks, advantages, old log-probs, ...; `what` names the field in errors) laid out as
+        `padded` lays out a packed tensor, on the layout's device."""
+        arrays = [np.asarray(values) for values in per_sample]
+        if len(arrays) != len(self.lengths):
+            raise ValueError(f"{what}: {len(arrays)} samples for {len(self.lengths)} responses")
+        trailing = max((a.shape[1:] for a in arrays), key=len, default=())
+        for sample, (values, length) in enumerate(zip(arrays, self.lengths)):
+            if len(values) != length:
+                raise ValueError(
+                    f"{what}: sample {sample} has {len(values)} values for {length} response tokens"
+                )
+        # np.concatenate copies: arrays arriving through Ray are read-only.
+        packed = np.concatenate(
+            [a.reshape(length, *trailing) for a, length in zip(arrays, self.lengths)]
+        )
+        return self.padded(torch.from_numpy(packed).to(device=self.targets.device, dtype=dtype))
 
     @classmethod
     def of(
@@ -88,21 +128,14 @@ class Layout:
     @classmethod
     def _per_sample(cls, prompt_ids, response_ids, device) -> Layout:
         sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-        lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
         width = max([len(s) for s in sequences] + [1])
-        ids = torch.zeros(len(sequences), width, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        columns = torch.arange(width)
-        causal = columns[None, :] > columns[:, None]  # key after query
-        padded_key = columns[None, :] >= lengths[:, None]  # [b, s]
-        mask = causal[None, None] | padded_key[:, None, None, :]
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.long)
         rows, cols = [], []
         for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
             rows += [row] * len(response)
             cols += range(len(prompt) - 1, len(prompt) + len(response) - 1)
-        positions = columns.expand(len(sequences), width)
-        return cls._build(ids, mask, positions, rows, cols, response_ids, False, device)
+        positions = torch.arange(width).expand(len(sequences), width)
+        return cls._build(ids, None, positions, rows, cols, response_ids, False, device)
 
     @classmethod
     def _shared(cls, prompt_ids, response_ids, device) -> Layout:
@@ -149,9 +182,10 @@ class Layout:
 
     @classmethod
     def _build(cls, ids, mask, positions, rows, cols, response_ids, shared, device) -> Layout:
+        lengths = [len(response) for response in response_ids]
         return cls(
             ids=ids.to(device),
-            mask=mask.to(device),
+            mask=None if mask is None else mask.to(device),
             positions=positions.contiguous().to(device),
             rows=torch.tensor(rows, dtype=torch.long, device=device),
             cols=torch.tensor(cols, dtype=torch.long, device=device),
@@ -160,8 +194,14 @@ class Layout:
                 dtype=torch.long,
                 device=device,
             ),
-            lengths=[len(response) for response in response_ids],
+            lengths=lengths,
             shared=shared,
+            samples=torch.repeat_interleave(
+                torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long)
+            ).to(device),
+            offsets=torch.tensor(
+                [offset for length in lengths for offset in range(length)], dtype=torch.long
+            ).to(device),
         )
 
 

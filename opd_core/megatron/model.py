@@ -3,8 +3,12 @@
     model = build_gpt_model(hf_config)          # after parallel.init_distributed: this rank's stage
     check_config_matches(hf_config, model)      # raises naming a mismatching field
     layout = Layout.of(prompt_ids, response_ids)  # where each token sits (megatron.layout)
-    logits = forward_logits(model, layout)      # on the last pipeline stage (megatron.pipeline)
-    logprobs = response_logprobs(logits, layout)  # [len(response)] tensors
+    logits = forward_response_logits(model, layout)  # last pipeline stage: [n, vocab / tp]
+    logprobs = layout.split(response_logprobs(logits, layout))  # [len(response_i)] tensors
+
+The training and scoring forwards run the output layer only at the n positions that predict a
+response token (`forward_response_logits`), and every helper below takes and gives those
+packed [n, ...] tensors; `forward_logits` is the plain forward over every position.
 
 Core attention is torch's scaled_dot_product_attention (`opd_core.megatron.attention`) unless
 Transformer Engine is there; `build_gpt_model(..., attention_backend=...)` picks another.
@@ -295,49 +299,80 @@ def check_config_matches(hf_config: Any, model) -> None:
 
 
 def forward_logits(model, layout: Layout) -> torch.Tensor:
-    """Logits [rows, s, vocab / tp] (vocab-parallel under tensor parallelism) on the last
-    pipeline stage; on the others the hidden states handed to the next stage."""
+    """Logits [rows, s, vocab / tp] at every position (vocab-parallel under tensor
+    parallelism) on the last pipeline stage; on the others the hidden states handed to the
+    next stage."""
     with rotary_positions(model, layout):
         return model(
             input_ids=layout.ids, position_ids=layout.positions, attention_mask=layout.mask
         )
 
 
-def response_logprobs(logits: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """Log-prob of every response token given its prefix: list of [len(response_i)] fp32 tensors.
+def forward_response_logits(model, layout: Layout) -> torch.Tensor:
+    """Logits [n, vocab / tp] at the n positions that predict a response token, sample after
+    sample (`layout.response_positions`), on the last pipeline stage; on the others the hidden
+    states handed to the next stage, as `forward_logits`.
 
-    `logits` is the last stage's output for `layout`. Gradients flow (no_grad is the caller's).
-    Under tensor parallel the vocab-parallel cross entropy does the softmax across ranks,
-    without gathering the vocabulary. Only the response positions are computed: the prompt's
-    and the padding's would be softmaxed, forward and backward, for nothing.
+    The final hidden states are picked at those positions before the output layer, as
+    megatron's own inference path picks the last token's (`materialize_only_last_token_logits`):
+    the prompts' and the padding's logits, most of a short-answer batch and with a 152k
+    vocabulary its largest activation, are never computed, kept or back-propagated through.
+    A critic (`critic.ValueHead` as the output layer) gets its [n, 1] values the same way.
     """
+    gpt = _gpt_model(model)
+    if not gpt.post_process:
+        return forward_logits(model, layout)
+    if gpt.config.sequence_parallel or gpt.config.mtp_num_layers:
+        # The hidden states are split over the sequence (or carry the MTP layers' too): pick
+        # from the logits instead.
+        return forward_logits(model, layout)[layout.response_positions]
+    rows, cols = layout.response_positions
+
+    def at_response_positions(_module, _args, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[cols, rows].unsqueeze(1)  # [s, rows, h] -> [n, 1, h]
+
+    handle = gpt.decoder.register_forward_hook(at_response_positions)
+    try:
+        logits = forward_logits(model, layout)  # [1, n, vocab / tp]
+    finally:
+        handle.remove()
+    return logits[0]
+
+
+def _gpt_model(model):
+    """The GPTModel inside megatron's wrappers (DDP on CUDA, Float16Module)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def response_logprobs(
+    logits: torch.Tensor, layout: Layout, vocab_logprobs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log-prob of every response token given its prefix: [n] fp32, packed.
+
+    `logits` is `forward_response_logits`'s [n, vocab / tp]. Gradients flow (no_grad is the
+    caller's). With the full-vocabulary log-softmax at hand (`vocab_logprobs`, computed anyway
+    for the entropy or top-k terms) the log-probs are read from it; otherwise the
+    vocab-parallel cross entropy does the softmax across tensor-parallel ranks, without
+    gathering the vocabulary.
+    """
+    if vocab_logprobs is not None:
+        return vocab_logprobs.gather(-1, layout.targets[:, None])[:, 0]
     from megatron.core import tensor_parallel
 
-    if not layout.lengths:
-        return []
-    # A fresh [n, v/tp] tensor (the cross entropy works in place on its input).
-    picked = logits[layout.response_positions].float()
+    # A fresh fp32 copy: the cross entropy works in place on its input.
+    fresh = logits.to(torch.float32, copy=True)
     # vocab_parallel_cross_entropy wants [s, b, v] and [s, b]: here [n, 1, v] and [n, 1].
-    nll = tensor_parallel.vocab_parallel_cross_entropy(picked[:, None], layout.targets[:, None])
-    return layout.split(-nll[:, 0])
+    return -tensor_parallel.vocab_parallel_cross_entropy(fresh[:, None], layout.targets[:, None])[
+        :, 0
+    ]
 
 
-def full_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """log_softmax over the whole vocabulary [b, s, vocab] in fp32 (all-gathered under tensor
-    parallel; differentiable). Compute it once per forward for the entropy and top-k terms;
-    `response_vocab_logprobs` is the same at the response positions only, for less work."""
-    return _vocab_log_softmax(logits)
-
-
-def response_vocab_logprobs(logits: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """`full_vocab_logprobs` at the response positions only: [sum of response lengths, vocab],
-    packed sample after sample (differentiable). The prompt's and the padding's positions,
-    most of a short-answer batch, are neither softmaxed nor back-propagated through.
-    `response_entropy` and `response_logprobs_of` take this or the [b, s, vocab] form."""
-    return _vocab_log_softmax(logits[layout.response_positions])
-
-
-def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+def response_vocab_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the whole vocabulary at the response positions: [n, vocab] fp32 from
+    `forward_response_logits`'s [n, vocab / tp] (all-gathered under tensor parallel;
+    differentiable). Compute it once per forward for the entropy and top-k terms."""
     from megatron.core import parallel_state, tensor_parallel
 
     logits = logits.float()
@@ -346,41 +381,25 @@ def _vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _at_responses(full_logprobs: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[n, vocab] at the response positions, from either form of the full log-probs."""
-    if full_logprobs.dim() == 2:  # response_vocab_logprobs: already packed
-        return full_logprobs
-    return full_logprobs[layout.response_positions]
-
-
-def response_entropy(full_logprobs: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
-    """Entropy of the next-token distribution at every response position, from
-    `full_vocab_logprobs` or `response_vocab_logprobs` (gradients flow); the other positions
-    are not computed."""
-    if not layout.lengths:
-        return []
-    logprobs = _at_responses(full_logprobs, layout)
-    return layout.split(-(logprobs.exp() * logprobs).sum(-1))
+def response_entropy(vocab_logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at every response position, [n], from
+    `response_vocab_logprobs` (gradients flow)."""
+    return -(vocab_logprobs.exp() * vocab_logprobs).sum(-1)
 
 
 def response_logprobs_of(
-    full_logprobs: torch.Tensor, layout: Layout, token_ids: list
-) -> list[torch.Tensor]:
-    """Log-probs of given tokens at every response position, from `full_vocab_logprobs` or
-    `response_vocab_logprobs` (top-k OPD: the teacher's top-k ids, per sample a
-    [len(response_i), k] array): list of [len(response_i), k] tensors (gradients flow)."""
-    if not layout.lengths:
-        return []
+    vocab_logprobs: torch.Tensor, layout: Layout, token_ids: list
+) -> torch.Tensor:
+    """Log-probs of given tokens at every response position, from `response_vocab_logprobs`
+    (top-k OPD: the teacher's top-k ids, per sample a [len(response_i), k] array): [n, k],
+    packed (gradients flow)."""
     # Already [t, k] per sample, possibly an empty [0, k]; k from any 2-d one.
     arrays = [np.asarray(ids) for ids in token_ids]
     k = max((a.shape[1] for a in arrays if a.ndim == 2), default=0)
-    # torch.tensor copies: arrays arriving through Ray are read-only.
-    index = torch.tensor(
-        np.concatenate([a.reshape(t, k) for a, t in zip(arrays, layout.lengths)]),
-        dtype=torch.long,
-        device=full_logprobs.device,
-    )
-    return layout.split(_at_responses(full_logprobs, layout).gather(-1, index))
+    index = torch.from_numpy(
+        np.concatenate([a.reshape(t, k) for a, t in zip(arrays, layout.lengths)]).astype(np.int64)
+    ).to(vocab_logprobs.device)
+    return vocab_logprobs.gather(-1, index)
 
 
 def response_topk(logits: torch.Tensor, layout: Layout, k: int):
@@ -389,16 +408,13 @@ def response_topk(logits: torch.Tensor, layout: Layout, k: int):
     Per sample (logprobs [t], topk_ids [t, k] int32, topk_logprobs [t, k] float32): the same
     triple as `EngineClient.score_topk` gets from a teacher server's `top_logprobs_num`.
     """
-    if not layout.lengths:
-        return []
-    picked = response_vocab_logprobs(logits, layout)
-    top_logprobs, top_ids = picked.topk(k, dim=-1)
-    sampled = layout.split(picked.gather(-1, layout.targets[:, None])[:, 0])
-    return [
-        (
-            logprobs.cpu().numpy(),
-            ids.to(torch.int32).cpu().numpy(),
-            values.cpu().numpy(),
+    vocab_logprobs = response_vocab_logprobs(logits)
+    top_logprobs, top_ids = vocab_logprobs.topk(k, dim=-1)
+    sampled = response_logprobs(logits, layout, vocab_logprobs)
+    return list(
+        zip(
+            layout.split_numpy(sampled),
+            layout.split_numpy(top_ids.to(torch.int32)),
+            layout.split_numpy(top_logprobs),
         )
-        for logprobs, ids, values in zip(sampled, layout.split(top_ids), layout.split(top_logprobs))
-    ]
+    )

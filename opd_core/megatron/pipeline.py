@@ -6,7 +6,8 @@
 Each micro-batch goes in as a `megatron.layout.Layout` (one row per sample, or with
 `share_prompts` one row per distinct prompt holding all its samples' responses).
 `per_sample(output, micro, layout) -> list` turns the last stage's output for one micro-batch
-(logits [rows, s, vocab/tp], or the critic's values [rows, s, 1]) into one result per sample.
+(`forward_response_logits`: logits [n, vocab/tp] at its n response positions, or the critic's
+values [n, 1]) into one result per sample.
 `loss_of(output, micro, layout) -> (loss, metrics)` gives the micro-batch's loss, weighted by
 its share of the global batch: the models are built with `calculate_per_token_loss`, so the
 schedule neither divides it by the number of micro-batches nor does DDP average gradients over
@@ -43,7 +44,7 @@ def _schedule(
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from opd_core.megatron.model import forward_logits
+    from opd_core.megatron.model import forward_response_logits
 
     if not micro_batches:  # an empty data-parallel shard: nothing to run on any of its stages
         return []
@@ -53,7 +54,8 @@ def _schedule(
 
     def forward_step(data_iterator, model):
         micro, layout = next(data_iterator)
-        return forward_logits(model, layout), partial(on_output, micro=micro, layout=layout)
+        output = forward_response_logits(model, layout)
+        return output, partial(on_output, micro=micro, layout=layout)
 
     return get_forward_backward_func()(
         forward_step_func=forward_step,

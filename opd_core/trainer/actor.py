@@ -67,8 +67,6 @@ from opd_core.megatron.pipeline import run_forward, run_forward_backward
 from opd_core.trainer.spec import ActorSpec
 from opd_core.trainer.token_weights import (
     global_tokens_of,
-    pad_rows,
-    stack_padded,
     token_mean,
     weighted_by_tokens,
     with_loss_masks,
@@ -215,9 +213,7 @@ class TrainActor:
         return self._forward(
             model,
             batch,
-            lambda logits, _micro, layout: [
-                lp.cpu().numpy() for lp in response_logprobs(logits, layout)
-            ],
+            lambda logits, _micro, layout: layout.split_numpy(response_logprobs(logits, layout)),
         )
 
     def compute_logprobs(self, batch: TrainBatch) -> list[np.ndarray]:
@@ -260,9 +256,7 @@ class TrainActor:
         return self._forward(
             self.critic,
             batch,
-            lambda output, _micro, layout: [
-                v.cpu().numpy() for v in response_values(output, layout)
-            ],
+            lambda output, _micro, layout: layout.split_numpy(response_values(output)),
         )
 
     # ---------------------------------------------------------------------- training
@@ -278,54 +272,39 @@ class TrainActor:
         )
 
         def loss_of(logits, micro: TrainBatch, layout: Layout):
-            logprobs = response_logprobs(logits, layout)
-            # The full-vocabulary log-softmax (gathered under TP) at the response positions only,
-            # once for entropy and top-k.
-            full = (
-                response_vocab_logprobs(logits, layout)
-                if need_entropy or micro.teacher_topk_ids
-                else None
+            # The full-vocabulary log-softmax (gathered under TP), once for the entropy, top-k
+            # and the sampled tokens' log-probs.
+            vocab = (
+                response_vocab_logprobs(logits) if need_entropy or micro.teacher_topk_ids else None
             )
-            entropy = response_entropy(full, layout) if need_entropy else None
-            # Top-k OPD: also the student's log-probs of the teacher's top-k tokens.
-            topk_ids = micro.teacher_topk_ids
-            student_topk = response_logprobs_of(full, layout, topk_ids) if topk_ids else None
-            width = max(len(r) for r in micro.response_ids)
-            logprobs_t = stack_padded(logprobs, width)
-            device = logprobs_t.device
-            mask = pad_rows(micro.loss_masks, width).to(device)
+            logprobs = layout.padded(response_logprobs(logits, layout, vocab))
+
+            def padded(field: str) -> torch.Tensor:  # the micro-batch's per-sample arrays
+                return layout.padded_values(getattr(micro, field), field)
+
+            mask = padded("loss_masks")
             # No stored old log-probs = on-policy: the ratio is 1 at this step.
-            old = (
-                pad_rows(micro.old_logprobs, width).to(device)
-                if micro.old_logprobs
-                else logprobs_t.detach()
-            )
-            ref = pad_rows(micro.ref_logprobs, width).to(device) if micro.ref_logprobs else None
+            old = padded("old_logprobs") if micro.old_logprobs else logprobs.detach()
             loss, metrics = policy_loss(
-                logprobs_t,
+                logprobs,
                 old,
-                pad_rows(micro.advantages, width).to(device),
+                padded("advantages"),
                 mask,
                 self.algorithm,
-                ref_logprobs=ref,
-                entropy=None if entropy is None else stack_padded(entropy, width),
+                ref_logprobs=padded("ref_logprobs") if micro.ref_logprobs else None,
+                entropy=layout.padded(response_entropy(vocab)) if need_entropy else None,
             )
             if micro.teacher_logprobs:  # OPD: the sampled tokens' reverse KL, before the step
-                teacher = pad_rows(micro.teacher_logprobs, width).to(device)
+                teacher = padded("teacher_logprobs")
                 metrics = {
                     **metrics,
                     "opd_reverse_kl": float(masked_mean(old - teacher, mask)),
                     "teacher_logprob_mean": float(masked_mean(teacher, mask)),
                 }
-            if student_topk is not None:  # top-k OPD: the OPD term is this dense loss
-                # torch.tensor copies: arrays arriving through Ray are read-only.
-                teacher_topk = [
-                    torch.tensor(np.asarray(t), dtype=torch.float32)
-                    for t in micro.teacher_topk_logprobs
-                ]
+            if micro.teacher_topk_ids:  # top-k OPD: the OPD term is this dense loss
                 opd_loss, topk_kl = self.opd.dense_loss(
-                    stack_padded(student_topk, width),
-                    stack_padded(teacher_topk, width).to(device),
+                    layout.padded(response_logprobs_of(vocab, layout, micro.teacher_topk_ids)),
+                    padded("teacher_topk_logprobs"),
                     mask,
                 )
                 loss = loss + opd_loss
@@ -359,23 +338,16 @@ class TrainActor:
         loss."""
 
         def loss_of(output, micro: TrainBatch, layout: Layout):
-            width = max(len(r) for r in micro.response_ids)
-            values_t = stack_padded(response_values(output, layout), width)
-            device = values_t.device
-            mask = pad_rows(micro.loss_masks, width).to(device)
+            values = layout.padded(response_values(output))
+            mask = layout.padded_values(micro.loss_masks, "loss_masks")
             # No stored old values: the clip is centred on the current ones (no clipping now).
             old = (
-                pad_rows(micro.old_values, width).to(device)
+                layout.padded_values(micro.old_values, "old_values")
                 if micro.old_values
-                else values_t.detach()
+                else values.detach()
             )
-            loss, metrics = value_loss(
-                values_t,
-                old,
-                pad_rows(micro.returns, width).to(device),
-                mask,
-                self.algorithm.value_clip,
-            )
+            returns = layout.padded_values(micro.returns, "returns")
+            loss, metrics = value_loss(values, old, returns, mask, self.algorithm.value_clip)
             return weighted_by_tokens(loss, metrics, mask, global_tokens)
 
         self.critic_optim.zero_grad()

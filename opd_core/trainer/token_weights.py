@@ -4,7 +4,7 @@ Each micro-batch's loss is weighted by its share of the global batch's loss toke
 (`weighted_by_tokens`), so gradient accumulation over micro-batches and the sum over
 data-parallel ranks give exactly the token mean of the global batch, whatever TP/PP/DP and
 micro-batch sizes are chosen; metrics are token-weighted the same way and reduced by
-`token_mean`. Plus the padding helpers the actor's losses use.
+`token_mean`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from opd_core.algorithm.batch import TrainBatch
-
-
-def pad_rows(rows: list, width: int, dtype=torch.float32) -> torch.Tensor:
-    """[len(rows), width] zero-padded from ragged rows (arrays, lists or tensors); no grad."""
-    out = torch.zeros(len(rows), width, dtype=dtype)
-    for i, row in enumerate(rows):
-        # torch.tensor copies: arrays arriving through Ray are read-only.
-        row = (
-            row.to(dtype)
-            if isinstance(row, torch.Tensor)
-            else torch.tensor(np.asarray(row), dtype=dtype)
-        )
-        out[i, : len(row)] = row
-    return out
 
 
 def with_loss_masks(batch: TrainBatch) -> TrainBatch:
@@ -73,16 +59,6 @@ def token_mean(
         dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
     totals = dp_sum(sums)
     return {k: float(v) / max(global_tokens, 1.0) for k, v in zip(keys, totals.tolist())}
-
-
-def stack_padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[len(rows), width, ...] from tensors whose first dim differs, keeping the autograd graph."""
-    return torch.stack(
-        [
-            torch.nn.functional.pad(row, (0, 0) * (row.dim() - 1) + (0, width - row.shape[0]))
-            for row in rows
-        ]
-    )
 
 
 def dp_sum(values: torch.Tensor) -> torch.Tensor:
