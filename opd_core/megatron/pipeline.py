@@ -82,7 +82,7 @@ def run_forward(
     def on_output(output, micro, layout):
         return torch.zeros(()), no_tokens, per_sample(output, micro, layout)
 
-    model.eval()
+    _set_training(model, False)
     return [
         row
         for rows in _schedule(model, micro_batches, on_output, True, share_prompts)
@@ -104,5 +104,12 @@ def run_forward_backward(
         # The count is only reported back (calculate_per_token_loss): `loss` is already weighted.
         return loss, torch.zeros((), dtype=torch.int), metrics
 
-    model.train()
+    _set_training(model, True)
     return _schedule(model, micro_batches, on_output, False, share_prompts)
+
+
+def _set_training(model, training: bool) -> None:
+    """model.train(training) where the mode changes: the call walks every submodule (0.3 ms of
+    a 22 ms toy step), and only these two functions set the mode, always on the root."""
+    if model.training != training:
+        model.train(training)
