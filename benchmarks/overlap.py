@@ -132,6 +132,7 @@ def main() -> None:
         write_json(args.out, results)
         return
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="opd-overlap-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --work-dir that does not exist yet
     rows = []
     for seed in args.seeds:
         for mode in args.modes:
