@@ -4,6 +4,7 @@ outputs come out.
     layout = Layout.of(prompt_ids, response_ids, share_prompts=True)
     logits = forward_response_logits(model, layout)    # [all response tokens, vocab / tp]
     per_sample = layout.split(logits)                  # [len(response_i), vocab / tp] each
+    logprobs = response_logprobs(logits, layout)       # [all response tokens] (megatron.model)
     padded = layout.padded(logprobs)                   # [samples, longest response] for a loss
 
 Position t of a row predicts the token in column t + 1, so the outputs for response token j
