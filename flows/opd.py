@@ -150,7 +150,8 @@ def opd_flow(
     skip_teacher = converted and Train(cfg, run_dir).is_cached()
     with teacher_server(cfg, run_dir, skip=skip_teacher) as teacher:
         convert(cfg, run_dir)
-        Train(cfg, run_dir).check_claim(restart_train)  # before the evals spend time
+        if not converted:  # now training's inputs are known: before the evals spend time
+            Train(cfg, run_dir).check_claim(restart_train)
         baseline = baseline_eval(cfg, run_dir)
         training = train(cfg, run_dir, teacher(), restart_train)
     final = final_eval(cfg, run_dir)

@@ -88,10 +88,10 @@ class Layout:
         out = packed.new_zeros((len(self.lengths), width, *packed.shape[1:]))
         return out.index_put((self.samples, self.offsets), packed)
 
-    def padded_values(self, per_sample: list, what: str, dtype=torch.float32) -> torch.Tensor:
+    def padded_values(self, per_sample: list, what: str) -> torch.Tensor:
         """Per-sample arrays of [len(response_i), ...] values (what a TrainBatch holds: loss
         masks, advantages, old log-probs, ...; `what` names the field in errors) laid out as
-        `padded` lays out a packed tensor, on the layout's device."""
+        `padded` lays out a packed tensor, in fp32 on the layout's device."""
         arrays = [np.asarray(values) for values in per_sample]
         if len(arrays) != len(self.lengths):
             raise ValueError(f"{what}: {len(arrays)} samples for {len(self.lengths)} responses")
@@ -105,7 +105,7 @@ class Layout:
         packed = np.concatenate(
             [a.reshape(length, *trailing) for a, length in zip(arrays, self.lengths)]
         )
-        return self.padded(torch.from_numpy(packed).to(device=self.targets.device, dtype=dtype))
+        return self.padded(torch.from_numpy(packed).to(self.targets.device, torch.float32))
 
     @classmethod
     def of(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -278,10 +279,7 @@ class TrainActor:
                 response_vocab_logprobs(logits) if need_entropy or micro.teacher_topk_ids else None
             )
             logprobs = layout.padded(response_logprobs(logits, layout, vocab))
-
-            def padded(field: str) -> torch.Tensor:  # the micro-batch's per-sample arrays
-                return layout.padded_values(getattr(micro, field), field)
-
+            padded = partial(_padded_field, layout, micro)  # padded("advantages"), ...
             mask = padded("loss_masks")
             # No stored old log-probs = on-policy: the ratio is 1 at this step.
             old = padded("old_logprobs") if micro.old_logprobs else logprobs.detach()
@@ -338,15 +336,12 @@ class TrainActor:
         loss."""
 
         def loss_of(output, micro: TrainBatch, layout: Layout):
+            padded = partial(_padded_field, layout, micro)
             values = layout.padded(response_values(output))
-            mask = layout.padded_values(micro.loss_masks, "loss_masks")
+            mask = padded("loss_masks")
             # No stored old values: the clip is centred on the current ones (no clipping now).
-            old = (
-                layout.padded_values(micro.old_values, "old_values")
-                if micro.old_values
-                else values.detach()
-            )
-            returns = layout.padded_values(micro.returns, "returns")
+            old = padded("old_values") if micro.old_values else values.detach()
+            returns = padded("returns")
             loss, metrics = value_loss(values, old, returns, mask, self.algorithm.value_clip)
             return weighted_by_tokens(loss, metrics, mask, global_tokens)
 
@@ -443,6 +438,12 @@ class TrainActor:
 
     def shutdown(self) -> None:
         destroy_distributed()
+
+
+def _padded_field(layout: Layout, micro: TrainBatch, field: str) -> torch.Tensor:
+    """A TrainBatch field of per-sample [len(response_i), ...] arrays as the losses take it,
+    [samples, longest response, ...]; errors name the field."""
+    return layout.padded_values(getattr(micro, field), field)
 
 
 def _dtype(name: str) -> torch.dtype:
