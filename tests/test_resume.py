@@ -6,9 +6,10 @@ seconds everything it started is gone (its Prefect server and model servers: the
 flows/watchdog.py stops them), and Ray has removed its actors. It is then run again on the
 same run directory: the rerun must continue at round 1 (round 0's files untouched), every
 round's metrics must equal those of an uninterrupted run with the same seed (to float
-rounding), and every round's rows must be there exactly once. A copy of the killed run directory, taken before the rerun
-and resumed after the original is deleted, must do the same from its own files. A run
-directory whose newest checkpoint lost a shard resumes from the checkpoint before it.
+rounding), and every round's rows must be there exactly once. A copy of the killed run
+directory, taken before the rerun and resumed after the original is deleted, must do the same
+from its own files. A run directory whose newest checkpoint lost a shard resumes from the
+checkpoint before it.
 """
 
 from __future__ import annotations
