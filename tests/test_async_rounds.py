@@ -23,7 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_runs import KILLING_REWARD, SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
+from tiny_runs import (
+    KILLING_REWARD,
+    SMALL_BATCHES,
+    TINY_TOY,
+    assert_same_metrics,
+    assert_same_rows,
+    local_ray,
+    prepare_toy,
+    round_metrics,
+)
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -40,7 +49,6 @@ RUN = [
     "train.save_interval=2",
     "train.keep_hf_exports=1",
 ]
-NOT_COMPARED = ("seconds", "time_")  # wall-clock; the *_restarts counts are checked apart
 
 
 @pytest.fixture(scope="module")
@@ -66,37 +74,6 @@ def _train(root: Path, *extra: str) -> None:
 def _copy(prepared: Path, root: Path) -> Path:
     shutil.copytree(prepared, root, symlinks=True)
     return root
-
-
-def _metrics(root: Path, rounds: range) -> list[dict]:
-    out = []
-    for r in rounds:
-        metrics = read_json(root / "train" / f"round_{r:04d}" / "metrics.json")
-        out.append(
-            {
-                k: v
-                for k, v in metrics.items()
-                if not k.startswith(NOT_COMPARED) and "restarts" not in k
-            }
-        )
-    return out
-
-
-def _assert_same_metrics(root: Path, expected_root: Path) -> None:
-    """Every round's metrics as the other run's: floats to float tolerance, the rest exactly."""
-    for got, expected in zip(
-        _metrics(root, range(ROUNDS)), _metrics(expected_root, range(ROUNDS)), strict=True
-    ):
-        assert got.keys() == expected.keys()
-        for key, value in expected.items():
-            if isinstance(value, float):
-                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["round"], key)
-            else:
-                assert got[key] == value, (got["round"], key)
-
-
-def _rollouts(root: Path, round_index: int) -> list[dict]:
-    return read_arrow(root / "train" / f"round_{round_index:04d}" / "rollouts.arrow").to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +117,13 @@ def test_a_continued_async_run_ends_as_an_uninterrupted_one(
     assert {
         r: (root / "train" / f"round_{r:04d}" / "metrics.json").stat().st_mtime_ns for r in (0, 1)
     } == first, "rounds 0-1 were redone: the run did not continue"
-    _assert_same_metrics(root, uninterrupted)
+    assert_same_metrics(round_metrics(root, ROUNDS), round_metrics(uninterrupted, ROUNDS))
     for r in range(ROUNDS):
-        assert _rollouts(root, r) == _rollouts(uninterrupted, r), r
+        rollouts = [
+            read_arrow(d / "train" / f"round_{r:04d}" / "rollouts.arrow")
+            for d in (root, uninterrupted)
+        ]
+        assert_same_rows(*rollouts, where=f"round {r}")
 
 
 @pytest.mark.slow
@@ -167,4 +148,4 @@ def test_a_killed_training_actor_ends_as_the_uninterrupted_run(
         for r in range(ROUNDS)
     )
     assert restarts == 1
-    _assert_same_metrics(root, uninterrupted)
+    assert_same_metrics(round_metrics(root, ROUNDS), round_metrics(uninterrupted, ROUNDS))

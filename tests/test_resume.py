@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, assert_same_metrics
+from tiny_runs import SMALL_BATCHES, TINY_TOY, assert_same_metrics, round_metrics
 
 from opd_core.io import read_arrow
 from opd_core.schemas import ROLLOUTS, TEACHER_LOGPROBS
@@ -45,7 +45,6 @@ SMALL_RUN = (
     + TINY_TOY
 )  # tests/tiny_runs.py: plumbing, not quality
 # Wall-clock timings differ between any two runs; everything else must match exactly.
-TIMING_KEYS = {"seconds"}
 
 
 def _opd_run(artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
@@ -72,18 +71,6 @@ def _opd_run(artifacts: Path, run_id: str, *extra: str) -> subprocess.Popen:
     ]
     log = open(artifacts / f"{run_id}.log", "ab")  # noqa: SIM115 - the child writes it
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _round_metrics(run_dir: Path) -> list[dict]:
-    rounds = []
-    for index in range(ROUNDS):
-        metrics = json.loads(
-            (run_dir / "train" / f"round_{index:04d}" / "metrics.json").read_text()
-        )
-        rounds.append(
-            {k: v for k, v in metrics.items() if k not in TIMING_KEYS and not k.startswith("time_")}
-        )
-    return rounds
 
 
 def _rows_exactly_once(run_dir: Path) -> None:
@@ -265,7 +252,7 @@ def test_killed_training_resumes_with_identical_metrics(
         assert not _ray_leftovers(), f"on the cluster after the rerun: {_ray_leftovers()}"
 
         # 3. Same seed, same metrics as the uninterrupted run, round by round.
-        assert_same_metrics(_round_metrics(run_dir), _round_metrics(reference_run))
+        assert_same_metrics(round_metrics(run_dir, ROUNDS), round_metrics(reference_run, ROUNDS))
 
         # 4. The copy, with the original deleted, resumes from its own round-0 checkpoint.
         shutil.rmtree(run_dir)
@@ -281,7 +268,7 @@ def test_killed_training_resumes_with_identical_metrics(
             moved / "train" / "round_0000" / "metrics.json"
         ).stat().st_mtime_ns == copied_round0_mtime
         assert (moved / "final_eval" / "summary.json").exists()
-        assert_same_metrics(_round_metrics(moved), _round_metrics(reference_run))
+        assert_same_metrics(round_metrics(moved, ROUNDS), round_metrics(reference_run, ROUNDS))
         _rows_exactly_once(moved)
     finally:
         for leftover in started_by_killed_run:  # leave no orphans on the machine if it failed
@@ -323,7 +310,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(
     assert "train: resuming from round 0's checkpoint, redoing round 1" in caplog.text
     assert round0.stat().st_mtime_ns == round0_mtime  # only round 1 was redone
     assert shard.is_file()
-    assert_same_metrics(_round_metrics(run_dir), _round_metrics(reference_run))
+    assert_same_metrics(round_metrics(run_dir, ROUNDS), round_metrics(reference_run, ROUNDS))
     _rows_exactly_once(run_dir)
 
 

@@ -31,6 +31,7 @@ from tiny_runs import (
     assert_same_metrics,
     local_ray,
     prepare_toy,
+    round_metrics,
 )
 
 from opd_core.config import load_config
@@ -41,7 +42,6 @@ from opd_core.schemas import ROLLOUTS, TEACHER_LOGPROBS
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3
 RUN = [f"rollout.num_rollout={ROUNDS}", "train.save_interval=1", *SMALL_BATCHES, *TINY_TOY]
-NOT_COMPARED = ("seconds", "time_")  # wall-clock; the *_restarts counts are checked apart
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,6 @@ def _run(prepared: Path, tmp_path: Path, target: str, *extra: str) -> tuple[Path
         started = time.perf_counter()
         Train(cfg, run_dir).run(teacher=teacher)
         return root, time.perf_counter() - started
-
-
-def _metrics(root: Path) -> list[dict]:
-    rounds = [read_json(root / "train" / f"round_{r:04d}" / "metrics.json") for r in range(ROUNDS)]
-    return [
-        {k: v for k, v in m.items() if not k.startswith(NOT_COMPARED) and "restarts" not in k}
-        for m in rounds
-    ]
 
 
 def _restarts(root: Path) -> dict[str, int]:
@@ -126,7 +118,7 @@ def reference(ray_cluster, prepared, tmp_path_factory) -> tuple[list[dict], floa
         "teacher_replica_restarts": 0,
         "trainer_restarts": 0,
     }
-    return _metrics(root), seconds
+    return round_metrics(root, ROUNDS), seconds
 
 
 @pytest.mark.slow
@@ -151,4 +143,6 @@ def test_a_part_killed_mid_round_heals_with_exactly_once_rows(
     )
     assert restarts[counter] == 1 and sum(restarts.values()) == 1, restarts
     _check_exactly_once(root)
-    assert_same_metrics(_metrics(root), expected)  # the same seed, the same run, fault or not
+    assert_same_metrics(
+        round_metrics(root, ROUNDS), expected
+    )  # the same seed, the same run, fault or not

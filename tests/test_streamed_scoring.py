@@ -21,10 +21,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
-from tiny_runs import SMALL_BATCHES, TINY_TOY, local_ray, prepare_toy
+from tiny_runs import SMALL_BATCHES, TINY_TOY, assert_same_rows, local_ray, prepare_toy
 
 from opd_core.config import load_config
 from opd_core.io import read_arrow, read_json
@@ -44,25 +43,6 @@ RUN = [
     *TINY_TOY,
 ]
 PHASES = ("generate", "reward", "score", "train", "sync")
-LOGPROBS = {"rollout_logprobs", "teacher_logprobs", "teacher_topk_logprobs"}
-
-
-def _assert_rows_equal(serial: pa.Table, streamed: pa.Table, where: str) -> None:
-    assert streamed.schema == serial.schema, where
-    for column in serial.column_names:
-        a, b = (t.column(column).to_pylist() for t in (serial, streamed))
-        if column in LOGPROBS:  # ragged lists (of lists): compare the flattened values
-            flat = lambda rows: np.asarray(np.hstack([np.ravel(r) for r in rows]), np.float64)
-            assert [np.shape(r) for r in a] == [np.shape(r) for r in b], (where, column)
-            # Relative too: from round 1 on the weights carry round 0's rounding (the teacher's
-            # scores of differently batched requests), and a log-prob of -6.4 then moved by
-            # 2e-5 (3e-6 relative) in one CI run; a row read from the wrong sample is off by
-            # far more.
-            np.testing.assert_allclose(
-                flat(b), flat(a), rtol=1e-5, atol=1e-5, err_msg=f"{where}.{column}"
-            )
-        else:
-            assert b == a, f"{where}.{column} differ"
 
 
 def _train(prepared: Path, root: Path, *extra: str) -> Path:
@@ -116,7 +96,7 @@ def test_streamed_rows_equal_the_serial_rows(runs):
             tables[mode] = rollouts, scores
         for i, name in enumerate(("rollouts", "teacher_logprobs")):
             serial, streamed = tables["serial"][i], tables["streamed"][i]
-            _assert_rows_equal(serial, streamed, f"round {r} {name}")
+            assert_same_rows(streamed, serial, f"round {r} {name}")
 
 
 @pytest.mark.slow

@@ -212,3 +212,26 @@ def test_the_attention_backend_is_a_kernel_choice_not_a_different_model(models):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # fp32 rounding
     assert local_step["loss"] == pytest.approx(sdpa_step["loss"], abs=1e-6)
     assert local_step["grad_norm"] == pytest.approx(sdpa_step["grad_norm"], rel=1e-4)
+
+
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_on_the_fused_kernel(models, tmp_path):
+    """A param group's kernel choice is saved with it; a checkpoint written by an unfused
+    AdamW (as before the CPU optimizer was fused) resumes fused, with its state."""
+    batch = make_batch(2)
+    actor = make_actor(models)
+    actor.train_step(batch)
+    actor.save_checkpoint(tmp_path / "run", step=1)
+    (saved,) = (tmp_path / "run").rglob("optimizer_rank00000.pt")
+    state = torch.load(saved, weights_only=False)
+    for group in state["optimizer"]["param_groups"]:  # as the earlier build wrote them
+        group["fused"] = None
+    torch.save(state, saved)
+
+    resumed = make_actor(models, ckpt=tmp_path / "run")
+    optimizer = resumed.optim.optimizer
+    assert {group["fused"] for group in optimizer.param_groups} == {True}
+    restored = optimizer.state_dict()["state"]
+    assert restored.keys() == state["optimizer"]["state"].keys() and restored
+    for key, values in state["optimizer"]["state"].items():
+        for name, value in values.items():
+            torch.testing.assert_close(restored[key][name], value, rtol=0, atol=0)

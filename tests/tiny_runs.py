@@ -1,12 +1,14 @@
 """Overrides for tests of the pipeline's plumbing (not of model quality): tiny random toy
 models, with no teacher or student training, and the smallest batches that run every stage.
 Also the tiny HF models (and their torch_dist checkpoints) that several test files build, a
-toy run directory prepared up to training, and a local Ray cluster for a test module to
-share."""
+toy run directory prepared up to training, a local Ray cluster for a test module to share,
+and the comparisons of two runs of one seed (their metrics, their rows)."""
 
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -14,6 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from opd_core.config import load_config
 from opd_core.hf_utils import make_tiny_qwen3
+from opd_core.io import read_json
 from opd_core.megatron.convert import hf_to_torch_dist
 from opd_core.rundir import RunDir
 from opd_core.stages import Convert, Download
@@ -162,20 +165,61 @@ def local_ray(**resources):
         ray.shutdown()
 
 
+def round_metrics(root: Path, rounds: int) -> list[dict]:
+    """The metrics.json of rounds 0..rounds-1 of the run directory `root`, without what
+    differs between two runs of one seed by design: wall-clock times and the *_restarts
+    counts (the tests of faults check those apart)."""
+    out = []
+    for r in range(rounds):
+        metrics = read_json(root / "train" / f"round_{r:04d}" / "metrics.json")
+        out.append(
+            {
+                k: v
+                for k, v in metrics.items()
+                if k != "seconds" and not k.startswith("time_") and not k.endswith("_restarts")
+            }
+        )
+    return out
+
+
 def assert_same_metrics(got: list[dict], expected: list[dict]) -> None:
-    """Two runs of one seed, round by round: the same keys, every count and non-float equal,
-    every float equal to 1e-5 relative. Not bit for bit: an engine relaunched (or started
-    again by a resumed run) begins with an empty prefix cache, so it computes a prompt's
-    keys and values in matmuls of other shapes than the warm engine did, and its log-probs
-    round differently (seen: 6e-8 on a reverse KL of 0.55). A row lost, doubled, read from
-    another sample or scored by stale weights moves these metrics by orders of magnitude
-    more."""
+    """Two runs of one seed, round by round (`round_metrics`): the same keys, every count and
+    non-float equal, every float equal to 1e-5 relative. Not bit for bit: an engine
+    relaunched (or started again by a resumed run) begins with an empty prefix cache, so it
+    computes a prompt's keys and values in matmuls of other shapes than the warm engine did,
+    and its log-probs round differently (seen: 6e-8 on a reverse KL of 0.55). A row lost,
+    doubled, read from another sample or scored by stale weights moves these metrics by
+    orders of magnitude more."""
     assert len(got) == len(expected), (len(got), len(expected))
     for index, (round_got, round_expected) in enumerate(zip(got, expected, strict=True)):
-        floats = {k for k, v in round_expected.items() if isinstance(v, float)}
-        exact_got = {k: v for k, v in round_got.items() if k not in floats}
-        exact_expected = {k: v for k, v in round_expected.items() if k not in floats}
-        assert exact_got == exact_expected, f"round {index}"
-        assert {k: round_got[k] for k in floats} == pytest.approx(
-            {k: round_expected[k] for k in floats}, rel=1e-5, abs=1e-7
-        ), f"round {index}"
+        assert round_got.keys() == round_expected.keys(), f"round {index}"
+        for key, value in round_expected.items():
+            if isinstance(value, float):
+                close = pytest.approx(value, rel=1e-5, abs=1e-7)
+                assert round_got[key] == close, (index, key)
+            else:
+                assert round_got[key] == value, (index, key)
+
+
+LOGPROBS = {"rollout_logprobs", "teacher_logprobs", "teacher_topk_logprobs"}
+
+
+def assert_same_rows(got: pa.Table, expected: pa.Table, where: str) -> None:
+    """Two Arrow tables of one seed's rows (rollouts, teacher log-probs): the same schema,
+    token ids, rows, versions and rewards equal, the log-prob columns to 1e-5 (see
+    `assert_same_metrics` for why not bit for bit: a log-prob of -6.4 moved by 2e-5, 3e-6
+    relative, in one CI run; a row read from another sample is off by far more)."""
+    assert got.schema == expected.schema, where
+    for column in expected.column_names:
+        want, have = (t.column(column).to_pylist() for t in (expected, got))
+        if column in LOGPROBS:  # ragged lists (of lists): compare the flattened values
+            assert [np.shape(r) for r in have] == [np.shape(r) for r in want], (where, column)
+            np.testing.assert_allclose(
+                _flat(have), _flat(want), rtol=1e-5, atol=1e-5, err_msg=f"{where}.{column}"
+            )
+        else:
+            assert have == want, f"{where}.{column} differ"
+
+
+def _flat(rows: list) -> np.ndarray:
+    return np.asarray(np.hstack([np.ravel(r) for r in rows] or [[]]), np.float64)

@@ -111,6 +111,14 @@ class ModelOptimizer:
             Path(directory) / f"optimizer_rank{rank:05d}.pt", map_location="cpu", weights_only=False
         )
         self.optimizer.load_state_dict(state["optimizer"])
+        if not self.megatron:
+            # torch restores each param group's kernel choice (`fused`, `foreach`) from the
+            # checkpoint, so one written by an unfused AdamW (before this build) would make
+            # the resumed run step unfused: same update, 3x slower. The kernel is this
+            # build's choice, not training state.
+            for group in self.optimizer.param_groups:
+                group["fused"] = self.optimizer.defaults["fused"]
+                group["foreach"] = self.optimizer.defaults["foreach"]
         self.scheduler.load_state_dict(state["scheduler"])
         if self.megatron and hasattr(
             self.optimizer, "load_parameter_state"
